@@ -1,0 +1,536 @@
+"""The one configuration schema of siclip: frozen ``*Cfg`` dataclasses, YAML loading, dotted overrides.
+
+Every stage (data build, training, evaluation, sweeps, Ray) reads one :class:`SiclipCfg`. It is validated
+once, at load time, before Ray starts: an unknown key, a wrong type, an out-of-range value or a missing
+file each raise :class:`ConfigError` naming the key, the bad value and what is allowed. The typed config
+crosses into Ray as a plain dict (:func:`to_dict`) and is rebuilt on the far side (:func:`from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "CaptionCfg",
+    "ConfigError",
+    "DataCfg",
+    "EvalCfg",
+    "LossCfg",
+    "ModelCfg",
+    "OptimCfg",
+    "RayCfg",
+    "SaspCfg",
+    "SiclipCfg",
+    "TeacherCfg",
+    "TrainCfg",
+    "TuneCfg",
+    "apply_overrides",
+    "expand_shards",
+    "from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message names the key, the value and what is allowed."""
+
+
+def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    return {"min": lo, "max": hi, "lo_open": lo_open}
+
+
+def _path(kind: Literal["file", "dir", "shards", "source"]) -> dict[str, Any]:
+    return {"path": kind}
+
+
+# --------------------------------------------------------------------------------------------- stages
+@dataclass(frozen=True)
+class DataCfg:
+    """Training and held-out data."""
+
+    train_shards: tuple[str, ...] = field(default=(), metadata=_path("shards"))
+    """WebDataset tars: paths, brace patterns (``shard-{000000..000099}.tar``), globs, or fsspec URIs."""
+    val_shards: tuple[str, ...] = field(default=(), metadata=_path("shards"))
+    """Held-out retrieval shards (one or more captions per image) evaluated during training."""
+    zeroshot_dir: str = field(default="", metadata=_path("dir"))
+    """ImageFolder-layout directory for zero-shot classification during training."""
+    classnames_file: str = field(default="", metadata=_path("file"))
+    """Optional: one class name per line, in sorted folder order; otherwise folder names are used."""
+    batch_size: int = field(default=256, metadata=_rng(1))
+    """Global batch size (summed over all Ray Train workers)."""
+    loader_workers: int = field(default=2, metadata=_rng(0))
+    shuffle_buffer: int = field(default=1000, metadata=_rng(0))
+    synthetic: Literal["sum", "replace", "off"] = "sum"
+    """How ``syn.json`` captions are used: loss on real + synthetic batches summed, replace, or ignore."""
+    synthetic_p: float = field(default=0.5, metadata=_rng(0.0, 1.0))
+    """Probability a synthetic caption replaces the real one when ``synthetic == 'replace'``."""
+    augment: bool = False
+    """Random resized crop (scale 0.9-1) on training images; off for the demo world."""
+
+
+@dataclass(frozen=True)
+class SaspCfg:
+    """Which transformer blocks become SAS-P blocks, and how they share weights."""
+
+    replace: Literal["image", "text", "both", "none"] = "image"
+    share: Literal["qk", "block", "none"] = "qk"
+    """qk: one Q/K projection for all replaced blocks of a tower; block: one whole block; none."""
+    qk_init: Literal["inherit", "zero"] = "inherit"
+    """inherit Q/K from the replaced attention block's qkv weights, or W_Q = 0 (identity at init)."""
+    first_value: bool = False
+    """A trainable value matrix (init identity) in the first replaced block (He & Hofmann)."""
+    attn_gain: float = 1.0
+    mlp_gain: float = 0.1
+    inherit_mlp: bool = True
+    """Initialise the SAS-P MLP (and norm) from the replaced block's MLP."""
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    """The student."""
+
+    name: str = "siclip-s0"
+    """A preset name (``siclip info --model``): siclip-s0, mobileclip-s0, mobileclip2-s0, tiny-student, ..."""
+    source: str = field(default="", metadata=_path("source"))
+    """Weights to inherit: open_clip tag ``MODEL:TAG``, a .pt/.safetensors file, or ``local-dir:PATH``."""
+    inherit: bool = True
+    freeze_inherited: bool = True
+    sasp: SaspCfg = SaspCfg()
+    image_size: int = field(default=0, metadata=_rng(0))
+    """0 keeps the preset's image size."""
+
+
+@dataclass(frozen=True)
+class TeacherCfg:
+    """The frozen teacher for distillation."""
+
+    name: str = "mobileclip-s0"
+    source: str = field(default="", metadata=_path("source"))
+    enabled: bool = True
+    use_shard_embeddings: bool = True
+    """Read teacher embeddings from the shards' ``npz`` when every sample has them."""
+
+
+@dataclass(frozen=True)
+class LossCfg:
+    """WIKD + PM: ``L = clip + fd_weight*FD + crd_weight*CRD + icl_weight*ICL + pm_weight*PM``."""
+
+    clip_weight: float = field(default=1.0, metadata=_rng(0.0))
+    fd_weight: float = field(default=4000.0, metadata=_rng(0.0))
+    crd_weight: float = field(default=1.0, metadata=_rng(0.0))
+    icl_weight: float = field(default=1.0, metadata=_rng(0.0))
+    pm_weight: float = field(default=0.1, metadata=_rng(0.0))
+    init_temperature: float = field(default=0.07, metadata=_rng(0.0, 1.0, lo_open=True))
+    """Initial temperature of the student's CLIP logit scale (when the model has none inherited)."""
+    crd_student_temperature: float = field(default=0.07, metadata=_rng(0.0, 10.0, lo_open=True))
+    crd_teacher_temperature: float = field(default=0.07, metadata=_rng(0.0, 10.0, lo_open=True))
+    icl_temperature: float = field(default=0.07, metadata=_rng(0.0, 1.0, lo_open=True))
+    """Initial value of ICL's learnable temperature."""
+    learn_temperatures: bool = True
+    max_logit_scale: float = field(default=100.0, metadata=_rng(1.0))
+    pm_fusion: Literal["prod_absdiff", "concat", "prod"] = "prod_absdiff"
+    pm_negatives: Literal["hard", "random"] = "hard"
+    pm_negatives_per_anchor: int = field(default=1, metadata=_rng(1))
+    pm_hidden: int = field(default=0, metadata=_rng(0))
+    """0: a linear head (the paper's hyperplane); >0: one hidden layer of this width."""
+    gather: bool = True
+    """Contrastive, relational and matching terms see the global batch across workers."""
+
+
+@dataclass(frozen=True)
+class OptimCfg:
+    lr: float = field(default=1e-3, metadata=_rng(0.0, lo_open=True))
+    weight_decay: float = field(default=0.1, metadata=_rng(0.0))
+    beta1: float = field(default=0.9, metadata=_rng(0.0, 1.0))
+    beta2: float = field(default=0.98, metadata=_rng(0.0, 1.0))
+    eps: float = field(default=1e-6, metadata=_rng(0.0, lo_open=True))
+    warmup_steps: int = field(default=10_000, metadata=_rng(0))
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = field(default=0.0, metadata=_rng(0.0, 1.0))
+    grad_clip: float = field(default=1.0, metadata=_rng(0.0))
+    """Max global gradient norm; 0 disables clipping."""
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    run_name: str = "siclip"
+    runs_dir: str = "runs"
+    """Local folder or shared URI (``storage_path`` of Ray Train); each run gets ``runs_dir/run_name``."""
+    max_steps: int = field(default=0, metadata=_rng(0))
+    """Optimizer steps; 0 derives them from ``epochs`` and the shards' manifest sample count."""
+    epochs: float = field(default=0.0, metadata=_rng(0.0))
+    num_workers: int = field(default=1, metadata=_rng(0))
+    """Ray Train workers (0 runs the loop in the driver process: no Ray checkpoints, for debugging)."""
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on GPUs that support it, fp16 with a grad scaler on older ones, fp32 on CPU."""
+    seed: int = 0
+    log_every: int = field(default=10, metadata=_rng(1))
+    ckpt_every: int = field(default=500, metadata=_rng(1))
+    keep_checkpoints: int = field(default=2, metadata=_rng(1))
+    eval_every: int = field(default=0, metadata=_rng(0))
+    """0: evaluate only at the end."""
+    max_bad_steps: int = field(default=20, metadata=_rng(0))
+    """Steps with a NaN/inf loss are skipped and counted; the run stops when the count passes this."""
+    max_failures: int = field(default=0, metadata=_rng(-1))
+    """Ray Train worker-failure retries (-1: unlimited); each retry resumes from the last checkpoint."""
+    progress: bool = True
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class EvalCfg:
+    zeroshot_dir: str = field(default="", metadata=_path("dir"))
+    classnames_file: str = field(default="", metadata=_path("file"))
+    retrieval_shards: tuple[str, ...] = field(default=(), metadata=_path("shards"))
+    templates: tuple[str, ...] = ("a photo of a {}.", "a {}.")
+    batch_size: int = field(default=128, metadata=_rng(1))
+    recall_at: tuple[int, ...] = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class CaptionCfg:
+    """``siclip data build``: CC12M (img2dataset layout) -> CC12M-SYN."""
+
+    input_shards: tuple[str, ...] = field(default=(), metadata=_path("shards"))
+    output_dir: str = "data/cc12m_syn"
+    model: str = "coca_ViT-L-14"
+    """An open_clip CoCa model name, or a siclip preset (``tiny-coca``)."""
+    source: str = field(default="mscoco_finetuned_laion2B-s13B-b90k", metadata=_path("source"))
+    """open_clip pretrained tag, a .pt/.safetensors file, or ``local-dir:PATH``; empty for random init."""
+    num_captions: int = field(default=5, metadata=_rng(0))
+    method: Literal["top_p", "beam"] = "top_p"
+    top_p: float = field(default=0.9, metadata=_rng(0.0, 1.0, lo_open=True))
+    max_length: int = field(default=30, metadata=_rng(2))
+    batch_size: int = field(default=16, metadata=_rng(1))
+    num_actors: int = field(default=1, metadata=_rng(1))
+    num_gpus_per_actor: float = field(default=0.0, metadata=_rng(0.0))
+    num_cpus_per_actor: float = field(default=1.0, metadata=_rng(0.0))
+    image_size: int = field(default=256, metadata=_rng(8))
+    """Images are resized (shorter side) and re-encoded to this size."""
+    samples_per_shard: int = field(default=10_000, metadata=_rng(1))
+    teacher_embeddings: bool = False
+    """Also store the teacher's image/text embeddings per sample (``npz``)."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TuneCfg:
+    space: dict[str, Any] = field(default_factory=dict)
+    """Dotted config key -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} | {choice: [...]} | {grid: [...]}."""
+    space_file: str = field(default="", metadata=_path("file"))
+    """A YAML file with ``space:`` (and optionally other tune keys); merged under ``space``."""
+    metric: str = "val/zeroshot_top1"
+    mode: Literal["max", "min"] = "max"
+    scheduler: Literal["asha", "fifo", "median"] = "asha"
+    grace_period: int = field(default=1, metadata=_rng(1))
+    """ASHA/median: reports a trial gets before it may be stopped."""
+    reduction_factor: float = field(default=2.0, metadata=_rng(1.0, lo_open=True))
+    num_samples: int = field(default=8, metadata=_rng(1))
+    max_concurrent_trials: int = field(default=1, metadata=_rng(1))
+    cpus_per_trial: float = field(default=1.0, metadata=_rng(0.0, lo_open=True))
+    gpus_per_trial: float = field(default=0.0, metadata=_rng(0.0))
+    experiment_name: str = "siclip-tune"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RayCfg:
+    address: str = ""
+    """Empty: connect to a running cluster if ``RAY_ADDRESS`` is set, else start a local one."""
+    num_cpus: int = field(default=0, metadata=_rng(0))
+    """0: Ray decides (local clusters only)."""
+    object_store_memory_mb: int = field(default=0, metadata=_rng(0))
+    include_dashboard: bool = False
+    data_timeout_s: int = field(default=600, metadata=_rng(1))
+    """Ray Data gives up when it makes no progress for this long (e.g. waiting for a GPU never there)."""
+
+
+@dataclass(frozen=True)
+class SiclipCfg:
+    data: DataCfg = DataCfg()
+    caption: CaptionCfg = CaptionCfg()
+    model: ModelCfg = ModelCfg()
+    teacher: TeacherCfg = TeacherCfg()
+    loss: LossCfg = LossCfg()
+    optim: OptimCfg = OptimCfg()
+    train: TrainCfg = TrainCfg()
+    eval: EvalCfg = EvalCfg()
+    tune: TuneCfg = TuneCfg()
+    ray: RayCfg = RayCfg()
+
+
+# ------------------------------------------------------------------------------------ building
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}")
+        return _build(tp, value, prefix=key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}; expected a mapping")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: got {value!r}; expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: got {value!r}; expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: got {value!r}; expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: got {value!r}; expected a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a schema bug, not a user error
+
+
+def _check_range(key: str, value: Any, meta: Any) -> None:
+    lo, hi, lo_open = meta.get("min"), meta.get("max"), meta.get("lo_open", False)
+    if lo is None and hi is None:
+        return
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        too_low = lo is not None and (v <= lo if lo_open else v < lo)
+        too_high = hi is not None and v > hi
+        if too_low or too_high:
+            lo_txt = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
+            hi_txt = "" if hi is None else f"<= {hi}"
+            allowed = " and ".join(t for t in (lo_txt, hi_txt) if t)
+            raise ConfigError(f"{key}: got {v!r}; allowed: {allowed}")
+
+
+def _build(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        key = prefix + unknown[0]
+        raise ConfigError(f"{key}: unknown key; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        coerced = _coerce(key, value, hints[name])
+        _check_range(key, coerced, names[name].metadata)
+        kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> SiclipCfg:
+    """Build (and type-check) a config from a nested dict; does not touch the file system."""
+    return _build(SiclipCfg, data or {})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-safe nested dict (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    cls: Any = SiclipCfg
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        is_dc = dataclasses.is_dataclass(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)} if is_dc else {}
+        if is_dc and part not in fields:
+            raise ConfigError(f"{path}: unknown key; valid keys here: {', '.join(sorted(fields))}")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        tp = typing.get_type_hints(cls)[part] if is_dc else None
+        if is_dc and not (dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict):
+            raise ConfigError(f"{path}: is a value ({_type_name(tp)}), not a section")
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: got {child!r}; expected a mapping")
+        node = child
+        cls = tp if is_dc else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
+    out = yaml.safe_load(yaml.safe_dump(data or {})) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: an override must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: could not parse value {raw!r} ({exc.__class__.__name__})") from exc
+        _set_dotted(out, key, value)
+    return out
+
+
+# ------------------------------------------------------------------------------------ paths
+def is_uri(path: str) -> bool:
+    return "://" in path or path.startswith(("pipe:", "local-dir:"))
+
+
+def expand_shards(patterns: tuple[str, ...] | list[str]) -> list[str]:
+    """Expand brace patterns and local globs into a sorted-within-pattern list of shard URLs."""
+    from braceexpand import braceexpand
+
+    urls: list[str] = []
+    for pattern in patterns:
+        for item in braceexpand(pattern):
+            if is_uri(item) or not any(c in item for c in "*?["):
+                urls.append(item)
+            else:
+                urls.extend(sorted(glob.glob(item)))
+    return urls
+
+
+def _walk(cfg: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, dataclasses.Field[Any]]]:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, value, f
+
+
+def _check_source(key: str, value: str, base: Path) -> None:
+    if value.startswith("local-dir:"):
+        local = Path(value[len("local-dir:") :])
+        if not local.is_dir():
+            raise ConfigError(f"{key}: got {value!r}; no such directory {str(local)!r}")
+        return
+    if value.endswith((".pt", ".pth", ".bin", ".safetensors")) and not is_uri(value):
+        if not (base / value).is_file() and not Path(value).is_file():
+            raise ConfigError(f"{key}: got {value!r}; no such checkpoint file")
+
+
+def check_paths(cfg: SiclipCfg, *, sections: tuple[str, ...] | None = None) -> None:
+    """Check that every configured local file, directory and shard pattern exists.
+
+    ``sections`` limits the check to the stages a command uses (e.g. ``("data", "model")``).
+    URIs (``s3://``, ``gs://``, ``pipe:``) are not checked.
+    """
+    base = Path.cwd()
+    for key, value, f in _walk(cfg):
+        kind = f.metadata.get("path")
+        if not kind or not value or (sections and key.split(".")[0] not in sections):
+            continue
+        if kind == "shards":
+            for pattern in value:
+                if is_uri(pattern):
+                    continue
+                found = expand_shards([pattern])
+                missing = [u for u in found if not os.path.isfile(u)]
+                if not found or missing:
+                    bad = missing[0] if missing else pattern
+                    raise ConfigError(f"{key}: got {pattern!r}; no such shard file {bad!r}")
+        elif kind == "source":
+            _check_source(key, value, base)
+        elif is_uri(value):
+            continue
+        elif kind == "file" and not os.path.isfile(value):
+            raise ConfigError(f"{key}: got {value!r}; no such file")
+        elif kind == "dir" and not os.path.isdir(value):
+            raise ConfigError(f"{key}: got {value!r}; no such directory")
+
+
+def _check_semantics(cfg: SiclipCfg) -> None:
+    if cfg.data.batch_size % max(cfg.train.num_workers, 1):
+        raise ConfigError(
+            f"data.batch_size: got {cfg.data.batch_size}; allowed: a multiple of "
+            f"train.num_workers ({cfg.train.num_workers}), since it is the global batch"
+        )
+    for i, t in enumerate(cfg.eval.templates):
+        if "{}" not in t:
+            raise ConfigError(f"eval.templates[{i}]: got {t!r}; allowed: a string containing '{{}}'")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    check_files: bool | tuple[str, ...] = True,
+) -> SiclipCfg:
+    """Load a YAML config, apply dotted overrides, validate types, ranges and (optionally) paths.
+
+    ``check_files`` may be a tuple of section names to check only those stages' paths.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: got {str(path)!r}; no such file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config: {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config: {str(path)!r} must hold a mapping at the top level")
+    data = apply_overrides(data, list(overrides))
+    cfg = from_dict(data)
+    _check_semantics(cfg)
+    if check_files:
+        check_paths(cfg, sections=check_files if isinstance(check_files, tuple) else None)
+    return cfg
+
+
+def save_config(cfg: SiclipCfg, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as YAML that ``load_config`` reads back unchanged."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` re-exported so callers need not import dataclasses."""
+    return dataclasses.replace(cfg, **changes)
+

@@ -1,0 +1,1 @@
+"""Shard schema and manifest, demo world, Ray Data pipeline, captioner, training loader."""

@@ -1,0 +1,1 @@
+"""Pure-torch losses: CLIP, FD, CRD, ICL, PM and their weighted total."""

@@ -1,0 +1,1 @@
+"""Pure-torch models: SAS-P block, SiCLIP builder, MCt text tower, presets, weight inheritance."""

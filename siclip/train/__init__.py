@@ -1,0 +1,1 @@
+"""Training: Ray-free loop, Ray Train worker, TorchTrainer launch."""
