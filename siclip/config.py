@@ -60,12 +60,6 @@ class DataCfg:
 
     train_shards: tuple[str, ...] = field(default=(), metadata=_path("shards"))
     """WebDataset tars: paths, brace patterns (``shard-{000000..000099}.tar``), globs, or fsspec URIs."""
-    val_shards: tuple[str, ...] = field(default=(), metadata=_path("shards"))
-    """Held-out retrieval shards (one or more captions per image) evaluated during training."""
-    zeroshot_dir: str = field(default="", metadata=_path("dir"))
-    """ImageFolder-layout directory for zero-shot classification during training."""
-    classnames_file: str = field(default="", metadata=_path("file"))
-    """Optional: one class name per line, in sorted folder order; otherwise folder names are used."""
     batch_size: int = field(default=256, metadata=_rng(1))
     """Global batch size (summed over all Ray Train workers)."""
     loader_workers: int = field(default=2, metadata=_rng(0))
@@ -169,8 +163,10 @@ class TrainCfg:
     max_steps: int = field(default=0, metadata=_rng(0))
     """Optimizer steps; 0 derives them from ``epochs`` and the shards' manifest sample count."""
     epochs: float = field(default=0.0, metadata=_rng(0.0))
-    num_workers: int = field(default=1, metadata=_rng(0))
-    """Ray Train workers (0 runs the loop in the driver process: no Ray checkpoints, for debugging)."""
+    num_workers: int = field(default=1, metadata=_rng(1))
+    """Ray Train workers (data-parallel; ``data.batch_size`` is split evenly across them)."""
+    cpus_per_worker: float = field(default=1.0, metadata=_rng(0.0, lo_open=True))
+    """CPUs Ray reserves per worker; on CPU the worker also uses that many torch threads (at least 1)."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on GPUs that support it, fp16 with a grad scaler on older ones, fp32 on CPU."""
@@ -190,9 +186,14 @@ class TrainCfg:
 
 @dataclass(frozen=True)
 class EvalCfg:
+    """Held-out evaluation, run during training (``train.eval_every``, and at the end) and by ``siclip eval``."""
+
     zeroshot_dir: str = field(default="", metadata=_path("dir"))
+    """ImageFolder-layout directory for zero-shot classification."""
     classnames_file: str = field(default="", metadata=_path("file"))
+    """Optional: one class name per line, in sorted folder order; otherwise folder names are used."""
     retrieval_shards: tuple[str, ...] = field(default=(), metadata=_path("shards"))
+    """Image-text shards with one or more captions per image (``json["captions"]``, else ``txt``)."""
     templates: tuple[str, ...] = ("a photo of a {}.", "a {}.")
     batch_size: int = field(default=128, metadata=_rng(1))
     recall_at: tuple[int, ...] = (1, 5, 10)
@@ -439,6 +440,33 @@ def _walk(cfg: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, datacla
             yield from _walk(value, prefix + f.name + ".")
         else:
             yield prefix + f.name, value, f
+
+
+def absolutize(cfg: SiclipCfg, base: str | os.PathLike[str] | None = None) -> SiclipCfg:
+    """Make every local path absolute (Ray workers may run in another working directory)."""
+    root = Path(base or Path.cwd())
+
+    def fix(value: str) -> str:
+        if not value or is_uri(value) or os.path.isabs(value):
+            return value
+        return str(root / value)
+
+    def walk(node: Any) -> Any:
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                changes[f.name] = walk(value)
+            elif f.metadata.get("path") == "shards":
+                changes[f.name] = tuple(fix(v) for v in value)
+            elif f.metadata.get("path") in ("file", "dir") or f.name in ("runs_dir", "output_dir"):
+                changes[f.name] = fix(value)
+            elif f.metadata.get("path") == "source" and value.endswith((".pt", ".pth", ".bin", ".safetensors")):
+                changes[f.name] = fix(value)
+        return dataclasses.replace(node, **changes)
+
+    result: SiclipCfg = walk(cfg)
+    return result
 
 
 def _check_source(key: str, value: str, base: Path) -> None:

@@ -1,0 +1,100 @@
+"""The training task: student + frozen teacher + WIKD/PM loss; a batch goes in, every loss term comes out.
+
+The task is the one module that goes into DDP, so the student *and* the loss's own parameters (ICL
+temperature, PM head, FD projector) are synchronised across workers. The teacher is held outside the
+module tree (not a submodule) so DDP never sees it, and it runs in eval mode under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SiclipTask"]
+
+
+class SiclipTask(nn.Module):
+    """Student, loss and (optionally) a frozen teacher.
+
+    ``forward(batch, rank=, world_size=)`` reads ``image`` and ``text`` (student inputs), and, when
+    present, ``syn_text`` (a synthetic caption per sample; its loss is added to the real-caption loss),
+    ``teacher_image``/``teacher_text``/``teacher_syn_text`` (teacher inputs when its preprocessing or
+    tokenizer differ from the student's) and ``teacher_image_emb``/``teacher_text_emb``/``teacher_syn_emb``
+    (precomputed teacher embeddings from the shards, used instead of a teacher forward pass).
+    """
+
+    def __init__(self, student: nn.Module, loss: nn.Module, teacher: nn.Module | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        # A plain attribute, not a submodule: DDP, .parameters(), state_dict() and optimizers skip it.
+        self.__dict__["teacher"] = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.__dict__["teacher"]
+
+    def to(self, *args: Any, **kwargs: Any) -> SiclipTask:  # type: ignore[override]
+        super().to(*args, **kwargs)
+        if self.teacher is not None:
+            self.teacher.to(*args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True) -> SiclipTask:
+        from siclip.models.inherit import set_train_mode
+
+        nn.Module.train(self, mode)
+        set_train_mode(self.student, mode)  # frozen (inherited) modules stay in eval mode
+        return self
+
+    @torch.no_grad()
+    def _teacher_embeddings(self, batch: dict[str, Tensor], n_text: int) -> tuple[Tensor, Tensor] | None:
+        if "teacher_image_emb" in batch and "teacher_text_emb" in batch:
+            texts = [batch["teacher_text_emb"]]
+            if n_text == 2:
+                if "teacher_syn_emb" not in batch:
+                    raise KeyError("batch has syn_text and stored teacher embeddings but no teacher_syn_emb")
+                texts.append(batch["teacher_syn_emb"])
+            img = nn.functional.normalize(batch["teacher_image_emb"].float(), dim=-1)
+            return img, nn.functional.normalize(torch.cat(texts).float(), dim=-1)
+        if self.teacher is None:
+            return None
+        self.teacher.eval()
+        image = batch.get("teacher_image", batch["image"])
+        texts = [batch.get("teacher_text", batch["text"])]
+        if n_text == 2:
+            texts.append(batch.get("teacher_syn_text", batch["syn_text"]))
+        t_img = self.teacher.encode_image(image, normalize=True).float()
+        t_txt = self.teacher.encode_text(torch.cat(texts), normalize=True).float()
+        return t_img, t_txt
+
+    def forward(self, batch: dict[str, Tensor], *, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
+        texts = [batch["text"]]
+        if "syn_text" in batch:
+            texts.append(batch["syn_text"])
+        n = batch["text"].shape[0]
+        # One student pass over real + synthetic captions: DDP allows one forward per backward.
+        s_img = self.student.encode_image(batch["image"], normalize=True).float()
+        s_txt = self.student.encode_text(torch.cat(texts), normalize=True).float()
+        teacher = self._teacher_embeddings(batch, len(texts))
+        logit_scale = self.student.logit_scale
+
+        out: dict[str, Tensor] = {}
+        for i in range(len(texts)):
+            t_img, t_txt = (teacher[0], teacher[1][i * n : (i + 1) * n]) if teacher is not None else (None, None)
+            terms = self.loss(
+                s_img, s_txt[i * n : (i + 1) * n], logit_scale, t_img, t_txt, rank=rank, world_size=world_size
+            )
+            for key, value in terms.items():
+                if key.endswith("loss"):
+                    out[key] = out[key] + value if key in out else value
+                else:
+                    out.setdefault(key, value)  # temperatures: the same for both caption sets
+            if i == 1:
+                out["syn_loss"] = terms["loss"].detach()
+        return out

@@ -1,0 +1,160 @@
+"""Checkpoint files (Ray-free): model weights as safetensors, training state loadable with weights_only=True.
+
+A checkpoint folder holds ``model.safetensors`` (the task: ``student.*`` and ``loss.*``; tensors shared by
+SAS-P weight sharing are stored once) and ``train_state.pt`` (optimizer, scheduler, grad scaler, counters,
+RNG states; plain tensors and Python numbers only). A student-only export (``final/``) holds the student's
+``model.safetensors`` with unprefixed keys, which weight inheritance and ``siclip eval`` read directly.
+Files are written to a temporary folder and renamed, so a reader never sees a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+__all__ = [
+    "MODEL_FILE",
+    "STATE_FILE",
+    "find_model_file",
+    "load_checkpoint",
+    "load_student_weights",
+    "save_checkpoint",
+    "save_student",
+]
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python_seed": torch.tensor(random.getrandbits(62)),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    random.seed(int(state["python_seed"]))
+    np.random.seed(int(state["python_seed"]) % (2**32))
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_checkpoint(
+    folder: str | os.PathLike[str],
+    *,
+    task: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any | None,
+    counters: dict[str, int | float],
+) -> Path:
+    """Write a complete checkpoint to ``folder`` atomically (temp folder + rename)."""
+    final = Path(folder)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(task, str(tmp / MODEL_FILE))
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "counters": dict(counters),
+        "rng": _rng_state(),
+    }
+    torch.save(state, tmp / STATE_FILE)
+    _replace_dir(tmp, final)
+    return final
+
+
+def load_checkpoint(
+    folder: str | os.PathLike[str],
+    *,
+    task: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+) -> dict[str, int | float]:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its counters (step, ...)."""
+    folder = Path(folder)
+    load_model(task, str(folder / MODEL_FILE), strict=True)
+    state = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    return dict(state["counters"])
+
+
+def save_student(student: nn.Module, folder: str | os.PathLike[str]) -> Path:
+    """Export the student alone (unprefixed keys) to ``folder/model.safetensors``."""
+    final = Path(folder)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(student, str(tmp / MODEL_FILE))
+    _replace_dir(tmp, final)
+    return final / MODEL_FILE
+
+
+def find_model_file(path: str | os.PathLike[str]) -> Path:
+    """Resolve ``--checkpoint``: a weights file, a checkpoint folder, or a run folder (final or latest)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / MODEL_FILE).is_file():
+        return p / MODEL_FILE
+    if (p / "final" / MODEL_FILE).is_file():
+        return p / "final" / MODEL_FILE
+    ckpts = sorted(p.glob("checkpoint_*/" + MODEL_FILE))
+    if ckpts:
+        return ckpts[-1]
+    raise FileNotFoundError(f"--checkpoint: got {str(path)!r}; no {MODEL_FILE} in it, in final/ or in checkpoint_*/")
+
+
+def load_student_weights(student: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Load student weights from a student export or a full task checkpoint (``student.`` prefix)."""
+    file = find_model_file(path)
+    if file.suffix != ".safetensors":
+        from siclip.models.inherit import load_source_state_dict
+
+        student.load_state_dict(load_source_state_dict(str(file)), strict=True)
+        return file
+    with safe_open(str(file), framework="pt") as f:
+        prefixed = any(k.startswith("student.") for k in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
+    if not prefixed:
+        load_model(student, str(file), strict=True)
+        return file
+    holder = nn.Module()
+    holder.student = student
+    missing, _unexpected = load_model(holder, str(file), strict=False)  # loss.* keys are not needed here
+    if missing:
+        raise KeyError(f"{file}: missing student weights: {', '.join(sorted(missing)[:8])}")
+    return file

@@ -1,0 +1,266 @@
+"""The Ray-free training loop: optimizer, schedule, precision, one step, and the loop over steps.
+
+Readable top to bottom. Everything that touches Ray (reporting, checkpoint upload, TensorBoard on rank 0)
+comes in through :class:`LoopHooks`, so this file runs the same under Ray Train, in a plain benchmark, and
+in unit tests with a list of tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from siclip.config import OptimCfg
+
+__all__ = [
+    "LoopHooks",
+    "LoopState",
+    "TooManyBadStepsError",
+    "autocast_context",
+    "build_optimizer",
+    "build_scheduler",
+    "resolve_precision",
+    "run_loop",
+    "train_step",
+]
+
+
+class TooManyBadStepsError(RuntimeError):
+    """More steps had a NaN/inf loss or gradient than ``train.max_bad_steps`` allows."""
+
+
+# ------------------------------------------------------------------------------ optimizer and schedule
+def build_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on gains, temperatures, norms and biases (ndim < 2)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
+
+
+def lr_factor(step: int, cfg: OptimCfg, max_steps: int) -> float:
+    """Linear warm-up to 1, then cosine (or constant) down to ``min_lr_ratio``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(max_steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimCfg, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg, max_steps))
+
+
+# ------------------------------------------------------------------------------ precision
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` means bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------ the loop
+@dataclass
+class LoopState:
+    step: int = 0
+    bad_steps: int = 0
+    samples_seen: int = 0
+
+
+@dataclass
+class LoopHooks:
+    """Callbacks from the loop; each is optional.
+
+    ``on_log(step, metrics)`` every ``log_every`` steps; ``on_eval(step) -> metrics``;
+    ``on_checkpoint(step, metrics)`` every ``ckpt_every`` steps and at the end (metrics include the latest
+    eval); ``on_step(step)`` after every optimizer step (progress bars).
+    """
+
+    on_log: Callable[[int, dict[str, float]], None] | None = None
+    on_eval: Callable[[int], dict[str, float]] | None = None
+    on_checkpoint: Callable[[int, dict[str, float]], None] | None = None
+    on_step: Callable[[int], None] | None = None
+
+
+@dataclass
+class _Meter:
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+    samples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, values: dict[str, float], samples: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.samples += samples
+
+    def flush(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        out["perf/samples_per_s"] = self.samples / elapsed
+        out["perf/step_time_s"] = elapsed / max(self.count, 1)
+        self.sums, self.count, self.samples, self.started = {}, 0, 0, time.perf_counter()
+        return out
+
+
+def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def _any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
+    """True when ``flag`` is true on any rank, so every rank takes the same branch."""
+    if world_size == 1 or not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _metric_name(key: str) -> str:
+    if key == "loss":
+        return "loss/total"
+    if key.endswith("_loss"):
+        return "loss/" + key[: -len("_loss")]
+    return key
+
+
+def train_step(
+    task: nn.Module,
+    batch: dict[str, Tensor],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    precision: str,
+    device: torch.device,
+    grad_clip: float,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[bool, dict[str, float]]:
+    """One optimizer step. Returns (ok, metrics); ok is False (and nothing is updated) on a NaN/inf loss
+    or gradient, decided identically on every rank."""
+    batch = _to_device(batch, device)
+    with autocast_context(precision, device):
+        out = task(batch, rank=rank, world_size=world_size)
+    loss = out["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    # fp16: an inf gradient is the scaler's business (it skips and lowers the scale); a bad loss is ours.
+    local_bad = not math.isfinite(loss.item()) or (scaler is None and not math.isfinite(grad_norm.item()))
+    if _any_rank(local_bad, world_size, device):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return False, {}
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    metrics = {_metric_name(k): float(v.detach().float().item()) for k, v in out.items() if v.numel() == 1}
+    metrics["optim/grad_norm"] = float(grad_norm.item())
+    metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
+    return True, metrics
+
+
+def run_loop(
+    task: nn.Module,
+    batches: Iterator[dict[str, Tensor]],
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None = None,
+    state: LoopState,
+    max_steps: int,
+    device: torch.device,
+    precision: str = "fp32",
+    grad_clip: float = 1.0,
+    max_bad_steps: int = 20,
+    log_every: int = 10,
+    ckpt_every: int = 0,
+    eval_every: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    hooks: LoopHooks | None = None,
+) -> LoopState:
+    """Train from ``state.step`` to ``max_steps``; every rank runs exactly the same number of steps."""
+    hooks = hooks or LoopHooks()
+    task.train()
+    meter = _Meter()
+    last_eval: dict[str, float] = {}
+    while state.step < max_steps:
+        batch = next(batches)
+        ok, metrics = train_step(
+            task,
+            batch,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            precision=precision,
+            device=device,
+            grad_clip=grad_clip,
+            rank=rank,
+            world_size=world_size,
+        )
+        if not ok:
+            state.bad_steps += 1
+            if state.bad_steps > max_bad_steps:
+                raise TooManyBadStepsError(
+                    f"{state.bad_steps} steps had a NaN/inf loss or gradient (train.max_bad_steps = "
+                    f"{max_bad_steps}); last good step {state.step}. Lower optim.lr, raise optim.warmup_steps, "
+                    "or check the data."
+                )
+            continue
+        state.step += 1
+        local_samples = int(next(iter(batch.values())).shape[0])
+        state.samples_seen += local_samples * world_size
+        meter.add(metrics, local_samples * world_size)
+        if hooks.on_step:
+            hooks.on_step(state.step)
+        final = state.step == max_steps
+        if hooks.on_log and (state.step % log_every == 0 or final):
+            logged = meter.flush()
+            logged["optim/bad_steps"] = float(state.bad_steps)
+            hooks.on_log(state.step, logged)
+        if hooks.on_eval and ((eval_every and state.step % eval_every == 0) or final):
+            last_eval = hooks.on_eval(state.step)
+            task.train()
+        if hooks.on_checkpoint and ((ckpt_every and state.step % ckpt_every == 0) or final):
+            hooks.on_checkpoint(state.step, {"step": float(state.step), **metrics, **last_eval})
+    return state
