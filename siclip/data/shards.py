@@ -1,0 +1,455 @@
+"""The shard format every siclip stage shares: WebDataset tars, their ``manifest.json``, safe decoding.
+
+A shard holds one sample per key in img2dataset layout (``jpg``/``png``/``webp``, ``txt``, ``json``);
+CC12M-SYN adds ``syn.json`` = ``{"syn_text": [k captions]}`` and optionally ``npz`` with teacher embeddings
+(MobileCLIP's reinforced layout: ``image_emb`` [N, D] or [D], ``text_emb`` [1 + k, D]).
+
+This module owns:
+- :class:`Manifest` and its JSON file (:func:`write_manifest`, :func:`read_manifest`): what a folder of
+  shards holds, how many samples went in, out and were skipped (with reasons), and who made them;
+- :class:`AtomicShardWriter`: a shard is written to ``<name>.tmp`` and renamed only on a clean close, so a
+  rerun can skip finished shards and no reader ever sees a half-written one;
+- :func:`decode_sample` / :func:`iter_samples`: decoding that never unpickles (``.pkl``/``.pyd`` members
+  are dropped; ``npz`` loads with ``allow_pickle=False``), safe to run with ``WDS_SECURE=1``;
+- :func:`open_url`: local paths, ``pipe:`` and webdataset's own schemes, and any fsspec URI (``s3://``...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "AtomicShardWriter",
+    "Manifest",
+    "ManifestError",
+    "decode_sample",
+    "encode_sample",
+    "finished",
+    "image_of",
+    "iter_raw_samples",
+    "iter_samples",
+    "list_shards",
+    "manifest_sample_count",
+    "open_url",
+    "read_manifest",
+    "register_fsspec_schemes",
+    "shard_name",
+    "write_manifest",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Members whose decoding would run arbitrary code: never read, never written.
+_UNSAFE_EXTENSIONS = ("pkl", "pickle", "pyd", "pth", "pt")
+
+
+class ManifestError(ValueError):
+    """A manifest file is missing or malformed; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------ manifest
+@dataclass
+class Manifest:
+    """What a folder of shards holds and how it was made."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: str = ""
+    """What the shards are: ``demo-web``, ``demo-clean``, ``demo-retrieval``, ``cc12m-syn``, ..."""
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    """One ``{"name": file name relative to the folder, "samples": int}`` per finished shard."""
+    samples_in: int = 0
+    samples_out: int = 0
+    samples_skipped: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Reason -> count for the skipped samples."""
+    producer: dict[str, Any] = field(default_factory=dict)
+    """Who made the shards: captioner name/tag, siclip version, ..."""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "manifest") -> Manifest:
+        """Build from a dict, checking keys and types; ``source`` names the file in error messages."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ManifestError(
+                f"{source}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}"
+            )
+        if "schema_version" not in data:
+            raise ManifestError(f"{source}: missing 'schema_version'")
+        version = data["schema_version"]
+        if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+            raise ManifestError(
+                f"{source}: schema_version {version!r} is not supported (this siclip reads <= {SCHEMA_VERSION})"
+            )
+        shards = data.get("shards", [])
+        if not isinstance(shards, list):
+            raise ManifestError(f"{source}: 'shards' must be a list")
+        for i, shard in enumerate(shards):
+            if not (
+                isinstance(shard, dict)
+                and isinstance(shard.get("name"), str)
+                and isinstance(shard.get("samples"), int)
+            ):
+                raise ManifestError(
+                    f"{source}: shards[{i}] must be {{'name': str, 'samples': int}}, got {shard!r}"
+                )
+        for key in ("samples_in", "samples_out", "samples_skipped"):
+            if not isinstance(data.get(key, 0), int):
+                raise ManifestError(f"{source}: {key!r} must be an integer, got {data[key]!r}")
+        for key in ("skipped", "producer", "config"):
+            if not isinstance(data.get(key, {}), dict):
+                raise ManifestError(f"{source}: {key!r} must be a mapping, got {data[key]!r}")
+        return cls(**data)
+
+
+def _manifest_path(dir_or_file: str | os.PathLike[str]) -> str:
+    path = os.fspath(dir_or_file)
+    if path.endswith(".json"):
+        return path
+    return path.rstrip("/") + "/" + MANIFEST_NAME
+
+
+def write_manifest(out_dir: str | os.PathLike[str], manifest: Manifest) -> str:
+    """Write ``out_dir/manifest.json`` atomically (temp file + rename); returns its path."""
+    path = _manifest_path(out_dir)
+    text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
+    if "://" in path:
+        import fsspec
+
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        with fs.open(fs_path + ".tmp", "w") as f:
+            f.write(text)
+        fs.mv(fs_path + ".tmp", fs_path)
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(dir_or_file: str | os.PathLike[str]) -> Manifest:
+    """Read a folder's ``manifest.json`` (or the given ``.json`` file); raises :class:`ManifestError`."""
+    path = _manifest_path(dir_or_file)
+    try:
+        with open_url(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except (FileNotFoundError, OSError) as e:
+        raise ManifestError(f"{path}: cannot read the shard manifest ({e})") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from e
+    return Manifest.from_dict(data, source=path)
+
+
+def manifest_sample_count(urls_or_dir: str | os.PathLike[str] | Iterable[str]) -> int | None:
+    """Total samples of the given shards per the ``manifest.json`` beside them, or None if unknown.
+
+    Given a folder, the manifest's ``samples_out``. Given shard URLs, the manifest entries of exactly those
+    shards (from one or several folders); None when a folder has no manifest or a shard is not listed.
+    """
+    if isinstance(urls_or_dir, str | os.PathLike):
+        path = os.fspath(urls_or_dir)
+        if not path.endswith((".tar", ".tar.gz", ".tgz")):
+            try:
+                return read_manifest(path).samples_out
+            except ManifestError:
+                return None
+        urls: list[str] = [path]
+    else:
+        urls = list(urls_or_dir)
+    by_dir: dict[str, list[str]] = {}
+    for url in urls:
+        folder, _, name = url.rpartition("/")
+        by_dir.setdefault(folder or ".", []).append(name)
+    total = 0
+    for folder, names in by_dir.items():
+        try:
+            manifest = read_manifest(folder)
+        except ManifestError:
+            return None
+        counts = {s["name"]: s["samples"] for s in manifest.shards}
+        if any(n not in counts for n in names):
+            return None
+        total += sum(counts[n] for n in names)
+    return total
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """``prefix-000007.tar``: the shard file name for ``index``."""
+    return f"{prefix}-{index:06d}.tar"
+
+
+# ------------------------------------------------------------------------------------------- writing
+def _encode_value(ext: str, value: Any) -> bytes:
+    last = ext.rsplit(".", 1)[-1].lower()
+    if last in _UNSAFE_EXTENSIONS:
+        raise ValueError(f"refusing to write {ext!r}: pickled members are not allowed in siclip shards")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if last == "json":
+        return json.dumps(value, sort_keys=True).encode("utf-8")
+    if last == "npz":
+        if not isinstance(value, dict):
+            raise ValueError(f"{ext!r}: expected bytes or a dict of arrays, got {type(value).__name__}")
+        arrays: dict[str, Any] = {k: np.asarray(v) for k, v in value.items()}
+        if any(a.dtype == object for a in arrays.values()):
+            raise ValueError(f"{ext!r}: object arrays would need pickle; store numeric arrays only")
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+    if last in IMAGE_EXTENSIONS:
+        from PIL import Image
+
+        image = value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value))
+        buf = io.BytesIO()
+        image.save(buf, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(last, last.upper()), quality=90)
+        return buf.getvalue()
+    if last in ("cls", "id", "index"):
+        return str(value).encode("ascii")
+    raise ValueError(f"{ext!r}: no encoder for {type(value).__name__}")
+
+
+def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Encode a sample's values to bytes by extension (bytes pass through; pickles are refused)."""
+    if "__key__" not in sample:
+        raise ValueError("a sample needs a '__key__'")
+    out: dict[str, Any] = {"__key__": str(sample["__key__"])}
+    for ext, value in sample.items():
+        if ext.startswith("__"):
+            continue
+        out[ext] = _encode_value(ext, value)
+    return out
+
+
+class AtomicShardWriter:
+    """Write one WebDataset shard to ``<path>.tmp`` and rename it to ``path`` only on a clean close.
+
+    Use as a context manager; an exception inside the block deletes the temporary file and leaves no
+    final file, so a rerun that finds ``path`` can trust it is complete. ``mtime`` is fixed by default so
+    the same samples give the same bytes. Local paths use ``os.replace``; fsspec URIs write the temporary
+    object and move it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, mtime: float = 0.0) -> None:
+        import webdataset as wds
+
+        self.path = os.fspath(path)
+        self.tmp_path = self.path + ".tmp"
+        self._remote = "://" in self.path
+        if self._remote:
+            import fsspec
+
+            self._fs, self._fs_path = fsspec.core.url_to_fs(self.path)
+            self._stream: IO[bytes] = self._fs.open(self._fs_path + ".tmp", "wb")
+        else:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._stream = open(self.tmp_path, "wb")  # noqa: SIM115 -- closed in close()/abort()
+        self._writer = wds.TarWriter(self._stream, encoder=False, mtime=mtime, mode=0o644)
+        self._count = 0
+        self._closed = False
+
+    @property
+    def count(self) -> int:
+        """Samples written so far."""
+        return self._count
+
+    def write(self, sample: dict[str, Any]) -> None:
+        """Add one sample: ``__key__`` plus extension keys (``jpg`` bytes, ``txt`` str, ``json`` dict, ...)."""
+        if self._closed:
+            raise RuntimeError(f"{self.path}: writer is closed")
+        self._writer.write(encode_sample(sample))
+        self._count += 1
+
+    def close(self) -> None:
+        """Finish the tar and rename it to its final name."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.close()
+        self._stream.close()
+        if self._remote:
+            self._fs.mv(self._fs_path + ".tmp", self._fs_path)
+        else:
+            os.replace(self.tmp_path, self.path)
+
+    def abort(self) -> None:
+        """Drop the partial shard: no final file is left behind."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            # Close the tar first (it flushes into the doomed temp file) so nothing writes at exit.
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._stream.close()
+        finally:
+            if self._remote:
+                if self._fs.exists(self._fs_path + ".tmp"):
+                    self._fs.rm(self._fs_path + ".tmp")
+            elif os.path.exists(self.tmp_path):
+                os.remove(self.tmp_path)
+
+    def __enter__(self) -> AtomicShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ------------------------------------------------------------------------------------------- reading
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+    import fsspec
+
+    return fsspec.open(url, mode).open()  # type: ignore[no-any-return]
+
+
+def register_fsspec_schemes(
+    schemes: Iterable[str] = ("s3", "gcs", "gs", "az", "abfs", "abfss", "hdfs"),
+) -> None:
+    """Let webdataset open these URI schemes through fsspec (webdataset itself knows pipe:, http(s), gs)."""
+    from webdataset import gopen
+
+    for scheme in schemes:
+        if scheme == "gs" and "gs" in gopen.gopen_schemes:
+            continue  # webdataset's gsutil handler works where gsutil exists; keep it
+        gopen.gopen_schemes[scheme] = _fsspec_gopen
+
+
+def open_url(url: str, mode: str = "rb") -> IO[bytes]:
+    """Open a local path, ``file://``, ``pipe:CMD`` or any fsspec URI for binary reading."""
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        return gopen(url, mode)  # type: ignore[no-any-return]
+    if "://" in url and not url.startswith("file://"):
+        return _fsspec_gopen(url, mode)
+    return open(url.removeprefix("file://"), mode)
+
+
+def _decode_image(data: bytes) -> Any:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def decode_sample(raw: dict[str, Any], *, images: bool = True) -> dict[str, Any]:
+    """Decode a raw sample (extension -> bytes) without ever unpickling.
+
+    Images become RGB PIL images (or stay bytes with ``images=False``), ``txt`` a str, ``*.json`` a dict,
+    ``npz`` a dict of arrays (``allow_pickle=False``). Pickle members are dropped; other members stay bytes.
+    Raises on corrupt data; callers that must not crash catch and count.
+    """
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.startswith("__"):
+            out[key] = value
+            continue
+        last = key.rsplit(".", 1)[-1].lower()
+        if last in _UNSAFE_EXTENSIONS:
+            continue
+        if not isinstance(value, bytes | bytearray):
+            out[key] = value
+        elif last in IMAGE_EXTENSIONS:
+            out[key] = _decode_image(bytes(value)) if images else bytes(value)
+        elif last in ("txt", "text"):
+            out[key] = value.decode("utf-8")
+        elif last == "json":
+            out[key] = json.loads(value)
+        elif last == "npz":
+            with np.load(io.BytesIO(value), allow_pickle=False) as npz:
+                out[key] = {k: npz[k] for k in npz.files}
+        else:
+            out[key] = bytes(value)
+    return out
+
+
+def image_of(sample: dict[str, Any]) -> Any:
+    """The sample's image, whichever extension holds it; KeyError naming the key if none."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in sample:
+            return sample[ext]
+    raise KeyError(f"sample {sample.get('__key__')!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+
+
+def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples (extension -> bytes, plus ``__key__``, ``__url__``) of one tar, in file order.
+
+    Members are grouped by the part of the name before its first dot in the base name, like webdataset.
+    """
+    with open_url(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        current: dict[str, Any] | None = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            dirname, _, base = member.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            key = f"{dirname}/{stem}" if dirname else stem
+            f = tar.extractfile(member)
+            data = f.read() if f is not None else b""
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            current[ext] = data
+        if current is not None:
+            yield current
+
+
+def iter_samples(urls: str | Iterable[str], *, images: bool = True) -> Iterator[dict[str, Any]]:
+    """Decoded samples of the given shards in order (for evaluation and tools, not training)."""
+    for url in [urls] if isinstance(urls, str) else urls:
+        for raw in iter_raw_samples(url):
+            yield decode_sample(raw, images=images)
+
+
+def list_shards(folder: str | os.PathLike[str]) -> list[str]:
+    """The shard paths a folder's manifest lists, in manifest order (local folders and URIs)."""
+    base = os.fspath(folder).rstrip("/")
+    return [f"{base}/{s['name']}" for s in read_manifest(base).shards]
+
+
+def finished(path: str | os.PathLike[str]) -> bool:
+    """True if a final (renamed, hence complete) shard exists at ``path``."""
+    p = os.fspath(path)
+    if "://" in p:
+        import fsspec
+
+        fs, fs_path = fsspec.core.url_to_fs(p)
+        return bool(fs.exists(fs_path))
+    return Path(p).is_file()
