@@ -1,0 +1,199 @@
+"""``ray job submit`` against a real, separate head node: the cluster recipe of cluster/README.md, end to end.
+
+The test starts its own head node as a subprocess (``ray start --head``) rather than using the shared
+in-process ``ray_session``: job submission needs the dashboard's job server, and a separate node proves
+that the working-dir upload plus the installed package are all a cluster needs. The node is isolated from
+any Ray session of the same pytest process: free ports for everything that has a fixed default,
+``RAY_ADDRESS`` unset, its own short ``--temp-dir``, token auth with a token file of its own (never
+``~/.ray/auth_token``), and its own process group, which teardown kills by id (``ray stop`` would kill
+every Ray process on the machine, other sessions' included).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RAY = str(BIN / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class HeadNode:
+    address: str
+    """The dashboard (job server) URL, bound to 127.0.0.1."""
+    env: dict[str, str]
+    """Environment for every ``ray`` CLI call against this node (auth mode and token file)."""
+    temp_dir: Path
+
+
+def _node_env(temp_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
+    token_file = temp_dir / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    # Set explicitly: with RAY_AUTH_MODE unset, Ray 2.60 guesses from ~/.ray/auth_token, which another
+    # session's ray.init() may have written, and the head node and the job client could disagree.
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # The job driver runs `siclip` from the head node's PATH: the project's venv.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _kill_group(pgid: int, temp_dir: Path) -> None:
+    """Stop every process of the node: its process group, then any straggler naming our temp dir."""
+    for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+    for pid in _pids_naming(str(temp_dir)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _pids_naming(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def head_node() -> Iterator[HeadNode]:
+    """A Ray head node with a dashboard on 127.0.0.1 and token auth, stopped at teardown."""
+    # Short: Ray puts Unix sockets under it and socket paths are limited to ~107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="sj", dir="/tmp"))
+    env = _node_env(temp_dir)
+    dash_port = _free_port()
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        f"--port={_free_port()}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash_port}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir / 'r'}",
+        "--disable-usage-stats",
+    ]
+    # A new session: the daemons `ray start` leaves behind keep its process group, so teardown can
+    # kill exactly them.
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            pytest.fail(f"ray start failed (rc {proc.returncode}):\n{out[-3000:]}")
+        yield HeadNode(address=f"http://127.0.0.1:{dash_port}", env=env, temp_dir=temp_dir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_group(proc.pid, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ray(node: HeadNode, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [RAY, *args], env=node.env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _submit(node: HeadNode, job_id: str, entrypoint: list[str], *, timeout: float) -> str:
+    """Submit with the working-dir upload, wait for the end, fail unless it succeeded; return its logs."""
+    submitted = _ray(
+        node,
+        "job",
+        "submit",
+        "--address",
+        node.address,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(REPO),
+        "--",
+        *entrypoint,
+        timeout=timeout,
+    )
+    status = _ray(node, "job", "status", "--address", node.address, job_id, timeout=60)
+    logs = _ray(node, "job", "logs", "--address", node.address, job_id, timeout=60)
+    if f"Job '{job_id}' succeeded" not in status.stdout + status.stderr:
+        pytest.fail(
+            f"job {job_id} did not succeed (submit rc {submitted.returncode}):\n"
+            f"{status.stdout[-2000:]}{status.stderr[-2000:]}\n--- job logs ---\n{logs.stdout[-6000:]}"
+        )
+    return logs.stdout
+
+
+def test_dashboard_is_bound_to_loopback_and_requires_the_token(head_node: HeadNode) -> None:
+    listening = _ray(head_node, "job", "list", "--address", head_node.address, timeout=60)
+    assert listening.returncode == 0, listening.stderr
+    no_token = dict(head_node.env, RAY_AUTH_TOKEN_PATH=str(head_node.temp_dir / "missing"))
+    refused = subprocess.run(
+        [RAY, "job", "list", "--address", head_node.address],
+        env=no_token,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0
+    port = int(head_node.address.rsplit(":", 1)[1])
+    outward = socket.gethostbyname(socket.gethostname())
+    if not outward.startswith("127."):
+        with socket.socket() as s, pytest.raises(OSError):
+            s.settimeout(2)
+            s.connect((outward, port))
+
+
+def test_submit_trivial_job(head_node: HeadNode) -> None:
+    entry = ["python", "-c", "import siclip.config, os; print('ok from', os.getcwd())"]
+    logs = _submit(head_node, f"trivial-{secrets.token_hex(3)}", entry, timeout=180)
+    # The driver runs in the uploaded copy of the working dir, not in the repo itself.
+    assert "ok from" in logs
+    assert f"ok from {REPO}\n" not in logs
