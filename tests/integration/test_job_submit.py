@@ -11,6 +11,7 @@ every Ray process on the machine, other sessions' included).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -80,10 +81,8 @@ def _kill_group(pgid: int, temp_dir: Path) -> None:
                 break
             time.sleep(0.2)
     for pid in _pids_naming(str(temp_dir)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _pids_naming(text: str) -> list[int]:
