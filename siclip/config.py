@@ -8,6 +8,7 @@ crosses into Ray as a plain dict (:func:`to_dict`) and is rebuilt on the far sid
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -316,6 +317,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: got {value!r}; expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: got {value!r}; expected a number")
         return float(value)
@@ -398,6 +402,34 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         cls = tp if is_dc else None
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split ``a, b{1,2}, c`` on commas outside braces (brace patterns are not YAML)."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            items.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        items.append(cur.strip())
+    return items
+
+
+def _parse_value(raw: str) -> Any:
+    """A YAML value; shard patterns such as ``[dir/s-{000..009}.tar]`` that YAML rejects stay strings."""
+    if not raw.strip():
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        text = raw.strip()
+        if text.startswith("[") and text.endswith("]"):
+            return _split_top_level(text[1:-1])
+        return text
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, returning a new dict."""
     out = yaml.safe_load(yaml.safe_dump(data or {})) or {}
@@ -406,11 +438,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             raise ConfigError(f"{item}: an override must look like key.sub=value")
         key, raw = item.split("=", 1)
         key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{key}: could not parse value {raw!r} ({exc.__class__.__name__})") from exc
-        _set_dotted(out, key, value)
+        _set_dotted(out, key, _parse_value(raw))
     return out
 
 
@@ -442,6 +470,10 @@ def _walk(cfg: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, datacla
             yield prefix + f.name, value, f
 
 
+def _is_weights_file(value: str) -> bool:
+    return value.endswith((".pt", ".pth", ".bin", ".safetensors")) and not is_uri(value)
+
+
 def absolutize(cfg: SiclipCfg, base: str | os.PathLike[str] | None = None) -> SiclipCfg:
     """Make every local path absolute (Ray workers may run in another working directory)."""
     root = Path(base or Path.cwd())
@@ -461,7 +493,7 @@ def absolutize(cfg: SiclipCfg, base: str | os.PathLike[str] | None = None) -> Si
                 changes[f.name] = tuple(fix(v) for v in value)
             elif f.metadata.get("path") in ("file", "dir") or f.name in ("runs_dir", "output_dir"):
                 changes[f.name] = fix(value)
-            elif f.metadata.get("path") == "source" and value.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            elif f.metadata.get("path") == "source" and _is_weights_file(value):
                 changes[f.name] = fix(value)
         return dataclasses.replace(node, **changes)
 
@@ -475,9 +507,8 @@ def _check_source(key: str, value: str, base: Path) -> None:
         if not local.is_dir():
             raise ConfigError(f"{key}: got {value!r}; no such directory {str(local)!r}")
         return
-    if value.endswith((".pt", ".pth", ".bin", ".safetensors")) and not is_uri(value):
-        if not (base / value).is_file() and not Path(value).is_file():
-            raise ConfigError(f"{key}: got {value!r}; no such checkpoint file")
+    if _is_weights_file(value) and not (base / value).is_file() and not Path(value).is_file():
+        raise ConfigError(f"{key}: got {value!r}; no such checkpoint file")
 
 
 def check_paths(cfg: SiclipCfg, *, sections: tuple[str, ...] | None = None) -> None:
@@ -561,4 +592,3 @@ def save_config(cfg: SiclipCfg, path: str | os.PathLike[str]) -> None:
 def replace(cfg: Any, **changes: Any) -> Any:
     """``dataclasses.replace`` re-exported so callers need not import dataclasses."""
     return dataclasses.replace(cfg, **changes)
-

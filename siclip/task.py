@@ -86,7 +86,9 @@ class SiclipTask(nn.Module):
 
         out: dict[str, Tensor] = {}
         for i in range(len(texts)):
-            t_img, t_txt = (teacher[0], teacher[1][i * n : (i + 1) * n]) if teacher is not None else (None, None)
+            t_img, t_txt = (
+                (teacher[0], teacher[1][i * n : (i + 1) * n]) if teacher is not None else (None, None)
+            )
             terms = self.loss(
                 s_img, s_txt[i * n : (i + 1) * n], logit_scale, t_img, t_txt, rank=rank, world_size=world_size
             )

@@ -136,7 +136,9 @@ def find_model_file(path: str | os.PathLike[str]) -> Path:
     ckpts = sorted(p.glob("checkpoint_*/" + MODEL_FILE))
     if ckpts:
         return ckpts[-1]
-    raise FileNotFoundError(f"--checkpoint: got {str(path)!r}; no {MODEL_FILE} in it, in final/ or in checkpoint_*/")
+    raise FileNotFoundError(
+        f"--checkpoint: got {str(path)!r}; no {MODEL_FILE} in it, in final/ or in checkpoint_*/"
+    )
 
 
 def load_student_weights(student: nn.Module, path: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,194 @@
+"""The ``siclip`` command: demo, data, train, tune, eval, ablate, bench, info, export.
+
+Every subcommand is a thin call into the same function the Python API exposes (``launch(cfg)``,
+``run_pipeline(cfg)``, ...). Configuration errors are reported as one line naming the key, the bad value
+and what is allowed, with exit status 2, before Ray starts. ``main(argv)`` is callable in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from siclip.config import ConfigError, SiclipCfg, load_config
+
+__all__ = ["main"]
+
+
+def _config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
+
+
+def _load(args: argparse.Namespace, sections: tuple[str, ...] | None = None) -> SiclipCfg:
+    return load_config(args.config, args.overrides, check_files=sections or True)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args, ("data", "model", "teacher", "eval"))
+    from siclip.train.launch import launch
+
+    result = launch(cfg)
+    print(f"siclip: run {cfg.train.run_name!r} finished at step {result.max_steps}; folder {result.run_dir}")
+    if result.metrics:
+        _print_json({k: v for k, v in result.metrics.items() if k.startswith("val/")})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _load(args, ("eval", "model"))
+    if not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
+        raise ConfigError("eval.zeroshot_dir: got ''; allowed: set it or eval.retrieval_shards (or both)")
+    from siclip.eval.suite import evaluate_model
+    from siclip.models.presets import build_preset
+    from siclip.train.checkpoint import load_student_weights
+
+    model = build_preset(cfg.model.name, sasp=cfg.model.sasp)
+    try:
+        load_student_weights(model, args.checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    model.eval()
+    metrics = evaluate_model(
+        model,
+        preset=cfg.model.name,
+        zeroshot_dir=cfg.eval.zeroshot_dir,
+        classnames_file=cfg.eval.classnames_file,
+        retrieval_shards=cfg.eval.retrieval_shards,
+        templates=cfg.eval.templates,
+        batch_size=cfg.eval.batch_size,
+        recall_at=cfg.eval.recall_at,
+        image_size=cfg.model.image_size,
+    )
+    print(json.dumps({"model": cfg.model.name, "checkpoint": args.checkpoint, **metrics}, sort_keys=True))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from siclip.models.info import param_counts
+    from siclip.models.presets import build_preset, list_presets
+
+    if args.model not in list_presets():
+        raise ConfigError(f"--model: got {args.model!r}; allowed: {', '.join(list_presets())}")
+    counts = {"model": args.model, **param_counts(build_preset(args.model))}
+    if args.json:
+        _print_json(counts)
+    else:
+        for k, v in counts.items():
+            print(f"{k:>10}: {v / 1e6:.2f} M" if isinstance(v, int) else f"{k:>10}: {v}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from siclip.demo import run_demo
+
+    run_demo(out_dir=args.out, quick=args.quick, overrides=args.overrides)
+    return 0
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    cfg = _load(args, ("caption", "teacher"))
+    from siclip.data.pipeline import run_pipeline
+
+    manifest = run_pipeline(cfg)
+    print(
+        f"siclip: wrote {manifest.samples_out} samples in {len(manifest.shards)} shards to "
+        f"{cfg.caption.output_dir} (skipped {manifest.samples_skipped}: {manifest.skipped})"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from siclip.models.export import export_open_clip
+    from siclip.models.presets import build_preset
+    from siclip.train.checkpoint import load_student_weights
+
+    model = build_preset(args.model)
+    if args.checkpoint:
+        load_student_weights(model, args.checkpoint)
+    export_open_clip(model, args.model, args.out)
+    print(f"siclip: exported {args.model} to {args.out} (load with open_clip 'local-dir:{args.out}')")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    result: dict[str, Any]
+    if args.what == "infer":
+        from siclip.eval.throughput import bench_infer, format_table, write_table
+
+        result = bench_infer()
+        table = format_table(result)
+        write_table(table)
+    elif args.what == "data":
+        from siclip.eval.bench_data import run_bench_data
+
+        result, table = run_bench_data()
+    elif args.what == "memory":
+        from siclip.eval.bench_memory import run_bench_memory
+
+        result, table = run_bench_memory()
+    else:
+        from siclip.eval.bench_train import run_bench_train
+
+        result, table = run_bench_train()
+    if args.json:
+        _print_json(result)
+    else:
+        print(table)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="siclip", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(fn=fn)
+        return p
+
+    _config_args(add("train", cmd_train, "train (or resume) a run with Ray Train"))
+    p = add("eval", cmd_eval, "zero-shot classification and retrieval of a checkpoint; prints JSON")
+    p.add_argument("--checkpoint", required=True, help="weights file, checkpoint folder, or run folder")
+    _config_args(p)
+    p = add("info", cmd_info, "parameter counts of a model preset")
+    p.add_argument("--model", required=True)
+    p.add_argument("--json", action="store_true")
+    p = add("demo", cmd_demo, "the embedded demo world end to end on CPU")
+    p.add_argument("--out", default="runs/demo", help="folder for the demo's data and runs")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster demo (for tests)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every training stage")
+    p = add("data", cmd_data_build, "build CC12M-SYN shards with Ray Data (siclip data build ...)")
+    p.add_argument("action", choices=["build"])
+    _config_args(p)
+    p = add("export", cmd_export, "reparameterise-ready export that open_clip loads")
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint", default="")
+    p.add_argument("--out", required=True)
+    p = add("bench", _bench, "benchmarks: infer, data, train, memory (tables go to benchmarks/)")
+    p.add_argument("what", choices=["infer", "data", "train", "memory"])
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except ConfigError as exc:
+        print(f"siclip: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

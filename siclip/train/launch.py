@@ -1,0 +1,123 @@
+"""The driver side of training: ``launch(cfg)`` builds a Train V2 ``TorchTrainer`` and fits it.
+
+``siclip train`` and every Ray Tune trial call this same function. A run is named by ``train.run_name``
+under ``train.runs_dir`` (Ray Train's ``storage_path``); fitting again under the same name resumes from the
+latest checkpoint, and ``train.max_failures`` lets Ray restart failed workers from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from siclip.config import (
+    ConfigError,
+    RayCfg,
+    SiclipCfg,
+    absolutize,
+    expand_shards,
+    is_uri,
+    replace,
+    save_config,
+    to_dict,
+)
+from siclip.train.worker import run_dir_of, train_worker
+
+__all__ = ["TrainResult", "init_ray", "launch", "resolve_max_steps"]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    checkpoint: str | None
+    metrics: dict[str, Any]
+    max_steps: int
+
+
+def init_ray(ray_cfg: RayCfg) -> None:
+    """Connect to ``ray.address`` / ``RAY_ADDRESS`` if given, else start a local Ray (once per process)."""
+    if ray.is_initialized():
+        return
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": ray_cfg.include_dashboard}
+    if ray_cfg.num_cpus:
+        kwargs["num_cpus"] = ray_cfg.num_cpus
+    if ray_cfg.object_store_memory_mb:
+        kwargs["object_store_memory"] = ray_cfg.object_store_memory_mb * 1024 * 1024
+    ray.init(address="local", **kwargs)
+
+
+def resolve_max_steps(cfg: SiclipCfg) -> int:
+    """``train.max_steps``, or ``train.epochs`` x the manifest's sample count / the global batch."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    if not cfg.train.epochs:
+        raise ConfigError("train.max_steps: got 0 and train.epochs is 0; allowed: set one of them > 0")
+    from siclip.data.shards import manifest_sample_count
+
+    samples = manifest_sample_count(expand_shards(cfg.data.train_shards))
+    if not samples:
+        raise ConfigError(
+            "train.epochs: no manifest.json with sample counts next to data.train_shards; "
+            "allowed: set train.max_steps instead"
+        )
+    return max(1, math.ceil(cfg.train.epochs * samples / cfg.data.batch_size))
+
+
+def _use_gpu(cfg: SiclipCfg) -> bool:
+    if cfg.train.use_gpu == "auto":
+        return bool(ray.cluster_resources().get("GPU", 0))
+    return cfg.train.use_gpu == "yes"
+
+
+def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult:
+    """Train (or resume) the run ``cfg.train.run_name``; returns where it is and its last metrics."""
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards: got []; allowed: one or more shard paths or patterns")
+    cfg = absolutize(cfg)
+    max_steps = resolve_max_steps(cfg)
+    init_ray(cfg.ray)
+    use_gpu = _use_gpu(cfg)
+    if use_gpu and not ray.cluster_resources().get("GPU", 0):
+        raise ConfigError(
+            "train.use_gpu: got 'yes'; the Ray cluster has no GPU (allowed here: 'auto' or 'no')"
+        )
+    if not use_gpu and cfg.train.precision in ("bf16", "fp16"):
+        cfg = replace(cfg, train=replace(cfg.train, precision="fp32"))
+
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    storage = cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={**to_dict(cfg), "_max_steps": max_steps},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or None,
+        ),
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return TrainResult(
+        run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}), max_steps=max_steps
+    )

@@ -1,0 +1,264 @@
+"""The Ray Train side of training: one function every worker runs.
+
+It rebuilds the typed config from the dict Ray hands over, builds the task (the student inherits and
+freezes, the teacher is frozen), streams the shards, restores the latest checkpoint if Ray has one, and runs
+the Ray-free loop with hooks that log to TensorBoard (rank 0), evaluate (rank 0), and report metrics with
+checkpoints to Ray Train every ``train.ckpt_every`` steps (every rank reports the same number of times).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import yaml
+from torch import nn
+
+from siclip.config import SiclipCfg, expand_shards, from_dict, is_uri, to_dict
+from siclip.task import SiclipTask
+from siclip.train.checkpoint import load_checkpoint, save_checkpoint, save_student
+from siclip.train.loop import (
+    LoopHooks,
+    LoopState,
+    build_optimizer,
+    build_scheduler,
+    resolve_precision,
+    run_loop,
+)
+
+__all__ = ["build_task", "run_dir_of", "train_worker"]
+
+KD_TERMS = ("fd_weight", "crd_weight", "icl_weight")
+
+
+def run_dir_of(cfg: SiclipCfg) -> Path:
+    """The local folder for TensorBoard, metrics and the final export (``runs_dir/run_name``)."""
+    root = cfg.train.runs_dir
+    if is_uri(root):  # remote storage holds the checkpoints; logs stay on the node
+        root = os.path.join("runs", "_local")
+    return Path(root) / cfg.train.run_name
+
+
+def _teacher_needed(cfg: SiclipCfg) -> bool:
+    return cfg.teacher.enabled and any(getattr(cfg.loss, k) > 0 for k in KD_TERMS)
+
+
+def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
+    """Student (+ inheritance report), frozen teacher when a KD term is on, and the loss."""
+    from siclip.losses.total import build_loss
+    from siclip.models.inherit import build_student, build_teacher
+    from siclip.models.presets import preset_info
+
+    student, report = build_student(cfg.model)
+    if not (cfg.model.inherit and cfg.model.source):
+        with torch.no_grad():
+            student.logit_scale.fill_(math.log(1.0 / cfg.loss.init_temperature))
+    teacher = build_teacher(cfg.teacher) if _teacher_needed(cfg) else None
+    loss = build_loss(
+        cfg.loss,
+        student_dim=preset_info(cfg.model.name).embed_dim,
+        teacher_dim=preset_info(cfg.teacher.name).embed_dim if teacher is not None else None,
+    )
+    info = {"inherit_report": report.summary() if report is not None and hasattr(report, "summary") else None}
+    return SiclipTask(student, loss, teacher), info
+
+
+def _same_preprocessing(a: str, b: str) -> bool:
+    from siclip.models.presets import preset_info
+
+    ia, ib = preset_info(a), preset_info(b)
+    return (ia.image_size, ia.mean, ia.std, ia.interpolation, ia.context_length) == (
+        ib.image_size,
+        ib.mean,
+        ib.std,
+        ib.interpolation,
+        ib.context_length,
+    )
+
+
+def build_batches(
+    cfg: SiclipCfg, *, rank: int, world_size: int, epoch_offset: int, with_teacher: bool
+) -> Any:
+    """The per-rank infinite batch iterator (student inputs, plus teacher inputs if they differ)."""
+    from siclip.data.loader import build_train_loader
+    from siclip.models.presets import build_tokenizer, build_transform
+
+    teacher_inputs = with_teacher and not _same_preprocessing(cfg.model.name, cfg.teacher.name)
+    return build_train_loader(
+        urls=expand_shards(cfg.data.train_shards),
+        batch_size=cfg.data.batch_size // world_size,
+        rank=rank,
+        world_size=world_size,
+        transform=build_transform(cfg.model.name, train=cfg.data.augment, image_size=cfg.model.image_size),
+        tokenizer=build_tokenizer(cfg.model.name),
+        teacher_transform=build_transform(cfg.teacher.name, train=False) if teacher_inputs else None,
+        teacher_tokenizer=build_tokenizer(cfg.teacher.name) if teacher_inputs else None,
+        synthetic=cfg.data.synthetic,
+        synthetic_p=cfg.data.synthetic_p,
+        loader_workers=cfg.data.loader_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.train.seed,
+        epoch_offset=epoch_offset,
+    )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+class _RankZeroLog:
+    """TensorBoard events, a metrics.jsonl table and a progress line, written by rank 0 only."""
+
+    def __init__(self, cfg: SiclipCfg, *, max_steps: int, start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = run_dir_of(cfg)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=start_step or None)
+        self.writer.add_text(
+            "config", "```\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```", start_step
+        )
+        self.max_steps = max_steps
+        self.started = time.perf_counter()
+        self.start_step = start_step
+
+    def scalars(self, step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def progress(self, step: int, metrics: dict[str, float]) -> None:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(done, 1) * (self.max_steps - step)
+        bar = "#" * int(20 * step / self.max_steps)
+        print(
+            f"[{bar:<20}] step {step}/{self.max_steps} loss {metrics.get('loss/total', float('nan')):.4f} "
+            f"{metrics.get('perf/samples_per_s', 0.0):.1f} samples/s eta {eta:.0f}s",
+            flush=True,
+        )
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker entry point; ``config`` is ``to_dict(cfg)`` plus ``_max_steps``."""
+    max_steps = int(config.pop("_max_steps"))
+    cfg = from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+    task, info = build_task(cfg)
+    task.to(device)
+    optimizer = build_optimizer(task, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
+    precision = resolve_precision(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    state = LoopState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            counters = load_checkpoint(
+                folder, task=task, optimizer=optimizer, scheduler=scheduler, scaler=scaler
+            )
+        state = LoopState(
+            step=int(counters["step"]),
+            bad_steps=int(counters["bad_steps"]),
+            samples_seen=int(counters["samples_seen"]),
+        )
+        if rank == 0:
+            print(f"siclip: resumed run {cfg.train.run_name!r} from step {state.step}", flush=True)
+    torch.manual_seed(cfg.train.seed + 1000 * rank + state.step)  # per-rank sampling (PM negatives)
+
+    model = ray.train.torch.prepare_model(
+        task, parallel_strategy_kwargs={"find_unused_parameters": True} if world_size > 1 else None
+    )
+    batches = build_batches(
+        cfg, rank=rank, world_size=world_size, epoch_offset=state.step, with_teacher=task.teacher is not None
+    )
+    log = _RankZeroLog(cfg, max_steps=max_steps, start_step=state.step) if rank == 0 else None
+    if log is not None and info["inherit_report"] and state.step == 0:
+        print(f"siclip: weight inheritance: {info['inherit_report']}", flush=True)
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        if log is not None:
+            log.scalars(step, metrics)
+            if cfg.train.progress:
+                log.progress(step, metrics)
+
+    def on_eval(step: int) -> dict[str, float]:
+        from siclip.eval.suite import evaluate_model
+
+        if rank != 0 or not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
+            return {}
+        metrics = evaluate_model(
+            _unwrap(model).student,
+            preset=cfg.model.name,
+            zeroshot_dir=cfg.eval.zeroshot_dir,
+            classnames_file=cfg.eval.classnames_file,
+            retrieval_shards=cfg.eval.retrieval_shards,
+            templates=cfg.eval.templates,
+            batch_size=cfg.eval.batch_size,
+            recall_at=cfg.eval.recall_at,
+            image_size=cfg.model.image_size,
+            device=device,
+        )
+        named = {f"val/{k}": v for k, v in metrics.items()}
+        if log is not None:
+            log.scalars(step, named)
+            print(f"siclip: eval at step {step}: {json.dumps(named)}", flush=True)
+        return named
+
+    def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
+        counters = {"step": step, "bad_steps": state.bad_steps, "samples_seen": state.samples_seen}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                folder = save_checkpoint(
+                    Path(tmp) / "ckpt",
+                    task=_unwrap(model),
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    scaler=scaler,
+                    counters=counters,
+                )
+                ckpt = ray.train.Checkpoint.from_directory(str(folder))
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    hooks = LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint)
+    run_loop(
+        model,
+        batches,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        state=state,
+        max_steps=max_steps,
+        device=device,
+        precision=precision,
+        grad_clip=cfg.optim.grad_clip,
+        max_bad_steps=cfg.train.max_bad_steps,
+        log_every=cfg.train.log_every,
+        ckpt_every=cfg.train.ckpt_every,
+        eval_every=cfg.train.eval_every,
+        rank=rank,
+        world_size=world_size,
+        hooks=hooks,
+    )
+    if rank == 0:
+        save_student(_unwrap(model).student, run_dir_of(cfg) / "final")
+        if log is not None:
+            log.writer.close()

@@ -1,0 +1,32 @@
+"""Models, losses, task and the loop must import (and run) without Ray: a fresh interpreter proves it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+PURE_MODULES = [
+    "siclip.config",
+    "siclip.models.sasp",
+    "siclip.models.simplify",
+    "siclip.models.mct",
+    "siclip.models.presets",
+    "siclip.models.inherit",
+    "siclip.losses.total",
+    "siclip.task",
+    "siclip.train.loop",
+    "siclip.train.checkpoint",
+]
+
+
+def test_pure_modules_import_without_ray() -> None:
+    code = (
+        "import sys, importlib\n"
+        f"for m in {PURE_MODULES!r}:\n"
+        "    importlib.import_module(m)\n"
+        "leaked = sorted(k for k in sys.modules if k == 'ray' or k.startswith('ray.'))\n"
+        "print('LEAKED', leaked)\n"
+        "sys.exit(1 if leaked else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
