@@ -474,6 +474,13 @@ def _is_weights_file(value: str) -> bool:
     return value.endswith((".pt", ".pth", ".bin", ".safetensors")) and not is_uri(value)
 
 
+def _is_local_path_field(f: dataclasses.Field[Any], value: Any) -> bool:
+    kind = f.metadata.get("path")
+    if kind == "source":
+        return _is_weights_file(value)
+    return kind in ("file", "dir") or f.name in ("runs_dir", "output_dir")
+
+
 def absolutize(cfg: SiclipCfg, base: str | os.PathLike[str] | None = None) -> SiclipCfg:
     """Make every local path absolute (Ray workers may run in another working directory)."""
     root = Path(base or Path.cwd())
@@ -491,9 +498,7 @@ def absolutize(cfg: SiclipCfg, base: str | os.PathLike[str] | None = None) -> Si
                 changes[f.name] = walk(value)
             elif f.metadata.get("path") == "shards":
                 changes[f.name] = tuple(fix(v) for v in value)
-            elif f.metadata.get("path") in ("file", "dir") or f.name in ("runs_dir", "output_dir"):
-                changes[f.name] = fix(value)
-            elif f.metadata.get("path") == "source" and _is_weights_file(value):
+            elif _is_local_path_field(f, value):
                 changes[f.name] = fix(value)
         return dataclasses.replace(node, **changes)
 
