@@ -106,6 +106,15 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    cfg = _load(args, ("data", "model", "teacher", "eval", "tune"))
+    from siclip.sweep import format_table, run_sweep
+
+    result = run_sweep(cfg, resume=args.resume)
+    print(format_table(result))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from siclip.models.export import export_open_clip
     from siclip.models.presets import build_preset
@@ -157,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     _config_args(add("train", cmd_train, "train (or resume) a run with Ray Train"))
+    p = add("tune", cmd_tune, "Ray Tune sweep over dotted config keys (tune.space / tune.space_file)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    _config_args(p)
     p = add("eval", cmd_eval, "zero-shot classification and retrieval of a checkpoint; prints JSON")
     p.add_argument("--checkpoint", required=True, help="weights file, checkpoint folder, or run folder")
     _config_args(p)

@@ -1,0 +1,174 @@
+"""``siclip demo``: the whole method end to end on the embedded demo world, on a 2-core CPU.
+
+Stages, each the same function a real run uses: generate the demo world; train a tiny CoCa on the clean
+captions and caption the noisy web set with Ray Data (CC12M -> CC12M-SYN); train the tiny teacher CLIP
+with Ray Train; evaluate it with ``siclip eval``; train the SiCLIP student (SAS-P blocks, inherited and
+frozen backbone, WIKD + PM, synthetic captions); evaluate it; print teacher vs student. Every stage is
+resumable: a rerun skips finished data and finished runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from siclip.config import SiclipCfg, apply_overrides, check_paths, from_dict
+
+__all__ = ["DEMO_SIZES", "demo_config", "run_demo"]
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_ROOT = "runs/demo"
+
+DEMO_SIZES: dict[str, dict[str, Any]] = {
+    "full": {
+        "world": {"n_web": 6000, "n_clean": 1000, "n_retrieval": 500, "n_zeroshot_per_class": 10},
+        "captioner_steps": 400,
+        "teacher_steps": 600,
+        "student_steps": 300,
+    },
+    "quick": {
+        "world": {"n_web": 1200, "n_clean": 300, "n_retrieval": 150, "n_zeroshot_per_class": 4},
+        "captioner_steps": 60,
+        "teacher_steps": 60,
+        "student_steps": 30,
+    },
+}
+
+
+def _rebase(value: Any, root: str) -> Any:
+    """Point the configs' ``runs/demo/...`` paths at another demo folder."""
+    if isinstance(value, str):
+        return value.replace(DEFAULT_ROOT, root, 1) if value.startswith(DEFAULT_ROOT) else value
+    if isinstance(value, list):
+        return [_rebase(v, root) for v in value]
+    if isinstance(value, dict):
+        return {k: _rebase(v, root) for k, v in value.items()}
+    return value
+
+
+def demo_config(
+    name: str, *, root: str = DEFAULT_ROOT, overrides: list[str] | tuple[str, ...] = ()
+) -> SiclipCfg:
+    """``configs/<name>.yaml`` with its paths under ``root`` and the overrides applied (paths not checked)."""
+    data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    return from_dict(apply_overrides(_rebase(data, root), list(overrides)))
+
+
+def _eval(cfg_file: Path, checkpoint: Path) -> dict[str, float]:
+    """``siclip eval`` in-process; its JSON line is printed and parsed."""
+    from siclip.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["eval", "--config", str(cfg_file), "--checkpoint", str(checkpoint)])
+    line = buf.getvalue().strip().splitlines()[-1]
+    print(f"$ siclip eval --config {cfg_file} --checkpoint {checkpoint}\n{line}", flush=True)
+    if code != 0:
+        raise RuntimeError(f"siclip eval failed for {checkpoint}")
+    return {k: v for k, v in json.loads(line).items() if isinstance(v, float)}
+
+
+def _checked(cfg: SiclipCfg) -> SiclipCfg:
+    check_paths(cfg, sections=("data", "model", "teacher", "eval"))
+    return cfg
+
+
+def _stage(title: str) -> float:
+    print(f"\n=== {title} ===", flush=True)
+    return time.perf_counter()
+
+
+def run_demo(
+    *, out_dir: str = DEFAULT_ROOT, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run every stage; returns (and prints) the results table as a dict."""
+    from siclip.data.caption_quality import compare_captions
+    from siclip.data.captioner import train_captioner
+    from siclip.data.demo_world import generate_demo_world
+    from siclip.data.pipeline import run_pipeline
+    from siclip.models.info import param_counts
+    from siclip.models.presets import build_preset
+    from siclip.train.launch import launch
+
+    sizes = DEMO_SIZES["quick" if quick else "full"]
+    root = str(Path(out_dir))
+    started = _stage("1/6 demo world")
+    world = generate_demo_world(Path(root) / "world", **sizes["world"])
+    print(
+        f"web {len(world.web_shards)} shards, clean {len(world.clean_shards)}, zero-shot {world.zeroshot_dir}"
+    )
+
+    student_cfg = demo_config(
+        "demo", root=root, overrides=[f"train.max_steps={sizes['student_steps']}", *overrides]
+    )
+    teacher_cfg = demo_config(
+        "demo_teacher", root=root, overrides=[f"train.max_steps={sizes['teacher_steps']}", *overrides]
+    )
+
+    _stage("2/6 captioner: tiny CoCa on the clean captions, then CC12M-SYN of the web set (Ray Data)")
+    cap = student_cfg.caption
+    if not Path(cap.source).is_file():
+        train_captioner(
+            [*world.clean_shards],
+            out_path=cap.source,
+            steps=sizes["captioner_steps"],
+            image_size=cap.image_size,
+            seed=cap.seed,
+        )
+    run_pipeline(student_cfg)
+    syn_shards = sorted(str(p) for p in Path(cap.output_dir).glob("*.tar"))
+    quality = compare_captions(world.web_shards, syn_shards)
+    print("caption attribute accuracy (web vs synthetic):", json.dumps(quality), flush=True)
+
+    _stage("3/6 teacher: tiny CLIP from scratch, CLIP loss (Ray Train)")
+    teacher_run = launch(_checked(teacher_cfg))
+    teacher_file = Path(teacher_run.run_dir) / "final" / "model.safetensors"
+
+    _stage("4/6 evaluate the teacher")
+    teacher_metrics = _eval(teacher_run.run_dir / "config.yaml", teacher_file)
+
+    _stage("5/6 student: SiCLIP (SAS-P, inherited + frozen), WIKD + PM, synthetic captions (Ray Train)")
+    student_run = launch(_checked(student_cfg))
+
+    _stage("6/6 evaluate the student")
+    student_metrics = _eval(student_run.run_dir / "config.yaml", student_run.run_dir / "final")
+
+    teacher_params = param_counts(build_preset(teacher_cfg.model.name))
+    student_params = param_counts(build_preset(student_cfg.model.name, sasp=student_cfg.model.sasp))
+    n_classes = sum(1 for p in Path(world.zeroshot_dir).iterdir() if p.is_dir())
+    results = {
+        "chance_top1": 1.0 / n_classes,
+        "captions": quality,
+        "teacher": {**teacher_metrics, "image_params": teacher_params["image"]},
+        "student": {**student_metrics, "image_params": student_params["image"]},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    table = format_results(results)
+    print("\n" + table, flush=True)
+    (Path(root) / "results.md").write_text(table + "\n")
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    keys = ["zeroshot_top1", "zeroshot_top5", "i2t_r@1", "t2i_r@1", "image_params"]
+    lines = [
+        "| model | " + " | ".join(keys) + " |",
+        "|---|" + "---|" * len(keys),
+    ]
+    for name in ("teacher", "student"):
+        row = results[name]
+        cells = [
+            f"{row[k] / 1e6:.3f} M" if k == "image_params" else f"{100 * row.get(k, float('nan')):.1f}"
+            for k in keys
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append(
+        f"\nzero-shot chance: {100 * results['chance_top1']:.1f} %; demo took {results['seconds']} s"
+    )
+    return "\n".join(lines)
