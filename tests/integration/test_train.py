@@ -1,0 +1,88 @@
+"""Training end to end under Ray Train: a run killed with SIGKILL resumes from its last checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import SICLIP, subprocess_env, tiny_world, write_config
+
+pytestmark = [pytest.mark.slow]
+
+TEACHER = [
+    "train.max_steps=40",
+    "train.ckpt_every=8",
+    "train.eval_every=0",
+    "train.log_every=4",
+    "data.batch_size=32",
+    "optim.warmup_steps=5",
+    "ray.object_store_memory_mb=128",
+]
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+
+
+def test_sigkill_then_rerun_resumes_and_finishes(tmp_path: Path) -> None:
+    tiny_world(str(tmp_path))
+    cfg = write_config(tmp_path, "demo_teacher", TEACHER)
+    cmd = [*SICLIP, "train", "--config", str(cfg)]
+    run = tmp_path / "teacher"
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - kept open for the child's whole life
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not _checkpoints(run) and proc.poll() is None:
+            time.sleep(0.5)
+        assert _checkpoints(run), (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait(timeout=60)
+        log.close()
+    steps_before = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps_before) < 40, "the first run finished before it was killed; the test proves nothing"
+
+    second = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=400)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    resumed = [line for line in out.splitlines() if "resumed run 'teacher' from step" in line]
+    assert resumed, out[-4000:]
+    resumed_step = int(resumed[0].rsplit(" ", 1)[-1])
+    assert resumed_step >= 8 and resumed_step % 8 == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 40
+    assert (run / "final" / "model.safetensors").is_file()
+    assert (run / "config.yaml").is_file()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert 1 <= len(_checkpoints(run)) <= 2  # train.keep_checkpoints
+
+
+def test_bad_config_exits_2_before_ray(tmp_path: Path) -> None:
+    tiny_world(str(tmp_path))
+    cfg = write_config(tmp_path, "demo_teacher", TEACHER)
+    cases = {
+        "optim.lrr=1": "optim.lrr: unknown key",
+        "optim.lr=fast": "optim.lr: got 'fast'; expected a number",
+        f"data.train_shards=[{tmp_path}/nope-*.tar]": "data.train_shards: got",
+    }
+    for override, needle in cases.items():
+        started = time.time()
+        proc = subprocess.run(
+            [*SICLIP, "train", "--config", str(cfg), override],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(),
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], proc.stderr
+        assert time.time() - started < 60
+        assert not (tmp_path / "teacher").exists(), "a rejected config must start nothing"
