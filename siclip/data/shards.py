@@ -259,7 +259,7 @@ class AtomicShardWriter:
     object and move it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, mtime: float = 0.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, mtime: int = 0) -> None:
         import webdataset as wds
 
         self.path = os.fspath(path)
@@ -273,7 +273,8 @@ class AtomicShardWriter:
         else:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self._stream = open(self.tmp_path, "wb")  # noqa: SIM115 -- closed in close()/abort()
-        self._writer = wds.TarWriter(self._stream, encoder=False, mtime=mtime, mode=0o644)
+        # An integer mtime keeps tar headers plain ustar (a float forces a pax header per member).
+        self._writer = wds.TarWriter(self._stream, encoder=False, mtime=int(mtime), mode=0o644)
         self._count = 0
         self._closed = False
 
