@@ -13,14 +13,15 @@ import contextlib
 import io
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from siclip.config import SiclipCfg, apply_overrides, check_paths, from_dict
+from siclip.config import ConfigError, SiclipCfg, apply_overrides, check_paths, from_dict
 
-__all__ = ["DEMO_SIZES", "demo_config", "run_demo"]
+__all__ = ["DEMO_SIZES", "DemoPrep", "demo_config", "prepare_demo", "run_demo"]
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_ROOT = "runs/demo"
@@ -55,8 +56,12 @@ def _rebase(value: Any, root: str) -> Any:
 def demo_config(
     name: str, *, root: str = DEFAULT_ROOT, overrides: list[str] | tuple[str, ...] = ()
 ) -> SiclipCfg:
-    """``configs/<name>.yaml`` with its paths under ``root`` and the overrides applied (paths not checked)."""
-    data = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    """``configs/<name>.yaml`` (or the YAML file ``name``) with its ``runs/demo`` paths moved under ``root``
+    and the overrides applied (paths not checked)."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--config: got {str(path)!r}; no such file")
+    data = yaml.safe_load(path.read_text())
     return from_dict(apply_overrides(_rebase(data, root), list(overrides)))
 
 
@@ -84,26 +89,38 @@ def _stage(title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(
-    *, out_dir: str = DEFAULT_ROOT, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """Run every stage; returns (and prints) the results table as a dict."""
+@dataclass(frozen=True)
+class DemoPrep:
+    """What the student stage needs: the world, both stage configs, the teacher's run folder, caption quality."""
+
+    world: Any
+    teacher_cfg: SiclipCfg
+    student_cfg: SiclipCfg
+    teacher_dir: Path
+    caption_quality: dict[str, Any]
+
+
+def prepare_demo(
+    *,
+    out_dir: str = DEFAULT_ROOT,
+    quick: bool = False,
+    overrides: list[str] | tuple[str, ...] = (),
+    student_config: str = "demo",
+) -> DemoPrep:
+    """Stages 1-3 (world, CC12M-SYN captions, teacher); each skipped when already done."""
     from siclip.data.caption_quality import compare_captions
     from siclip.data.captioner import train_captioner
     from siclip.data.demo_world import generate_demo_world
     from siclip.data.pipeline import run_pipeline
-    from siclip.models.info import param_counts
-    from siclip.models.presets import build_preset
     from siclip.train.launch import launch
 
     sizes = DEMO_SIZES["quick" if quick else "full"]
     root = str(Path(out_dir))
-    started = _stage("1/6 demo world")
+    _stage("1/6 demo world")
     world = generate_demo_world(Path(root) / "world", **sizes["world"])
     print(
         f"web {len(world.web_shards)} shards, clean {len(world.clean_shards)}, zero-shot {world.zeroshot_dir}"
     )
-
     student_cfg = demo_config(
         "demo", root=root, overrides=[f"train.max_steps={sizes['student_steps']}", *overrides]
     )
@@ -128,30 +145,44 @@ def run_demo(
 
     _stage("3/6 teacher: tiny CLIP from scratch, CLIP loss (Ray Train)")
     teacher_run = launch(_checked(teacher_cfg))
-    teacher_file = Path(teacher_run.run_dir) / "final" / "model.safetensors"
+    return DemoPrep(world, teacher_cfg, student_cfg, Path(teacher_run.run_dir), quality)
+
+
+def run_demo(
+    *, out_dir: str = DEFAULT_ROOT, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run every stage; returns (and prints) the results table as a dict."""
+    from siclip.models.info import param_counts
+    from siclip.models.presets import build_preset
+    from siclip.train.launch import launch
+
+    started = time.perf_counter()
+    prep = prepare_demo(out_dir=out_dir, quick=quick, overrides=overrides)
 
     _stage("4/6 evaluate the teacher")
-    teacher_metrics = _eval(teacher_run.run_dir / "config.yaml", teacher_file)
+    teacher_metrics = _eval(
+        prep.teacher_dir / "config.yaml", prep.teacher_dir / "final" / "model.safetensors"
+    )
 
     _stage("5/6 student: SiCLIP (SAS-P, inherited + frozen), WIKD + PM, synthetic captions (Ray Train)")
-    student_run = launch(_checked(student_cfg))
+    student_run = launch(_checked(prep.student_cfg))
 
     _stage("6/6 evaluate the student")
     student_metrics = _eval(student_run.run_dir / "config.yaml", student_run.run_dir / "final")
 
-    teacher_params = param_counts(build_preset(teacher_cfg.model.name))
-    student_params = param_counts(build_preset(student_cfg.model.name, sasp=student_cfg.model.sasp))
-    n_classes = sum(1 for p in Path(world.zeroshot_dir).iterdir() if p.is_dir())
+    teacher_params = param_counts(build_preset(prep.teacher_cfg.model.name))
+    student_params = param_counts(build_preset(prep.student_cfg.model.name, sasp=prep.student_cfg.model.sasp))
+    n_classes = sum(1 for p in Path(prep.world.zeroshot_dir).iterdir() if p.is_dir())
     results = {
         "chance_top1": 1.0 / n_classes,
-        "captions": quality,
+        "captions": prep.caption_quality,
         "teacher": {**teacher_metrics, "image_params": teacher_params["image"]},
         "student": {**student_metrics, "image_params": student_params["image"]},
         "seconds": round(time.perf_counter() - started, 1),
     }
     table = format_results(results)
     print("\n" + table, flush=True)
-    (Path(root) / "results.md").write_text(table + "\n")
+    (Path(out_dir) / "results.md").write_text(table + "\n")
     return results
 
 
