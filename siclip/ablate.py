@@ -16,7 +16,13 @@ from siclip.config import SiclipCfg, apply_overrides, from_dict, to_dict
 
 __all__ = ["ROWS", "format_table", "run_ablation"]
 
-NO_KD = ["loss.fd_weight=0", "loss.crd_weight=0", "loss.icl_weight=0", "loss.pm_weight=0", "teacher.enabled=false"]
+NO_KD = [
+    "loss.fd_weight=0",
+    "loss.crd_weight=0",
+    "loss.icl_weight=0",
+    "loss.pm_weight=0",
+    "teacher.enabled=false",
+]
 ROWS: dict[str, list[str]] = {
     "baseline": ["model.inherit=false", "model.freeze_inherited=false", *NO_KD],
     "WI": NO_KD,
@@ -32,7 +38,12 @@ def _row_cfg(base: SiclipCfg, row: str, seed: int, steps: int) -> SiclipCfg:
     return from_dict(
         apply_overrides(
             to_dict(base),
-            [*ROWS[row], f"train.seed={seed}", f"train.run_name=ablate-{slug}-s{seed}", f"train.max_steps={steps}"],
+            [
+                *ROWS[row],
+                f"train.seed={seed}",
+                f"train.run_name=ablate-{slug}-s{seed}",
+                f"train.max_steps={steps}",
+            ],
         )
     )
 
@@ -89,7 +100,13 @@ def run_ablation(
         }
         for row, runs in per_row.items()
     }
-    result = {"seeds": seeds, "steps": steps, "rows": summary, "runs": per_row, "captions": prep.caption_quality}
+    result = {
+        "seeds": seeds,
+        "steps": steps,
+        "rows": summary,
+        "runs": per_row,
+        "captions": prep.caption_quality,
+    }
     table = format_table(result)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

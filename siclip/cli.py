@@ -119,7 +119,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from siclip.ablate import run_ablation
 
     result, table = run_ablation(
-        out_dir=args.out, seeds=args.seeds, steps=args.steps, quick=args.quick, overrides=args.overrides,
+        out_dir=args.out,
+        seeds=args.seeds,
+        steps=args.steps,
+        quick=args.quick,
+        overrides=args.overrides,
         config=args.config,
     )
     if args.json:
@@ -193,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="folder for the demo's data and runs")
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo (for tests)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every training stage")
-    p = add("ablate", cmd_ablate, "the paper's ablation rows on the demo world (table to benchmarks/ablation.md)")
+    p = add(
+        "ablate", cmd_ablate, "the paper's ablation rows on the demo world (table to benchmarks/ablation.md)"
+    )
     p.add_argument("--config", default="configs/demo.yaml", help="the student config every row starts from")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--steps", type=int, default=0, help="student steps per row (0: the config's)")
