@@ -291,7 +291,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: got {value!r}; expected {_type_name(tp)}")
-        return _build(tp, value, prefix=key + ".")
+        return _build(typing.cast(type, tp), value, prefix=key + ".")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:

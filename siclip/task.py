@@ -64,13 +64,14 @@ class SiclipTask(nn.Module):
             return img, nn.functional.normalize(torch.cat(texts).float(), dim=-1)
         if self.teacher is None:
             return None
-        self.teacher.eval()
+        teacher: Any = self.teacher
+        teacher.eval()
         image = batch.get("teacher_image", batch["image"])
         texts = [batch.get("teacher_text", batch["text"])]
         if n_text == 2:
             texts.append(batch.get("teacher_syn_text", batch["syn_text"]))
-        t_img = self.teacher.encode_image(image, normalize=True).float()
-        t_txt = self.teacher.encode_text(torch.cat(texts), normalize=True).float()
+        t_img = teacher.encode_image(image, normalize=True).float()
+        t_txt = teacher.encode_text(torch.cat(texts), normalize=True).float()
         return t_img, t_txt
 
     def forward(self, batch: dict[str, Tensor], *, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
@@ -78,11 +79,12 @@ class SiclipTask(nn.Module):
         if "syn_text" in batch:
             texts.append(batch["syn_text"])
         n = batch["text"].shape[0]
+        student: Any = self.student  # an open_clip-style model: encode_image / encode_text / logit_scale
         # One student pass over real + synthetic captions: DDP allows one forward per backward.
-        s_img = self.student.encode_image(batch["image"], normalize=True).float()
-        s_txt = self.student.encode_text(torch.cat(texts), normalize=True).float()
+        s_img = student.encode_image(batch["image"], normalize=True).float()
+        s_txt = student.encode_text(torch.cat(texts), normalize=True).float()
         teacher = self._teacher_embeddings(batch, len(texts))
-        logit_scale = self.student.logit_scale
+        logit_scale = student.logit_scale
 
         out: dict[str, Tensor] = {}
         for i in range(len(texts)):

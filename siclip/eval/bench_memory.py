@@ -28,7 +28,7 @@ def _bytes(tensors: Any) -> int:
 
 
 def measure_step_memory(
-    student: nn.Module, *, batch: int, image_size: int, context_length: int, device: torch.device
+    student: Any, *, batch: int, image_size: int, context_length: int, device: torch.device
 ) -> dict[str, float]:
     """Memory of one CLIP-loss training step of ``student`` (bytes), and its trainable parameter count."""
     from siclip.losses.total import build_loss

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: Any | None,
-    counters: dict[str, int | float],
+    counters: Mapping[str, int | float],
 ) -> Path:
     """Write a complete checkpoint to ``folder`` atomically (temp folder + rename)."""
     final = Path(folder)

@@ -40,7 +40,8 @@ class TooManyBadStepsError(RuntimeError):
 # ------------------------------------------------------------------------------ optimizer and schedule
 def build_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.AdamW:
     """AdamW over trainable parameters; no weight decay on gains, temperatures, norms and biases (ndim < 2)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)

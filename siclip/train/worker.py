@@ -110,7 +110,7 @@ def build_batches(
     )
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap(model: nn.Module) -> Any:
     return model.module if hasattr(model, "module") else model
 
 
