@@ -29,7 +29,7 @@ def _jpeg(value: int) -> bytes:
 def _write(path, ids, *, syn=False, npz=False, corrupt=()):
     with AtomicShardWriter(path) as w:
         for i in ids:
-            sample = {"__key__": f"{i:06d}", "png": _jpeg(i), "txt": f"cap {i} 0"}
+            sample: dict[str, object] = {"__key__": f"{i:06d}", "png": _jpeg(i), "txt": f"cap {i} 0"}
             if i in corrupt:
                 sample["png"] = b"not an image"
             if syn:
