@@ -1,0 +1,324 @@
+"""The CoCa captioner of the data stage (CC12M -> CC12M-SYN) and the tiny demo CoCa it is tested with.
+
+This module owns:
+- :class:`Captioner`: an open_clip CoCa (``coca_ViT-L-14`` + ``mscoco_finetuned_laion2B-s13B-b90k`` in the
+  production recipe; a pretrained tag, a ``.pt``/``.safetensors`` file, ``local-dir:PATH``, or random init)
+  that gives ``k`` captions per image by top-p sampling (or one by beam search), batched and cleaned the
+  DataCompDR way (special tokens dropped, cut at the first period);
+- :func:`clean_caption`: that cleaning, on its own so it can be tested;
+- :func:`train_captioner` / :func:`captioner_loss`: the tiny demo CoCa (``siclip-tiny-coca``) trained on
+  the demo world's clean subset with open_clip's ``CoCaLoss`` in a plain CPU torch loop.
+
+No Ray here: the Ray Data actors that wrap :class:`Captioner` live in ``siclip.data.pipeline``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TINY_COCA",
+    "Captioner",
+    "build_captioner_model",
+    "captioner_loss",
+    "clean_caption",
+    "register_model_configs",
+    "train_captioner",
+]
+
+log = logging.getLogger(__name__)
+
+TINY_COCA = "siclip-tiny-coca"
+# CaptionCfg.model documents the short name; both spellings mean the same registered config.
+_ALIASES = {"tiny-coca": TINY_COCA}
+_CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
+_SOT, _EOT = "<start_of_text>", "<end_of_text>"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Register siclip's open_clip model configs (the tiny CoCa among them) once per process."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    path = _CONFIG_DIR / f"{TINY_COCA}.json"
+    if TINY_COCA not in open_clip.list_models():
+        open_clip.add_model_config(str(path))
+    _registered = True
+
+
+def clean_caption(text: str) -> str:
+    """Drop the start token and everything from the end token on, cut at the first period, tidy spaces.
+
+    Everything after ``<end_of_text>`` is padding (token 0 decodes to ``!``), so it is cut before the
+    period rule; the period rule is DataCompDR's (one sentence per caption).
+    """
+    text = text.replace(_SOT, "")
+    text = text.split(_EOT, 1)[0]
+    text = text.split(".", 1)[0]
+    return " ".join(text.split())
+
+
+def _safetensors_metadata(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def build_captioner_model(
+    model: str, source: str = "", *, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Any, Any]:
+    """Build an open_clip CoCa and its eval transform and tokenizer.
+
+    ``source`` is an open_clip pretrained tag, a ``.pt``/``.pth``/``.bin``/``.safetensors`` file (a file
+    written by :func:`train_captioner` carries its model name and image size), ``local-dir:PATH`` (an
+    open_clip folder with its own config; ``model`` is then ignored), or empty for random init.
+    """
+    import open_clip
+
+    register_model_configs()
+    name = _ALIASES.get(model, model)
+    kwargs: dict[str, Any] = {}
+    pretrained: str | None = source or None
+    if source.startswith("local-dir:"):
+        name, pretrained = source, None
+    elif source.endswith(".safetensors") and os.path.isfile(source):
+        meta = _safetensors_metadata(source)
+        name = _ALIASES.get(meta.get("model", name), meta.get("model", name))
+        if "image_size" in meta:
+            kwargs["force_image_size"] = int(meta["image_size"])
+    net, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained, device=device, **kwargs
+    )
+    if not hasattr(net, "generate"):
+        raise ValueError(f"caption.model: {model!r} is not a CoCa model (it has no generate())")
+    tokenizer = open_clip.get_tokenizer(name)
+    net.eval().requires_grad_(False)
+    return net, preprocess, tokenizer
+
+
+class Captioner:
+    """k captions per image from an open_clip CoCa, batched, cleaned, reproducible for a given seed.
+
+    ``method='top_p'`` samples ``num_captions`` captions per image (nucleus ``top_p``); ``method='beam'``
+    gives one caption per image, since beam search is deterministic and repeating it would only duplicate.
+    """
+
+    def __init__(
+        self,
+        model: str = "coca_ViT-L-14",
+        source: str = "mscoco_finetuned_laion2B-s13B-b90k",
+        *,
+        num_captions: int = 5,
+        method: str = "top_p",
+        top_p: float = 0.9,
+        max_length: int = 30,
+        batch_size: int = 16,
+        seed: int = 0,
+        device: str = "auto",
+    ) -> None:
+        if method not in ("top_p", "beam"):
+            raise ValueError(f"caption.method: got {method!r}; allowed: 'top_p', 'beam'")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model_name, self.source = model, source
+        self.model, self.preprocess, self.tokenizer = build_captioner_model(model, source, device=self.device)
+        context = int(getattr(self.model, "context_length", max_length))
+        # generate() needs seq_len > min_seq_len (5) and positions for every token it emits.
+        self.max_length = max(6, min(max_length, context))
+        self.num_captions = num_captions if method == "top_p" else 1
+        self.method, self.top_p = method, top_p
+        self.batch_size, self.seed = batch_size, seed
+        torch.manual_seed(seed)
+
+    @property
+    def name(self) -> str:
+        """``model:source``, recorded in the manifest as the producer."""
+        return f"{self.model_name}:{self.source}" if self.source else self.model_name
+
+    def _generate(self, pixels: torch.Tensor) -> list[str]:
+        import open_clip
+
+        kwargs: dict[str, Any] = {"seq_len": self.max_length}
+        if self.method == "top_p":
+            kwargs.update(generation_type="top_p", top_p=self.top_p)
+        else:
+            kwargs.update(generation_type="beam_search")
+        use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            tokens = self.model.generate(pixels, **kwargs)  # type: ignore[operator]
+        return [clean_caption(open_clip.decode(t)) for t in tokens.cpu()]
+
+    def caption(self, images: Sequence[Any], *, seed: int | None = None) -> list[list[str]]:
+        """``num_captions`` cleaned captions for each PIL image, in order.
+
+        With ``seed``, the torch RNG is reset first, so the same images in the same order give the same
+        captions whatever ran before (the pipeline seeds per shard so reruns reproduce shards exactly).
+        """
+        if seed is not None:
+            torch.manual_seed(seed)
+        if not images:
+            return []
+        k = self.num_captions
+        pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+        # Each image appears k times in a row, so one generate() call samples all of its captions.
+        flat = pixels.repeat_interleave(k, dim=0)
+        per_call = max(1, self.batch_size) * k
+        texts: list[str] = []
+        for start in range(0, flat.shape[0], per_call):
+            texts.extend(self._generate(flat[start : start + per_call].to(self.device)))
+        return [texts[i * k : (i + 1) * k] for i in range(len(images))]
+
+
+# ------------------------------------------------------------------------------------ tiny CoCa training
+def _load_clean_pairs(urls: Sequence[str]) -> tuple[list[Any], list[str]]:
+    from PIL import Image
+
+    from siclip.data.shards import image_of, iter_raw_samples
+
+    images, texts = [], []
+    for url in urls:
+        for raw in iter_raw_samples(url):
+            try:
+                data = image_of(raw)
+                text = raw["txt"].decode("utf-8").strip()
+                image = Image.open(io.BytesIO(data)).convert("RGB")
+            except (KeyError, OSError, UnicodeDecodeError):
+                continue
+            if text:
+                images.append(image)
+                texts.append(text)
+    if not images:
+        raise ValueError(f"no usable image-caption pairs in {len(urls)} shard(s): {list(urls)[:3]}")
+    return images, texts
+
+
+def _trim(tokens: torch.Tensor) -> torch.Tensor:
+    # Padding is ignored by the caption loss; cutting the batch to its longest caption saves compute.
+    length = int((tokens != 0).sum(dim=1).max())
+    return tokens[:, : max(length, 2)]
+
+
+def _coca_loss(model: Any, loss_fn: Any, pixels: torch.Tensor, tokens: torch.Tensor) -> dict[str, Any]:
+    out = model(pixels, _trim(tokens))
+    losses = loss_fn(
+        out["image_features"],
+        out["text_features"],
+        out["logits"],
+        out["labels"],
+        out["logit_scale"],
+        output_dict=True,
+    )
+    losses["loss"] = losses["contrastive_loss"] + losses["caption_loss"]
+    return losses
+
+
+def train_captioner(
+    clean_urls: Sequence[str],
+    *,
+    out_path: str,
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    image_size: int = 32,
+    progress: bool = True,
+) -> str:
+    """Train the tiny demo CoCa on clean image-caption shards; save safetensors; return ``out_path``.
+
+    A plain CPU loop: all pairs are decoded and tokenised once, batches are sampled with replacement,
+    AdamW with linear warm-up and cosine decay, open_clip's ``CoCaLoss`` (caption weight 2, contrastive 1,
+    as in open_clip's CoCa recipe). ``steps=0`` saves the seeded initialisation (a baseline).
+    The file's metadata records the model name, image size and final loss, so
+    ``Captioner("siclip-tiny-coca", out_path)`` rebuilds it.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    register_model_configs()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_COCA, force_image_size=image_size)
+    tokenizer = open_clip.get_tokenizer(TINY_COCA)
+    images, texts = _load_clean_pairs(clean_urls)
+    pixels = torch.stack([preprocess(im) for im in images])
+    tokens = tokenizer(texts)
+    loss_fn = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    warmup = max(1, steps // 10)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    model.train()
+    last = float("nan")
+    bar = tqdm(range(steps), desc="tiny CoCa", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        idx = torch.tensor([rng.randrange(len(texts)) for _ in range(batch_size)])
+        losses = _coca_loss(model, loss_fn, pixels[idx], tokens[idx])
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        last = float(losses["loss"])
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{last:.3f}", caption_loss=f"{float(losses['caption_loss']):.3f}")
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "model": TINY_COCA,
+        "image_size": str(image_size),
+        "steps": str(steps),
+        "final_loss": f"{last:.6f}",
+        "seed": str(seed),
+        "pairs": str(len(texts)),
+    }
+    tmp = out_path + ".tmp"
+    save_file(state, tmp, metadata=meta)
+    os.replace(tmp, out_path)
+    log.info("tiny CoCa: %s", json.dumps(meta))
+    return out_path
+
+
+def captioner_loss(path: str, urls: Sequence[str], *, batch_size: int = 64) -> dict[str, float]:
+    """Mean CoCa losses (``caption_loss``, ``contrastive_loss``, ``loss``) of a saved tiny CoCa on shards."""
+    import open_clip
+
+    model, preprocess, tokenizer = build_captioner_model(TINY_COCA, path)
+    images, texts = _load_clean_pairs(urls)
+    loss_fn = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
+    sums: dict[str, float] = {}
+    batches = 0
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            pixels = torch.stack([preprocess(im) for im in images[start : start + batch_size]])
+            losses = _coca_loss(model, loss_fn, pixels, tokenizer(texts[start : start + batch_size]))
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            batches += 1
+    return {key: value / batches for key, value in sums.items()}
