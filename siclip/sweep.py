@@ -1,0 +1,463 @@
+"""Ray Tune sweeps over the one config schema: search-space parsing, the trial driver, result tables.
+
+A sweep is the base config plus ``tune.space`` (and ``tune.space_file``): dotted config keys mapped to a
+distribution. Every trial applies its sampled values to the base config, trains with ``launch(cfg)`` exactly
+as ``siclip train`` does (Train V2 inside a Tune function, metrics forwarded by ``TuneReportCallback``), and
+gets its own run folder ``<train.runs_dir>/<tune.experiment_name>-<trial id>`` with TensorBoard events.
+The sweep writes ``trials.csv``, ``trials.md`` and the best trial's full config ``best_config.yaml`` into
+``<train.runs_dir>/<tune.experiment_name>/``. Every bad search space is rejected before a trial starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from siclip.config import (
+    ConfigError,
+    SiclipCfg,
+    TuneCfg,
+    absolutize,
+    apply_overrides,
+    from_dict,
+    is_uri,
+    replace,
+    save_config,
+    to_dict,
+)
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "SweepResult",
+    "TrialRow",
+    "format_table",
+    "load_space",
+    "parse_space",
+    "resolve_tune",
+    "run_sweep",
+    "trial_config",
+]
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+"""``randint: [lo, hi]`` includes ``hi`` (unlike ``tune.randint``), like the other ranges."""
+
+# Sweeping these would break the sweep itself: trials name their own runs, and tune/ray are the driver's.
+_NOT_SEARCHABLE = ("tune.", "ray.", "train.run_name", "train.runs_dir")
+
+STOPPED = "STOPPED"
+"""Status of a trial the scheduler stopped before its last report (ASHA / median stopping)."""
+
+
+# ----------------------------------------------------------------------------------- search space
+def _spec_values(key: str, spec: Any) -> tuple[str, list[Any]]:
+    """Check one ``{distribution: args}`` entry; return its name and the values that must be valid."""
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(
+            f"tune.space.{key}: got {spec!r}; allowed: a mapping with one of {', '.join(DISTRIBUTIONS)}"
+        )
+    ((name, args),) = spec.items()
+    if name not in DISTRIBUTIONS:
+        raise ConfigError(
+            f"tune.space.{key}: unknown distribution {name!r}; allowed: {', '.join(DISTRIBUTIONS)}"
+        )
+    if name in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"tune.space.{key}: {name} got {args!r}; allowed: a non-empty list of values")
+        return name, list(args)
+    if not (isinstance(args, list) and len(args) == 2):
+        raise ConfigError(f"tune.space.{key}: {name} got {args!r}; allowed: a list [low, high]")
+    lo, hi = args
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (lo, hi))
+    if name == "randint" and not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)):
+        raise ConfigError(f"tune.space.{key}: randint got {args!r}; allowed: two integers [low, high]")
+    if not numbers or not all(math.isfinite(v) for v in (lo, hi)):
+        raise ConfigError(f"tune.space.{key}: {name} got {args!r}; allowed: two finite numbers [low, high]")
+    if lo > hi or (lo == hi and name != "randint"):
+        raise ConfigError(f"tune.space.{key}: {name} got {args!r}; allowed: low < high")
+    if name == "loguniform" and lo <= 0:
+        raise ConfigError(f"tune.space.{key}: loguniform got {args!r}; allowed: bounds > 0")
+    # Continuous samplers return floats even for integer bounds; check what they will really return.
+    return name, [lo, hi] if name == "randint" else [float(lo), float(hi)]
+
+
+def _check_key(key: str, values: list[Any], base: dict[str, Any]) -> None:
+    """The key must name a config value, and every value the sampler may return must pass the schema."""
+    if key.startswith(_NOT_SEARCHABLE) or key in ("tune", "ray"):
+        raise ConfigError(
+            f"tune.space.{key}: cannot be searched; allowed: keys outside tune.*, ray.*, "
+            "train.run_name and train.runs_dir"
+        )
+    for value in values:
+        try:
+            from_dict(apply_overrides(base, [f"{key}={json.dumps(value)}"]))
+        except ConfigError as exc:
+            raise ConfigError(f"tune.space.{key}: {exc}") from exc
+
+
+def _to_tune(name: str, values: list[Any]) -> Any:
+    from ray import tune
+
+    if name == "loguniform":
+        return tune.loguniform(float(values[0]), float(values[1]))
+    if name == "uniform":
+        return tune.uniform(float(values[0]), float(values[1]))
+    if name == "randint":
+        return tune.randint(values[0], values[1] + 1)
+    if name == "choice":
+        return tune.choice(values)
+    return tune.grid_search(values)
+
+
+def parse_space(space: dict[str, Any], *, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate a YAML search space and turn it into Ray Tune's ``param_space`` (flat, dotted keys).
+
+    ``base`` is the config dict the overrides apply to (schema defaults when None): every key must name a
+    config value there, and both range ends (or every listed value) must pass the schema's type and range
+    checks, so a bad space fails with a :class:`ConfigError` naming its key before any trial starts.
+    """
+    if not isinstance(space, dict):
+        raise ConfigError(f"tune.space: got {space!r}; allowed: a mapping of dotted config keys")
+    if not space:
+        raise ConfigError("tune.space: got {}; allowed: at least one dotted config key to search")
+    base = base if base is not None else {}
+    params: dict[str, Any] = {}
+    for key in sorted(space):
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"tune.space: key {key!r}; allowed: a dotted config key such as loss.fd_weight")
+        name, values = _spec_values(key, space[key])
+        _check_key(key, values, base)
+        params[key] = _to_tune(name, values)
+    return params
+
+
+# ----------------------------------------------------------------------------------- space files
+def _read_space_file(path: str) -> dict[str, Any]:
+    """The ``tune`` section of a space file: a config-style file with ``tune:``, or bare tune keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"tune.space_file: got {path!r}; no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"tune.space_file: {path!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"tune.space_file: {path!r} must hold a mapping at the top level")
+    if "tune" in data:
+        other = sorted(set(data) - {"tune"})
+        if other:
+            raise ConfigError(
+                f"tune.space_file: {path!r} has section {other[0]!r}; allowed: only 'tune' "
+                "(put fixed settings in the base config or as key=value overrides)"
+            )
+        data = data["tune"] or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"tune.space_file: {path!r}: 'tune' must be a mapping")
+    if "space_file" in data:
+        raise ConfigError(f"tune.space_file: {path!r} sets space_file itself; allowed: no nesting")
+    try:
+        from_dict({"tune": data})
+    except ConfigError as exc:
+        raise ConfigError(f"tune.space_file ({path}): {exc}") from exc
+    return data
+
+
+def load_space(cfg: SiclipCfg) -> dict[str, Any]:
+    """``tune.space_file``'s ``space`` with ``tune.space`` merged over it (the config's keys win)."""
+    space: dict[str, Any] = {}
+    if cfg.tune.space_file:
+        space.update(_read_space_file(cfg.tune.space_file).get("space") or {})
+    space.update(cfg.tune.space)
+    return space
+
+
+def resolve_tune(cfg: SiclipCfg) -> SiclipCfg:
+    """The config with the space file's other tune keys applied and the merged space in ``tune.space``.
+
+    A tune key in the space file (metric, scheduler, num_samples, ...) applies unless the config sets that
+    key to something other than the schema default, so the command line and the base config win.
+    """
+    merged = to_dict(cfg.tune)
+    if cfg.tune.space_file:
+        defaults = to_dict(TuneCfg())
+        for k, v in _read_space_file(cfg.tune.space_file).items():
+            if k != "space" and merged[k] == defaults[k]:
+                merged[k] = v
+    merged["space"] = load_space(cfg)
+    merged["space_file"] = ""
+    data = to_dict(cfg)
+    data["tune"] = merged
+    return from_dict(data)
+
+
+# ----------------------------------------------------------------------------------- trials
+def trial_config(base: dict[str, Any], params: dict[str, Any], *, run_name: str) -> SiclipCfg:
+    """The full config of one trial: the base config dict with the sampled dotted values applied."""
+    overrides = [f"{k}={json.dumps(v)}" for k, v in sorted(params.items())]
+    data = apply_overrides(base, [*overrides, f"train.run_name={json.dumps(run_name)}"])
+    return from_dict(data)
+
+
+def _trial(params: dict[str, Any], *, base: dict[str, Any], experiment: str) -> None:
+    """One Tune trial: train the sampled config with Ray Train; metrics reach Tune through the callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from siclip.train.launch import launch
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base, params, run_name=f"{experiment}-{trial_id}")
+    launch(cfg, callbacks=[TuneReportCallback()])
+
+
+def _expected_reports(cfg: SiclipCfg) -> int:
+    """Reports a finished run makes: one per ``train.ckpt_every`` steps, plus the final step."""
+    from siclip.train.launch import resolve_max_steps
+
+    return math.ceil(resolve_max_steps(cfg) / cfg.train.ckpt_every)
+
+
+def _prepare(cfg: SiclipCfg) -> SiclipCfg:
+    """Resolve the space file, make paths absolute, and make every report carry a fresh metric."""
+    cfg = absolutize(resolve_tune(cfg))
+    if cfg.tune.metric.startswith("val/") and not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
+        raise ConfigError(
+            f"tune.metric: got {cfg.tune.metric!r}, but no held-out data is set; allowed: set "
+            "eval.zeroshot_dir / eval.retrieval_shards, or a training metric such as 'loss/total'"
+        )
+    ev, ck = cfg.train.eval_every, cfg.train.ckpt_every
+    if cfg.tune.metric.startswith("val/") and (ev == 0 or ck % ev):
+        # The scheduler compares trials at every report; a report without a new evaluation would carry a
+        # stale (or no) metric, so trials evaluate at every checkpoint.
+        print(f"siclip tune: train.eval_every {ev} -> {ck} (= train.ckpt_every) so every report is scored")
+        cfg = replace(cfg, train=replace(cfg.train, eval_every=ck))
+    return cfg
+
+
+def _check_resources(cfg: SiclipCfg) -> None:
+    """A trial's driver plus its Train workers must fit the cluster, or Tune would wait for ever."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = cfg.tune.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker
+    if need > total + 1e-9:
+        room = total - cfg.train.num_workers * cfg.train.cpus_per_worker
+        allowed = f"<= {room:g}, e.g. 0.01 (the trial driver only waits)" if room > 0 else "none fits"
+        raise ConfigError(
+            f"tune.cpus_per_trial: got {cfg.tune.cpus_per_trial:g}; one trial needs it plus "
+            f"train.num_workers x train.cpus_per_worker = {need - cfg.tune.cpus_per_trial:g} CPUs but the "
+            f"cluster has {total:g}; allowed: {allowed} (or lower train.cpus_per_worker)"
+        )
+
+
+def _build_scheduler(tune_cfg: TuneCfg, *, max_t: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    if tune_cfg.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max(max_t, tune_cfg.grace_period),
+            grace_period=tune_cfg.grace_period,
+            reduction_factor=tune_cfg.reduction_factor,
+        )
+    if tune_cfg.scheduler == "median":
+        return MedianStoppingRule(
+            time_attr="training_iteration", grace_period=tune_cfg.grace_period, min_samples_required=2
+        )
+    return FIFOScheduler()
+
+
+# ----------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class TrialRow:
+    trial_id: str
+    params: dict[str, Any]
+    metric: float | None
+    status: str
+    """TERMINATED (ran every report), STOPPED (early, by the scheduler) or ERROR."""
+    iterations: int
+    step: int
+    run_name: str
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    experiment_dir: Path
+    metric: str
+    mode: str
+    rows: tuple[TrialRow, ...]
+    """Best first."""
+    best: TrialRow | None
+    best_config: Path | None
+    """``best_config.yaml``: the best trial's full config, trainable with ``siclip train --config``."""
+    param_keys: tuple[str, ...] = field(default=())
+
+    @property
+    def table(self) -> str:
+        return format_table(self)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _columns(result: SweepResult) -> list[str]:
+    return ["trial_id", *result.param_keys, result.metric, "status", "reports", "step"]
+
+
+def _cells(result: SweepResult, row: TrialRow) -> list[str]:
+    params = [_fmt(row.params.get(k)) for k in result.param_keys]
+    return [row.trial_id, *params, _fmt(row.metric), row.status, str(row.iterations), str(row.step)]
+
+
+def format_table(result: SweepResult) -> str:
+    """A Markdown table of the trials, best first, and a line naming the best config."""
+    cols = _columns(result)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_cells(result, row)) + " |" for row in result.rows]
+    if result.best is not None:
+        lines.append(
+            f"\nbest: trial {result.best.trial_id} ({result.metric} = {_fmt(result.best.metric)}, "
+            f"{result.mode}); config {result.best_config}"
+        )
+    else:
+        lines.append(f"\nno trial reported {result.metric}")
+    return "\n".join(lines)
+
+
+def _write_tables(result: SweepResult) -> None:
+    folder = result.experiment_dir
+    with open(folder / "trials.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(_columns(result))
+        for row in result.rows:
+            params = [row.params.get(k, "") for k in result.param_keys]
+            metric = "" if row.metric is None else row.metric
+            writer.writerow([row.trial_id, *params, metric, row.status, row.iterations, row.step])
+    (folder / "trials.md").write_text(format_table(result) + "\n")
+
+
+def _rank_key(row: TrialRow, mode: str) -> tuple[int, int, float]:
+    """Finished trials first, then by metric (missing last)."""
+    finished = 0 if row.status == "TERMINATED" else 1
+    if row.metric is None or not math.isfinite(row.metric):
+        return (finished, 1, 0.0)
+    return (finished, 0, -row.metric if mode == "max" else row.metric)
+
+
+def _collect(
+    grid: Any, cfg: SiclipCfg, *, base: dict[str, Any], experiment_dir: Path, param_keys: tuple[str, ...]
+) -> SweepResult:
+    metric, mode = cfg.tune.metric, cfg.tune.mode
+    rows = []
+    for res in grid:
+        m = dict(res.metrics or {})
+        params = {k: v for k, v in (res.config or {}).items() if k in param_keys}
+        trial_id = str(m.get("trial_id") or Path(res.path).name)
+        run_name = f"{cfg.tune.experiment_name}-{trial_id}"
+        iterations = int(m.get("training_iteration", 0))
+        expected = _expected_reports(trial_config(base, params, run_name=run_name))
+        if res.error is not None:
+            status = "ERROR"
+        elif iterations >= expected:
+            status = "TERMINATED"
+        else:
+            status = STOPPED
+        value = m.get(metric)
+        rows.append(
+            TrialRow(
+                trial_id=trial_id,
+                params=params,
+                metric=float(value) if isinstance(value, int | float) else None,
+                status=status,
+                iterations=iterations,
+                step=int(m.get("step", 0)),
+                run_name=run_name,
+            )
+        )
+    rows.sort(key=lambda r: _rank_key(r, mode))
+    best = rows[0] if rows and rows[0].metric is not None and rows[0].status != "ERROR" else None
+    best_path = None
+    if best is not None:
+        best_cfg = trial_config(base, best.params, run_name=f"{cfg.tune.experiment_name}-best")
+        best_path = experiment_dir / "best_config.yaml"
+        save_config(best_cfg, best_path)
+    return SweepResult(
+        experiment_dir=experiment_dir,
+        metric=metric,
+        mode=mode,
+        rows=tuple(rows),
+        best=best,
+        best_config=best_path,
+        param_keys=param_keys,
+    )
+
+
+def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
+    """Run (or resume) the sweep ``tune.experiment_name``; print and write its table and best config.
+
+    A sweep whose folder already exists is restored (finished trials are not rerun, errored ones are
+    retried); ``resume=True`` additionally requires that folder to exist.
+    """
+    cfg = _prepare(cfg)
+    base = to_dict(cfg)
+    param_space = parse_space(cfg.tune.space, base=base)
+    param_keys = tuple(param_space)
+    if not cfg.data.train_shards:
+        raise ConfigError("data.train_shards: got []; allowed: one or more shard paths or patterns")
+    max_t = _expected_reports(cfg)
+
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from siclip.train.launch import init_ray
+
+    init_ray(cfg.ray)
+    _check_resources(cfg)
+    runs_dir = cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
+    experiment = cfg.tune.experiment_name
+    experiment_path = f"{runs_dir.rstrip('/')}/{experiment}"
+    driver = {
+        "CPU": cfg.tune.cpus_per_trial,
+        **({"GPU": cfg.tune.gpus_per_trial} if cfg.tune.gpus_per_trial else {}),
+    }
+    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, experiment=experiment), driver)
+    if tune.Tuner.can_restore(experiment_path):
+        print(f"siclip tune: resuming sweep {experiment!r} from {experiment_path}")
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+    elif resume:
+        raise ConfigError(
+            f"tune.experiment_name: got {experiment!r}; no sweep to resume at {experiment_path}; "
+            "allowed: an existing sweep's name (or run without --resume)"
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric,
+                mode=cfg.tune.mode,
+                scheduler=_build_scheduler(cfg.tune, max_t=max_t),
+                search_alg=BasicVariantGenerator(
+                    random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent_trials
+                ),
+                num_samples=cfg.tune.num_samples,
+            ),
+            run_config=tune.RunConfig(name=experiment, storage_path=runs_dir, verbose=1),
+        )
+    grid = tuner.fit()
+    local_dir = Path(experiment_path) if not is_uri(experiment_path) else Path("runs") / experiment
+    os.makedirs(local_dir, exist_ok=True)
+    result = _collect(grid, cfg, base=base, experiment_dir=local_dir, param_keys=param_keys)
+    _write_tables(result)
+    return result
