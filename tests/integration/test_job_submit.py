@@ -143,7 +143,9 @@ def _ray(node: HeadNode, *args: str, timeout: float) -> subprocess.CompletedProc
     )
 
 
-def _submit(node: HeadNode, job_id: str, entrypoint: list[str], *, timeout: float) -> str:
+def _submit(
+    node: HeadNode, job_id: str, entrypoint: list[str], *, timeout: float, runtime_env: Path | None = None
+) -> str:
     """Submit with the working-dir upload, wait for the end, fail unless it succeeded; return its logs."""
     submitted = _ray(
         node,
@@ -155,6 +157,7 @@ def _submit(node: HeadNode, job_id: str, entrypoint: list[str], *, timeout: floa
         job_id,
         "--working-dir",
         str(REPO),
+        *(["--runtime-env", str(runtime_env)] if runtime_env else []),
         "--",
         *entrypoint,
         timeout=timeout,
@@ -196,3 +199,21 @@ def test_submit_trivial_job(head_node: HeadNode) -> None:
     # The driver runs in the uploaded copy of the working dir, not in the repo itself.
     assert "ok from" in logs
     assert f"ok from {REPO}\n" not in logs
+
+
+def test_submit_with_cluster_runtime_env(head_node: HeadNode) -> None:
+    entry = [
+        "python",
+        "-c",
+        "import os, torch, siclip.config; print('env', os.environ['WDS_SECURE'], torch.__version__)",
+    ]
+    t0 = time.monotonic()
+    logs = _submit(
+        head_node,
+        f"renv-{secrets.token_hex(3)}",
+        entry,
+        timeout=300,
+        runtime_env=REPO / "cluster/runtime_env.yaml",
+    )
+    print("runtime env job", time.monotonic() - t0)
+    assert "env 1" in logs
