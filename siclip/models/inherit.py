@@ -1,0 +1,307 @@
+"""Weight inheritance (WI): load source weights, simplify, freeze what was inherited; build the teacher.
+
+- :func:`load_source_state_dict`: ``MODEL:TAG`` (open_clip pretrained), ``.pt/.pth/.bin`` (``weights_only``),
+  ``.safetensors``, or ``local-dir:PATH`` (``open_clip_config.json`` + weights). Apple MobileCLIP checkpoints
+  (``text_encoder.*`` / ``image_encoder.*``) are converted to this project's layout on the way in.
+- :func:`inherit_weights`: copy every matching tensor and report what was inherited, what is new (SAS-P
+  blocks), what the source has that the model dropped (replaced blocks) and what does not fit.
+- :func:`build_student`: base preset -> exact load -> :func:`~siclip.models.simplify.simplify` (so Q/K and
+  MLP inherit from the loaded attention blocks) -> freeze every unchanged module (``requires_grad_(False)``
+  and kept in eval mode so BatchNorm statistics never move). SAS-P blocks and the logit scale/bias train.
+- :func:`set_train_mode`: ``model.train(mode)`` that keeps frozen modules in eval mode.
+- :func:`build_teacher`: preset (or any open_clip model) + source weights, frozen, eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from siclip.config import ModelCfg, TeacherCfg
+from siclip.models.sasp import is_sasp
+
+__all__ = [
+    "InheritError",
+    "InheritReport",
+    "build_student",
+    "build_teacher",
+    "freeze_inherited",
+    "inherit_weights",
+    "load_source_state_dict",
+    "set_train_mode",
+]
+
+_FROZEN_ATTR = "_siclip_frozen"
+_WEIGHT_FILES = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+    "open_clip_pytorch_model.pth",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+)
+# Parameters a student may have that a source need not provide (they are not architecture).
+_OPTIONAL_KEYS = ("logit_bias",)
+
+
+class InheritError(ValueError):
+    """The source weights do not fit the model; the message names the offending keys."""
+
+
+@dataclass
+class InheritReport:
+    """What :func:`inherit_weights` did, key by key."""
+
+    inherited: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    """Model keys the source lacks that are expected to be new (SAS-P blocks, optional parameters)."""
+    dropped: list[str] = field(default_factory=list)
+    """Source keys of blocks that simplification replaced."""
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """Counts plus the first few keys of every problem list (for logs and run folders)."""
+        out: dict[str, Any] = {k: len(getattr(self, k)) for k in ("inherited", "new", "dropped")}
+        for k in ("missing", "mismatched", "unexpected"):
+            out[k] = getattr(self, k)[:10]
+        return out
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _strip_module(sd: dict[str, Any]) -> dict[str, Any]:
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: dict[str, Any] = load_file(str(path), device="cpu")
+    else:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        sd = obj
+        for key in ("state_dict", "model"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                sd = obj[key]
+                break
+        if not isinstance(sd, dict):
+            raise InheritError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    sd = _strip_module(sd)
+    if any(k.startswith(("text_encoder.", "image_encoder.")) for k in sd):
+        from siclip.models.mct import convert_apple_state_dict
+
+        sd = convert_apple_state_dict(sd)
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def load_source_state_dict(source: str) -> dict[str, torch.Tensor]:
+    """The state dict named by ``source``: a file, ``local-dir:PATH`` or an open_clip ``MODEL:TAG``."""
+    if source.startswith("local-dir:"):
+        folder = Path(source[len("local-dir:") :])
+        if not (folder / "open_clip_config.json").is_file():
+            raise FileNotFoundError(f"{source}: no open_clip_config.json in {folder}")
+        json.loads((folder / "open_clip_config.json").read_text())  # fail early on a broken config
+        for name in _WEIGHT_FILES:
+            if (folder / name).is_file():
+                return _load_file(folder / name)
+        found = sorted(
+            p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt")
+        )
+        if len(found) == 1:
+            return _load_file(folder / found[0])
+        raise FileNotFoundError(f"{source}: no (single) weights file in {folder}; found {found}")
+    path = Path(source)
+    if path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{source}: no such checkpoint file")
+        return _load_file(path)
+    if ":" in source:
+        import open_clip
+
+        model_name, tag = source.split(":", 1)
+        model = open_clip.create_model(model_name, pretrained=tag)  # downloads (needs network) or uses cache
+        return dict(model.state_dict())
+    raise ValueError(
+        f"source: got {source!r}; allowed: an open_clip MODEL:TAG, a .pt/.pth/.bin/.safetensors file, or local-dir:PATH"
+    )
+
+
+# ----------------------------------------------------------------------------------------- inheriting
+def _under(key: str, prefixes: list[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def inherit_weights(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], *, strict: bool = True
+) -> InheritReport:
+    """Copy ``state_dict`` into ``model`` where names and shapes match; report the rest.
+
+    Keys under SAS-P modules (and ``logit_bias``) may be absent from the source (``new``); source keys of
+    blocks that simplification replaced are ``dropped``. With ``strict`` any other missing, mismatched or
+    unexpected key raises :class:`InheritError` naming them, and nothing is loaded.
+    """
+    from siclip.models.simplify import replaced_prefixes
+
+    sasp_prefixes = [n for n, m in model.named_modules(remove_duplicate=False) if is_sasp(m) and n]
+    dropped_prefixes = replaced_prefixes(model)
+    target = model.state_dict(keep_vars=True)
+    # Shared tensors appear under several names; a source saved with safetensors' save_model keeps one.
+    alias: dict[int, list[str]] = {}
+    for k, v in target.items():
+        alias.setdefault(v.data_ptr() if v.numel() else id(v), []).append(k)
+    report = InheritReport()
+    to_load: dict[str, torch.Tensor] = {}
+    for key, value in target.items():
+        src_key = key
+        if key not in state_dict:
+            ptr = value.data_ptr() if value.numel() else id(value)
+            src_key = next((a for a in alias[ptr] if a in state_dict), "")
+        if not src_key:
+            if _under(key, sasp_prefixes) or key in _OPTIONAL_KEYS:
+                report.new.append(key)
+            else:
+                report.missing.append(key)
+            continue
+        src = state_dict[src_key]
+        if tuple(src.shape) != tuple(value.shape):
+            if src.numel() == value.numel() and key == "logit_scale":
+                src = src.reshape(value.shape)
+            else:
+                report.mismatched.append(f"{key}: source {tuple(src.shape)} vs model {tuple(value.shape)}")
+                continue
+        to_load[key] = src
+        report.inherited.append(key)
+    for key in state_dict:
+        if key not in target:
+            (report.dropped if _under(key, dropped_prefixes) else report.unexpected).append(key)
+    problems = [
+        (n, getattr(report, n)) for n in ("missing", "mismatched", "unexpected") if getattr(report, n)
+    ]
+    if strict and problems:
+        raise InheritError(
+            "source weights do not fit the model: "
+            + "; ".join(
+                f"{n} {len(keys)}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                for n, keys in problems
+            )
+        )
+    with torch.no_grad():
+        for key, src in to_load.items():
+            target[key].copy_(src.to(dtype=target[key].dtype, device=target[key].device))
+    return report
+
+
+# ----------------------------------------------------------------------------------------- freezing
+def freeze_inherited(model: nn.Module) -> list[str]:
+    """Freeze every module outside the SAS-P blocks; returns the frozen top-most module names.
+
+    Frozen: ``requires_grad_(False)``, ``eval()`` and a marker so :func:`set_train_mode` keeps them in eval.
+    Trainable: SAS-P blocks, ``logit_scale`` and ``logit_bias``.
+    """
+    sasp_names = [n for n, m in model.named_modules() if is_sasp(m)]
+
+    def holds_sasp(name: str) -> bool:
+        return any(s == name or s.startswith(name + ".") if name else True for s in sasp_names)
+
+    def inside_sasp(name: str) -> bool:
+        return any(name == s or name.startswith(s + ".") for s in sasp_names)
+
+    model.requires_grad_(False)
+    for name in sasp_names:
+        model.get_submodule(name).requires_grad_(True)
+    for pname in ("logit_scale", "logit_bias"):
+        p = getattr(model, pname, None)
+        if isinstance(p, nn.Parameter):
+            p.requires_grad_(True)
+    frozen: list[str] = []
+    for name, m in model.named_modules():
+        if inside_sasp(name) or holds_sasp(name):
+            continue
+        if any(f == "" or name.startswith(f + ".") for f in frozen):
+            continue
+        setattr(m, _FROZEN_ATTR, True)
+        m.eval()
+        frozen.append(name)
+    return frozen
+
+
+def set_train_mode(model: nn.Module, train: bool = True) -> nn.Module:
+    """``model.train(train)``, then put frozen (inherited) modules back in eval mode."""
+    model.train(train)
+    if train:
+        for m in model.modules():
+            if getattr(m, _FROZEN_ATTR, False):
+                m.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------- builders
+def build_student(cfg: ModelCfg) -> tuple[nn.Module, InheritReport | None]:
+    """The student: base preset, ``cfg.source`` weights (exact) when inheriting, SAS-P swap, freezing.
+
+    Without inheritance (or without a source) every parameter is trainable: the ablation baseline.
+    """
+    from siclip.models.presets import build_preset, preset_info
+    from siclip.models.simplify import simplify
+
+    base = preset_info(cfg.name).base
+    model = build_preset(base or cfg.name)
+    report: InheritReport | None = None
+    inheriting = bool(cfg.inherit and cfg.source)
+    if inheriting:
+        report = inherit_weights(model, load_source_state_dict(cfg.source), strict=True)
+    if base is not None:
+        simplify(model, cfg.sasp)
+        if report is not None:
+            from siclip.models.simplify import sasp_module_names
+
+            names = sasp_module_names(model)
+            report.new = [k for k in model.state_dict() if _under(k, names)]
+    if inheriting and cfg.freeze_inherited:
+        freeze_inherited(model)
+        logging.getLogger(__name__).info(
+            "student %s: %d trainable of %d parameters",
+            cfg.name,
+            sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.parameters()),
+        )
+    return model, report
+
+
+def build_teacher(cfg: TeacherCfg) -> nn.Module:
+    """A frozen teacher in eval mode: a preset (or an open_clip model name) with ``cfg.source`` weights."""
+    from siclip.models.presets import build_preset, list_presets
+
+    if cfg.name in list_presets():
+        model = build_preset(cfg.name)
+        if cfg.source:
+            inherit_weights(model, load_source_state_dict(cfg.source), strict=True)
+    else:
+        import open_clip
+
+        if cfg.name not in open_clip.list_models():
+            raise ValueError(
+                f"teacher.name: got {cfg.name!r}; allowed: a preset ({', '.join(list_presets())}) "
+                "or an open_clip model name"
+            )
+        src = cfg.source
+        if src and Path(src).suffix not in (".pt", ".pth", ".bin", ".safetensors") and ":" not in src:
+            model = open_clip.create_model(cfg.name, pretrained=src)  # an open_clip pretrained tag
+        else:
+            model = open_clip.create_model(cfg.name)
+            if src:
+                inherit_weights(model, load_source_state_dict(src), strict=True)
+    model.requires_grad_(False)
+    return model.eval()
