@@ -1,0 +1,56 @@
+"""Contrastive relational distillation (CRD): the student copies the teacher's image-text similarity rows."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from siclip.losses.clip import scale_from_log
+
+
+def _kl_rows(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """KL(teacher || student) of the row softmaxes, summed over columns, averaged over rows."""
+    return F.kl_div(
+        F.log_softmax(student_logits, dim=1),
+        F.log_softmax(teacher_logits, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+class CRDLoss(nn.Module):
+    """Mean of KL(teacher || student) for image->text and text->image similarity rows.
+
+    Each model has its own temperature. The teacher's is fixed; the student's is a log inverse temperature
+    (exponentiated and clamped like the CLIP logit scale), learnable when ``learnable``. The teacher is detached.
+    """
+
+    def __init__(
+        self,
+        *,
+        student_temperature: float = 0.07,
+        teacher_temperature: float = 0.07,
+        learnable: bool = True,
+        max_logit_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        log_scale = torch.tensor(math.log(1.0 / student_temperature))
+        if learnable:
+            self.student_log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("student_log_scale", log_scale)
+        self.teacher_scale = 1.0 / teacher_temperature
+        self.max_logit_scale = max_logit_scale
+
+    def student_scale(self) -> Tensor:
+        """The student's current inverse temperature (clamped)."""
+        return scale_from_log(self.student_log_scale, self.max_logit_scale)
+
+    def forward(self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor) -> Tensor:
+        s_logits = self.student_scale() * s_img @ s_txt.T
+        with torch.no_grad():
+            t_logits = self.teacher_scale * t_img @ t_txt.T
+        return 0.5 * (_kl_rows(s_logits, t_logits) + _kl_rows(s_logits.T, t_logits.T))

@@ -1,0 +1,43 @@
+"""Interactive contrastive learning (ICL): student embeddings contrasted against the teacher's other modality."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from siclip.losses.clip import scale_from_log
+
+
+class ICLLoss(nn.Module):
+    """InfoNCE of student images vs teacher texts and of student texts vs teacher images, averaged.
+
+    The student embedding is the anchor and the teacher's embeddings of the other modality are the candidates
+    (CLIP-KD's ICL: each direction is one cross-entropy over rows). The temperature is a log
+    inverse temperature, exponentiated and clamped at ``max_logit_scale`` (CLIP-KD's code multiplies by the
+    raw log scale; we do not). Student embeddings must be in the teacher's dimension (see ``EmbedProjector``).
+    """
+
+    def __init__(
+        self, *, temperature: float = 0.07, learnable: bool = True, max_logit_scale: float = 100.0
+    ) -> None:
+        super().__init__()
+        log_scale = torch.tensor(math.log(1.0 / temperature))
+        if learnable:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+        self.max_logit_scale = max_logit_scale
+
+    def scale(self) -> Tensor:
+        """The current inverse temperature (clamped)."""
+        return scale_from_log(self.log_scale, self.max_logit_scale)
+
+    def forward(self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor) -> Tensor:
+        scale = self.scale()
+        labels = torch.arange(s_img.shape[0], device=s_img.device)
+        i2t = F.cross_entropy(scale * s_img @ t_txt.detach().T, labels)
+        t2i = F.cross_entropy(scale * s_txt @ t_img.detach().T, labels)
+        return 0.5 * (i2t + t2i)

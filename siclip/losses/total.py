@@ -1,0 +1,147 @@
+"""The WIKD + PM objective: ``clip + fd*FD + crd*CRD + icl*ICL + pm*PM``, every term and temperature returned.
+
+``WIKDLoss`` owns the loss's trainable parameters (ICL temperature, CRD student temperature, PM head, FD/ICL
+projector), so the task can put it into DDP and the optimizer beside the student.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from siclip.config import LossCfg
+from siclip.losses.clip import ClipLoss, scale_from_log
+from siclip.losses.crd import CRDLoss
+from siclip.losses.fd import EmbedProjector, FDLoss
+from siclip.losses.gather import gather_features
+from siclip.losses.icl import ICLLoss
+from siclip.losses.pm import PMLoss
+
+TERMS = ("clip", "fd", "crd", "icl", "pm")
+KD_TERMS = ("fd", "crd", "icl")
+
+
+class WIKDLoss(nn.Module):
+    """Weighted sum of the CLIP, FD, CRD, ICL and PM terms (METHOD.md sections 3-4).
+
+    A term with weight 0 is never built nor computed and is absent from the output; so are the KD terms
+    (FD, CRD, ICL) when the loss was built without a teacher (``teacher_dim=None``) or the call passes no
+    teacher embeddings. With ``gather`` and ``world_size > 1``, CLIP, CRD, ICL and PM see the global batch
+    (every rank computes the same value as one worker would on the concatenated batch); FD stays local.
+    """
+
+    def __init__(
+        self,
+        cfg: LossCfg,
+        *,
+        student_dim: int,
+        teacher_dim: int | None,
+        gather_with_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gather_with_grad = gather_with_grad
+        self.weights = {name: float(getattr(cfg, f"{name}_weight")) for name in TERMS}
+        self.teacher_dim = teacher_dim
+        has_teacher = teacher_dim is not None
+        learn = cfg.learn_temperatures
+        self.clip = ClipLoss(max_logit_scale=cfg.max_logit_scale) if self.weights["clip"] > 0 else None
+        self.fd = FDLoss() if has_teacher and self.weights["fd"] > 0 else None
+        self.crd = (
+            CRDLoss(
+                student_temperature=cfg.crd_student_temperature,
+                teacher_temperature=cfg.crd_teacher_temperature,
+                learnable=learn,
+                max_logit_scale=cfg.max_logit_scale,
+            )
+            if has_teacher and self.weights["crd"] > 0
+            else None
+        )
+        self.icl = (
+            ICLLoss(temperature=cfg.icl_temperature, learnable=learn, max_logit_scale=cfg.max_logit_scale)
+            if has_teacher and self.weights["icl"] > 0
+            else None
+        )
+        needs_proj = (self.fd is not None or self.icl is not None) and teacher_dim != student_dim
+        self.projector = EmbedProjector(student_dim, teacher_dim) if needs_proj and teacher_dim else None
+        self.pm = (
+            PMLoss(
+                student_dim,
+                fusion=cfg.pm_fusion,
+                negatives=cfg.pm_negatives,
+                per_anchor=cfg.pm_negatives_per_anchor,
+                hidden=cfg.pm_hidden,
+            )
+            if self.weights["pm"] > 0
+            else None
+        )
+
+    def _project(self, s_img: Tensor, s_txt: Tensor) -> tuple[Tensor, Tensor]:
+        return self.projector(s_img, s_txt) if self.projector is not None else (s_img, s_txt)
+
+    def forward(
+        self,
+        s_img: Tensor,
+        s_txt: Tensor,
+        logit_scale: Tensor,
+        t_img: Tensor | None = None,
+        t_txt: Tensor | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """``loss`` (with gradient), each computed term as ``<name>_loss`` (detached) and ``temp/*`` (0-d)."""
+        if (t_img is None) != (t_txt is None):
+            raise ValueError("pass both teacher embeddings or neither")
+        if t_img is not None and self.teacher_dim is None:
+            raise ValueError("teacher embeddings given, but the loss was built with teacher_dim=None")
+        if t_img is not None and t_img.shape[-1] != self.teacher_dim:
+            raise ValueError(
+                f"teacher dim {t_img.shape[-1]} != teacher_dim {self.teacher_dim} the loss was built for"
+            )
+        ws = world_size if self.cfg.gather else 1
+
+        def glob(x: Tensor) -> Tensor:
+            return gather_features(x, rank=rank, world_size=ws, with_grad=self.gather_with_grad)
+
+        clip_scale = scale_from_log(logit_scale, self.cfg.max_logit_scale)
+        out: dict[str, Tensor] = {"temp/clip": (1.0 / clip_scale).detach()}
+        terms: dict[str, Tensor] = {}
+        needs_global = any(m is not None for m in (self.clip, self.pm)) or (
+            t_img is not None and (self.crd is not None or self.icl is not None)
+        )
+        g_img, g_txt = (glob(s_img), glob(s_txt)) if needs_global else (s_img, s_txt)
+        if self.clip is not None:
+            terms["clip"] = self.clip(g_img, g_txt, logit_scale)
+        if self.pm is not None:
+            terms["pm"] = self.pm(g_img, g_txt, scale=clip_scale.detach(), generator=generator, world_size=ws)
+        if self.crd is not None:
+            out["temp/crd_student"] = (1.0 / self.crd.student_scale()).detach()
+        if self.icl is not None:
+            out["temp/icl"] = (1.0 / self.icl.scale()).detach()
+        if t_img is not None and t_txt is not None:
+            t_img, t_txt = t_img.detach(), t_txt.detach()
+            kd_global = self.crd is not None or self.icl is not None
+            if self.fd is not None:
+                p_img, p_txt = self._project(s_img, s_txt)
+                terms["fd"] = self.fd(p_img, p_txt, t_img, t_txt)
+            gt_img, gt_txt = (glob(t_img), glob(t_txt)) if kd_global else (t_img, t_txt)
+            if self.crd is not None:
+                terms["crd"] = self.crd(g_img, g_txt, gt_img, gt_txt)
+            if self.icl is not None:
+                # projecting after the gather gives the projector the whole global ICL gradient on every rank,
+                # like the loss's other parameters (projecting before would leave each rank only its slice)
+                terms["icl"] = self.icl(*self._project(g_img, g_txt), gt_img, gt_txt)
+        if not terms:
+            raise ValueError("no loss term is active: every weight is 0 (or only KD terms and no teacher)")
+        out["loss"] = torch.stack([self.weights[name] * value for name, value in terms.items()]).sum()
+        out.update({f"{name}_loss": value.detach() for name, value in terms.items()})
+        return out
+
+
+def build_loss(
+    cfg: LossCfg, *, student_dim: int, teacher_dim: int | None, gather_with_grad: bool = False
+) -> WIKDLoss:
+    """The configured WIKD + PM loss; ``teacher_dim=None`` builds no KD terms (no teacher)."""
+    return WIKDLoss(cfg, student_dim=student_dim, teacher_dim=teacher_dim, gather_with_grad=gather_with_grad)

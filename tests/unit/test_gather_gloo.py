@@ -1,0 +1,154 @@
+"""Two real gloo workers on CPU compute the same WIKD + PM loss (and input gradients) as one process does on
+the concatenated batch.
+
+The workers are spawned with torch.multiprocessing and rendezvous through a file:// init method in a temp
+folder, so no port is needed. Everything they compare is saved by each rank and checked here in the parent.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from siclip.config import LossCfg
+from siclip.losses.total import build_loss
+
+WORLD = 2
+LOCAL_B, DS, DT = 4, 8, 12
+# FD is local by design, so the gathered terms and FD are compared in separate cases.
+CASES: dict[str, dict[str, Any]] = {
+    "gathered": {"cfg": {"fd_weight": 0.0, "pm_negatives_per_anchor": 2}, "with_grad": False},
+    "gathered_with_grad": {"cfg": {"fd_weight": 0.0}, "with_grad": True},
+    "fd_only": {
+        "cfg": {"clip_weight": 0.0, "crd_weight": 0.0, "icl_weight": 0.0, "pm_weight": 0.0},
+        "with_grad": False,
+    },
+}
+
+
+def _data() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    n = WORLD * LOCAL_B
+    return {
+        "s_img": F.normalize(torch.randn(n, DS, generator=g), dim=-1),
+        "s_txt": F.normalize(torch.randn(n, DS, generator=g), dim=-1),
+        "t_img": F.normalize(torch.randn(n, DT, generator=g), dim=-1),
+        "t_txt": F.normalize(torch.randn(n, DT, generator=g), dim=-1),
+        "logit_scale": torch.tensor(math.log(1 / 0.07)),
+    }
+
+
+def _run(
+    case: str, data: dict[str, torch.Tensor], *, rank: int, world_size: int, lo: int, hi: int, seed: int
+) -> dict[str, Any]:
+    """Loss terms and gradients for the rows ``lo:hi`` of the data, as seen by ``rank``."""
+    spec = CASES[case]
+    torch.manual_seed(1)  # the same loss parameters on every rank and in the reference
+    loss = build_loss(
+        LossCfg(**spec["cfg"]), student_dim=DS, teacher_dim=DT, gather_with_grad=spec["with_grad"]
+    )
+    s_img = data["s_img"][lo:hi].clone().requires_grad_()
+    s_txt = data["s_txt"][lo:hi].clone().requires_grad_()
+    out = loss(
+        s_img,
+        s_txt,
+        data["logit_scale"],
+        data["t_img"][lo:hi],
+        data["t_txt"][lo:hi],
+        rank=rank,
+        world_size=world_size,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    out["loss"].backward()
+    return {
+        "terms": {k: v.detach() for k, v in out.items()},
+        "grad_img": s_img.grad,
+        "grad_txt": s_txt.grad,
+        "param_grads": {n: p.grad for n, p in loss.named_parameters()},
+    }
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        data = _data()
+        lo, hi = rank * LOCAL_B, (rank + 1) * LOCAL_B
+        # ranks seed differently on purpose: PM's negatives must still agree (rank 0's draw is broadcast)
+        results = {
+            case: _run(case, data, rank=rank, world_size=WORLD, lo=lo, hi=hi, seed=123 + 1000 * rank)
+            for case in CASES
+        }
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("gloo")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _single(case: str) -> dict[str, Any]:
+    return _run(case, _data(), rank=0, world_size=1, lo=0, hi=WORLD * LOCAL_B, seed=123)
+
+
+@pytest.mark.parametrize("case", ["gathered", "gathered_with_grad"])
+def test_every_rank_computes_the_one_worker_loss(ranks: list[dict[str, Any]], case: str) -> None:
+    ref = _single(case)
+    assert set(ref["terms"]) >= {"clip_loss", "crd_loss", "icl_loss", "pm_loss"}
+    for r in range(WORLD):
+        got = ranks[r][case]
+        assert set(got["terms"]) == set(ref["terms"])
+        for key, value in ref["terms"].items():
+            torch.testing.assert_close(got["terms"][key], value, rtol=1e-5, atol=1e-6, msg=f"rank {r} {key}")
+        # the loss's own parameters see the whole global loss on every rank
+        for name, grad in ref["param_grads"].items():
+            torch.testing.assert_close(got["param_grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_detached_gather_gives_each_rank_its_slice_of_the_one_worker_gradient(
+    ranks: list[dict[str, Any]],
+) -> None:
+    ref = _single("gathered")
+    for r in range(WORLD):
+        sl = slice(r * LOCAL_B, (r + 1) * LOCAL_B)
+        torch.testing.assert_close(
+            ranks[r]["gathered"]["grad_img"], ref["grad_img"][sl], rtol=1e-4, atol=1e-6
+        )
+        torch.testing.assert_close(
+            ranks[r]["gathered"]["grad_txt"], ref["grad_txt"][sl], rtol=1e-4, atol=1e-6
+        )
+
+
+def test_gather_with_grad_sums_over_ranks_so_ddp_averaging_is_exact(ranks: list[dict[str, Any]]) -> None:
+    ref = _single("gathered_with_grad")
+    for r in range(WORLD):
+        sl = slice(r * LOCAL_B, (r + 1) * LOCAL_B)
+        got = ranks[r]["gathered_with_grad"]
+        torch.testing.assert_close(got["grad_img"], WORLD * ref["grad_img"][sl], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["grad_txt"], WORLD * ref["grad_txt"][sl], rtol=1e-4, atol=1e-6)
+
+
+def test_fd_is_local_and_its_rank_average_is_the_one_worker_value(ranks: list[dict[str, Any]]) -> None:
+    ref = _single("fd_only")
+    mean = sum(ranks[r]["fd_only"]["terms"]["fd_loss"] for r in range(WORLD)) / WORLD
+    torch.testing.assert_close(mean, ref["terms"]["fd_loss"], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(
+        ranks[0]["fd_only"]["terms"]["fd_loss"], ranks[1]["fd_only"]["terms"]["fd_loss"]
+    )
+    for r in range(WORLD):
+        sl = slice(r * LOCAL_B, (r + 1) * LOCAL_B)
+        # local mean over B/WORLD rows: WORLD x the one-worker gradient, which DDP's average undoes
+        torch.testing.assert_close(
+            ranks[r]["fd_only"]["grad_img"], WORLD * ref["grad_img"][sl], rtol=1e-4, atol=1e-7
+        )
