@@ -41,7 +41,8 @@ def sample_negatives(
 
     "hard": drawn without replacement with probability ``softmax(scale * sim[i])`` renormalised over the
     columns j != i (more similar wrong items are likelier); "random": uniform over j != i. Draws come from
-    ``generator`` or, when None, torch's global RNG, so a seed reproduces them. Returns ``[n, k]`` int64.
+    ``generator`` (on any device) or, when None, torch's global RNG, so a seed reproduces them. Returns
+    ``[n, k]`` int64 on ``sim``'s device.
     """
     n = sim.shape[0]
     if sim.shape != (n, n):
@@ -60,6 +61,9 @@ def sample_negatives(
         # multinomial wants positive mass on at least k columns: a softmax can underflow to exact zeros when
         # the similarity is very peaked, so keep a tiny uniform floor on the allowed columns.
         probs = probs + (~eye).float() * torch.finfo(torch.float32).tiny
+        if generator is not None and generator.device != probs.device:
+            # a CPU generator with GPU embeddings: draw where the generator lives, so the seed still decides
+            return torch.multinomial(probs.to(generator.device), k, generator=generator).to(sim.device)
         return torch.multinomial(probs, k, replacement=False, generator=generator)
 
 

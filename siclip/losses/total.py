@@ -28,6 +28,13 @@ class WIKDLoss(nn.Module):
     (FD, CRD, ICL) when the loss was built without a teacher (``teacher_dim=None``) or the call passes no
     teacher embeddings. With ``gather`` and ``world_size > 1``, CLIP, CRD, ICL and PM see the global batch
     (every rank computes the same value as one worker would on the concatenated batch); FD stays local.
+
+    Gradients under DDP: the loss's own parameters (temperatures, PM head, projector) get the whole
+    global-batch gradient on every rank, so DDP's average is the one-worker gradient. The student's
+    embeddings get, per rank, exactly their slice of the one-worker gradient with the default detached
+    gather, so after DDP's average the student's gradient from the gathered terms is ``1/world_size`` of the
+    one-worker gradient while FD's is exact; ``gather_with_grad=True`` sums over ranks in backward instead,
+    which makes every term exact after the average.
     """
 
     def __init__(
@@ -41,7 +48,13 @@ class WIKDLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gather_with_grad = gather_with_grad
-        self.weights = {name: float(getattr(cfg, f"{name}_weight")) for name in TERMS}
+        self.weights = {
+            "clip": cfg.clip_weight,
+            "fd": cfg.fd_weight,
+            "crd": cfg.crd_weight,
+            "icl": cfg.icl_weight,
+            "pm": cfg.pm_weight,
+        }
         self.teacher_dim = teacher_dim
         has_teacher = teacher_dim is not None
         learn = cfg.learn_temperatures
