@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One-GPU check for siclip: fresh venv, `pip install -e .` (PyPI only), then SiCLIP-S0 training with the
+# inherited backbone frozen at batch 1536 vs MobileCLIP-S0 full fine-tuning (halved until it fits), mixed
+# precision, random 256 px images and tokens. Prints samples/s and peak GPU memory; writes benchmarks/gpu.md.
+#
+#   bash benchmarks/gpu_check.sh                 # defaults: batch 1536, 20 warm-up + 300 timed steps
+#   BATCH=1024 STEPS=100 bash benchmarks/gpu_check.sh
+#
+# Env: PYTHON (an interpreter 3.11, pyproject's requires-python), VENV (default .venv-gpu), BATCH, STEPS,
+# WARMUP, TEACHER_MODE (stored | forward | none), EXTRA (more arguments for siclip.eval.bench_gpu).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BATCH=${BATCH:-1536}
+STEPS=${STEPS:-300}
+WARMUP=${WARMUP:-20}
+TEACHER_MODE=${TEACHER_MODE:-stored}
+VENV=${VENV:-.venv-gpu}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+
+"$PYTHON" - <<'PY'
+import sys
+if sys.version_info[:2] != (3, 11):
+    sys.exit(f"gpu_check: need Python 3.11 (pyproject requires-python), got {sys.version.split()[0]}; set PYTHON=")
+PY
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+t0=$SECONDS
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+# torch==2.14.1 from PyPI is the CUDA build on Linux x86_64; pyproject.toml pins the rest.
+"$VENV/bin/python" -m pip install --quiet -e .
+echo "gpu_check: install took $((SECONDS - t0)) s"
+
+"$VENV/bin/python" - <<'PY'
+import torch
+assert torch.cuda.is_available(), f"torch {torch.__version__} sees no GPU (CPU wheel? driver?)"
+print(f"gpu_check: torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}, "
+      f"bf16 {torch.cuda.is_bf16_supported()}")
+PY
+
+t1=$SECONDS
+# shellcheck disable=SC2086  # EXTRA is split on purpose
+"$VENV/bin/python" -m siclip.eval.bench_gpu --model siclip-s0 --baseline mobileclip-s0 \
+  --batch "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --teacher-mode "$TEACHER_MODE" \
+  --out benchmarks/gpu.md --json benchmarks/gpu.json ${EXTRA:-}
+echo "gpu_check: benchmark took $((SECONDS - t1)) s; table in benchmarks/gpu.md"
