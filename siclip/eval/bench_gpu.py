@@ -84,7 +84,8 @@ def _build_task(model: str, *, frozen: bool, teacher: str, teacher_mode: Teacher
     if frozen:
         freeze_inherited(student)
     loss_cfg = LossCfg()
-    logit_scale: torch.Tensor = student.logit_scale
+    logit_scale = student.logit_scale
+    assert isinstance(logit_scale, torch.Tensor)
     with torch.no_grad():
         logit_scale.fill_(math.log(1.0 / loss_cfg.init_temperature))
     teacher_dim = None if teacher_mode == "none" else preset_info(teacher).embed_dim
