@@ -104,7 +104,35 @@ class WIKDLoss(nn.Module):
         world_size: int = 1,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """``loss`` (with gradient), each computed term as ``<name>_loss`` (detached) and ``temp/*`` (0-d)."""
+        """``loss`` (with gradient), each computed term as ``<name>_loss`` (detached) and ``temp/*`` (0-d).
+
+        Runs in fp32 even inside an autocast region: bf16 logits at scale 100 would be coarser than the
+        differences the contrastive terms learn from, and the loss is cheap next to the encoders.
+        """
+        with torch.autocast(device_type=s_img.device.type, enabled=False):
+            return self._forward(
+                s_img.float(),
+                s_txt.float(),
+                logit_scale.float(),
+                None if t_img is None else t_img.float(),
+                None if t_txt is None else t_txt.float(),
+                rank=rank,
+                world_size=world_size,
+                generator=generator,
+            )
+
+    def _forward(
+        self,
+        s_img: Tensor,
+        s_txt: Tensor,
+        logit_scale: Tensor,
+        t_img: Tensor | None,
+        t_txt: Tensor | None,
+        *,
+        rank: int,
+        world_size: int,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
         if (t_img is None) != (t_txt is None):
             raise ValueError("pass both teacher embeddings or neither")
         if t_img is not None and self.teacher_dim is None:

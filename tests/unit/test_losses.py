@@ -384,3 +384,16 @@ def test_one_worker_gather_is_identity_and_many_need_a_process_group() -> None:
     with pytest.raises(RuntimeError, match="not initialised"):
         gather_features(x, rank=0, world_size=2)
     assert isinstance(build_loss(LossCfg(), student_dim=4, teacher_dim=4), WIKDLoss)
+
+
+def test_loss_runs_in_fp32_inside_autocast() -> None:
+    torch.manual_seed(0)
+    loss = build_loss(LossCfg(), student_dim=DS, teacher_dim=DT)
+    s_img, s_txt, t_img, t_txt = batch(DS, DT)
+    scale = torch.tensor(math.log(1 / 0.07))
+    plain = loss(s_img, s_txt, scale, t_img, t_txt, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss(s_img, s_txt, scale, t_img, t_txt, generator=torch.Generator().manual_seed(0))
+    for key, value in plain.items():
+        assert mixed[key].dtype == torch.float32
+        torch.testing.assert_close(mixed[key].detach(), value.detach(), rtol=1e-6, atol=1e-6, msg=key)
