@@ -140,6 +140,9 @@ class LossCfg:
     """0: a linear head (the paper's hyperplane); >0: one hidden layer of this width."""
     gather: bool = True
     """Contrastive, relational and matching terms see the global batch across workers."""
+    gather_with_grad: bool = True
+    """Gradients flow through every rank's gathered features, so N workers match 1 worker exactly after DDP's
+    averaging (false: only the local slice, as open_clip's default; gradients then scale by 1/N)."""
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
         cfg.loss,
         student_dim=preset_info(cfg.model.name).embed_dim,
         teacher_dim=preset_info(cfg.teacher.name).embed_dim if teacher is not None else None,
+        gather_with_grad=cfg.loss.gather_with_grad,
     )
     info = {"inherit_report": report.summary() if report is not None and hasattr(report, "summary") else None}
     return SiclipTask(student, loss, teacher), info
