@@ -60,7 +60,8 @@ def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
     student, report = build_student(cfg.model)
     if not (cfg.model.inherit and cfg.model.source):
         with torch.no_grad():
-            student.logit_scale.fill_(math.log(1.0 / cfg.loss.init_temperature))
+            logit_scale: torch.Tensor = student.logit_scale  # type: ignore[assignment]
+            logit_scale.fill_(math.log(1.0 / cfg.loss.init_temperature))
     teacher = build_teacher(cfg.teacher) if _teacher_needed(cfg) else None
     loss = build_loss(
         cfg.loss,
@@ -148,6 +149,20 @@ class _RankZeroLog:
             f"{metrics.get('perf/samples_per_s', 0.0):.1f} samples/s eta {eta:.0f}s",
             flush=True,
         )
+
+
+def _replica_drift(task: nn.Module, world_size: int) -> float:
+    """Largest difference between any rank's trainable parameters and rank 0's (0.0 when DDP is in sync)."""
+    if world_size == 1:
+        return 0.0
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().float().flatten() for p in task.parameters() if p.requires_grad])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    drift = (flat - reference).abs().max()
+    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
+    return float(drift.item())
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -259,7 +274,11 @@ def train_worker(config: dict[str, Any]) -> None:
         world_size=world_size,
         hooks=hooks,
     )
+    drift = _replica_drift(_unwrap(model), world_size)
     if rank == 0:
+        if log is not None and world_size > 1:
+            log.scalars(state.step, {"dist/param_max_abs_diff": drift})
+            print(f"siclip: parameters across {world_size} ranks differ by at most {drift:.3g}", flush=True)
         save_student(_unwrap(model).student, run_dir_of(cfg) / "final")
         if log is not None:
             log.writer.close()
