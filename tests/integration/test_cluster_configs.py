@@ -45,6 +45,12 @@ def _uncommented(path: Path) -> str:
 def _check_siclip_command(argv: list[str], *, base: Path = REPO) -> None:
     """``siclip <cmd> [sub] --config FILE key=value...``: FILE exists, and the overrides are valid keys."""
     assert argv[0] == "siclip", argv
+    from siclip.cli import main
+
+    subcommand = argv[1 : argv.index("--config")]
+    with pytest.raises(SystemExit) as help_exit:  # the subcommand exists (argparse exits 0 after --help)
+        main([*subcommand, "--help"])
+    assert help_exit.value.code == 0, f"siclip {' '.join(subcommand)} is not a command"
     config = argv[argv.index("--config") + 1]
     overrides = [a for a in argv[argv.index("--config") + 2 :] if "=" in a]
     path = base / config
