@@ -9,6 +9,7 @@ checkpoints to Ray Train every ``train.ckpt_every`` steps (every rank reports th
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -36,6 +37,8 @@ from siclip.train.loop import (
 
 __all__ = ["build_task", "run_dir_of", "train_worker"]
 
+# Ray Train V2 tees print() to stdout and its logger (each line twice); a logger prints once.
+LOG = logging.getLogger("siclip.train")
 KD_TERMS = ("fd_weight", "crd_weight", "icl_weight")
 
 
@@ -144,10 +147,9 @@ class _RankZeroLog:
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(done, 1) * (self.max_steps - step)
         bar = "#" * int(20 * step / self.max_steps)
-        print(
+        LOG.info(
             f"[{bar:<20}] step {step}/{self.max_steps} loss {metrics.get('loss/total', float('nan')):.4f} "
-            f"{metrics.get('perf/samples_per_s', 0.0):.1f} samples/s eta {eta:.0f}s",
-            flush=True,
+            f"{metrics.get('perf/samples_per_s', 0.0):.1f} samples/s eta {eta:.0f}s"
         )
 
 
@@ -196,7 +198,7 @@ def train_worker(config: dict[str, Any]) -> None:
             samples_seen=int(counters["samples_seen"]),
         )
         if rank == 0:
-            print(f"siclip: resumed run {cfg.train.run_name!r} from step {state.step}", flush=True)
+            LOG.info(f"siclip: resumed run {cfg.train.run_name!r} from step {state.step}")
     torch.manual_seed(cfg.train.seed + 1000 * rank + state.step)  # per-rank sampling (PM negatives)
 
     model = ray.train.torch.prepare_model(
@@ -207,7 +209,7 @@ def train_worker(config: dict[str, Any]) -> None:
     )
     log = _RankZeroLog(cfg, max_steps=max_steps, start_step=state.step) if rank == 0 else None
     if log is not None and info["inherit_report"] and state.step == 0:
-        print(f"siclip: weight inheritance: {info['inherit_report']}", flush=True)
+        LOG.info(f"siclip: weight inheritance: {info['inherit_report']}")
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         if log is not None:
@@ -235,7 +237,7 @@ def train_worker(config: dict[str, Any]) -> None:
         named = {f"val/{k}": v for k, v in metrics.items()}
         if log is not None:
             log.scalars(step, named)
-            print(f"siclip: eval at step {step}: {json.dumps(named)}", flush=True)
+            LOG.info(f"siclip: eval at step {step}: {json.dumps(named)}")
         return named
 
     def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
@@ -278,7 +280,7 @@ def train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         if log is not None and world_size > 1:
             log.scalars(state.step, {"dist/param_max_abs_diff": drift})
-            print(f"siclip: parameters across {world_size} ranks differ by at most {drift:.3g}", flush=True)
+            LOG.info(f"siclip: parameters across {world_size} ranks differ by at most {drift:.3g}")
         save_student(_unwrap(model).student, run_dir_of(cfg) / "final")
         if log is not None:
             log.writer.close()
