@@ -180,6 +180,7 @@ def train_worker(config: dict[str, Any]) -> None:
 
     task, info = build_task(cfg)
     task.to(device)
+    task.to(memory_format=torch.channels_last)  # matches the channels-last images from the loop
     optimizer = build_optimizer(task, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
     precision = resolve_precision(cfg.train.precision, device)
