@@ -73,7 +73,9 @@ def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
         gather_with_grad=cfg.loss.gather_with_grad,
     )
     info = {"inherit_report": report.summary() if report is not None and hasattr(report, "summary") else None}
-    return SiclipTask(student, loss, teacher), info
+    task = SiclipTask(student, loss, teacher)
+    task.to(memory_format=torch.channels_last)  # matches the channels-last images from the loop
+    return task, info
 
 
 def _same_preprocessing(a: str, b: str) -> bool:
@@ -180,7 +182,6 @@ def train_worker(config: dict[str, Any]) -> None:
 
     task, info = build_task(cfg)
     task.to(device)
-    task.to(memory_format=torch.channels_last)  # matches the channels-last images from the loop
     optimizer = build_optimizer(task, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
     precision = resolve_precision(cfg.train.precision, device)
