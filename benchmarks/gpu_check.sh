@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_check.sh                 # defaults: batch 1536, 20 warm-up + 300 timed steps
 #   BATCH=1024 STEPS=100 bash benchmarks/gpu_check.sh
 #
-# Env: PYTHON (an interpreter 3.11, pyproject's requires-python), VENV (default .venv-gpu), BATCH, STEPS,
-# WARMUP, TEACHER_MODE (stored | forward | none), EXTRA (more arguments for siclip.eval.bench_gpu).
+# Env: PYTHON (a Python 3.11, pyproject's requires-python), VENV (default ~/.cache/siclip-gpu-venv, outside
+# the repo), BATCH, STEPS, WARMUP, TEACHER_MODE (stored | forward | none), EXTRA (more bench_gpu arguments).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +15,7 @@ BATCH=${BATCH:-1536}
 STEPS=${STEPS:-300}
 WARMUP=${WARMUP:-20}
 TEACHER_MODE=${TEACHER_MODE:-stored}
-VENV=${VENV:-.venv-gpu}
+VENV=${VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/siclip-gpu-venv}
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 
 "$PYTHON" - <<'PY'
@@ -26,6 +26,7 @@ PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 t0=$SECONDS
+mkdir -p "$(dirname "$VENV")"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # torch==2.14.1 from PyPI is the CUDA build on Linux x86_64; pyproject.toml pins the rest.

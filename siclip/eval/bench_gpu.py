@@ -289,8 +289,12 @@ def format_table(result: dict[str, Any]) -> str:
         "Produced by `benchmarks/gpu_check.sh` (`python -m siclip.eval.bench_gpu`): random weights, random "
         f"images and tokens made on the device, WIKD + PM loss with teacher embeddings {result['teacher']}, "
         f"{'real + synthetic captions, ' if result['synthetic_captions'] else ''}"
-        f"{result['precision']} autocast, AdamW, torch {result['torch']}; {result['warmup']} warm-up steps, "
+        f"{'fp32' if result['precision'] == 'fp32' else result['precision'] + ' autocast'}, AdamW, "
+        f"torch {result['torch']}; {result['warmup']} warm-up steps, "
         f"then {result['steps']} timed steps.",
+        "",
+        "Trainable parameters include the loss's own (PM head, projector, temperatures); the total is the "
+        "student's.",
         "",
         "| run | batch | samples/s | step (s) | trainable params | peak allocated (MiB) | peak reserved (MiB) "
         "| out of memory at batch |",
