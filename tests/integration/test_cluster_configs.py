@@ -56,8 +56,12 @@ def _check_siclip_command(argv: list[str], *, base: Path = REPO) -> None:
     path = base / config
     if not path.is_file():
         pytest.skip(f"{config} is referenced by a cluster recipe but not in the repo yet")
-    # Types, ranges and unknown keys; paths are the cluster's, not this machine's.
+    # Types, ranges and unknown keys; paths are the cluster's, not this machine's, except recipes that
+    # travel with the repo (a space file, a data recipe).
     load_config(path, overrides, check_files=False)
+    for value in (o.split("=", 1)[1] for o in overrides):
+        if value.startswith(("configs/", "tune/", "data/")):
+            assert (base / value).is_file(), f"{value} is named by a cluster recipe but not in the repo"
 
 
 # ------------------------------------------------------------------------------------------ every file
