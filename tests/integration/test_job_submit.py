@@ -176,16 +176,18 @@ def _submit(
 def test_dashboard_is_bound_to_loopback_and_requires_the_token(head_node: HeadNode) -> None:
     listening = _ray(head_node, "job", "list", "--address", head_node.address, timeout=60)
     assert listening.returncode == 0, listening.stderr
-    no_token = dict(head_node.env, RAY_AUTH_TOKEN_PATH=str(head_node.temp_dir / "missing"))
+    wrong = head_node.temp_dir / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
     refused = subprocess.run(
         [RAY, "job", "list", "--address", head_node.address],
-        env=no_token,
+        env=dict(head_node.env, RAY_AUTH_TOKEN_PATH=str(wrong)),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert refused.returncode != 0
+    assert "Invalid authentication token" in refused.stderr, refused.stderr[-2000:]
     port = int(head_node.address.rsplit(":", 1)[1])
     outward = socket.gethostbyname(socket.gethostname())
     if not outward.startswith("127."):
