@@ -158,6 +158,10 @@ class SASPBlock(nn.Module):
         self.attn_gain = nn.Parameter(torch.tensor(float(attn_gain)))
         self.mlp_gain = nn.Parameter(torch.tensor(float(mlp_gain)))
 
+    def get_weight_dtype(self) -> torch.dtype:
+        """open_clip's ``Transformer.get_cast_dtype`` asks its first block for this."""
+        return self.attn.qk.weight.dtype
+
     def forward(
         self,
         x: torch.Tensor,
