@@ -203,10 +203,9 @@ def _run_fitting(
             row["oom_at"] = tried[:-1]
             return row
         except torch.OutOfMemoryError:
-            del task
-            _release(device)
             batch //= 2
         finally:
+            # Drop the model, optimizer state and cached blocks before the next (smaller or other) run.
             task = None
             _release(device)
     return {"batch": 0.0, "oom_at": tried}
