@@ -7,7 +7,10 @@ This module owns:
   DataCompDR way (special tokens dropped, cut at the first period);
 - :func:`clean_caption`: that cleaning, on its own so it can be tested;
 - :func:`train_captioner` / :func:`captioner_loss`: the tiny demo CoCa (``siclip-tiny-coca``) trained on
-  the demo world's clean subset with open_clip's ``CoCaLoss`` in a plain CPU torch loop.
+  the demo world's clean subset with open_clip's ``CoCaLoss`` in a plain CPU torch loop;
+- :class:`CompactVocab`: the tiny CoCa tokenises with open_clip's ``SimpleTokenizer`` but predicts over
+  a 512-entry table of the token ids its training captions use (49,408 output classes per token would
+  cost ~100x more compute than the rest of the model, and the demo must train in minutes on 2 cores).
 
 No Ray here: the Ray Data actors that wrap :class:`Captioner` live in ``siclip.data.pipeline``.
 """
@@ -20,7 +23,9 @@ import logging
 import math
 import os
 import random
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ import torch
 __all__ = [
     "TINY_COCA",
     "Captioner",
+    "CompactVocab",
     "build_captioner_model",
     "captioner_loss",
     "clean_caption",
@@ -71,6 +77,54 @@ def clean_caption(text: str) -> str:
     return " ".join(text.split())
 
 
+_SOT_ID, _EOT_ID = 49406, 49407  # SimpleTokenizer's start/end ids
+
+
+@dataclass(frozen=True)
+class CompactVocab:
+    """A table from compact token ids to ``SimpleTokenizer`` ids: 0 pad, 1 start, 2 end, 3 unknown.
+
+    Ids 4.. are the training captions' tokens, most frequent first; tokens beyond the table become
+    "unknown", which is dropped when decoding.
+    """
+
+    ids: tuple[int, ...]
+
+    PAD, SOT, EOT, UNK = 0, 1, 2, 3
+
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor, *, size: int) -> CompactVocab:
+        """The table for a batch of ``SimpleTokenizer`` outputs (``[N, L]``), at most ``size`` entries."""
+        counts = Counter(int(t) for t in tokens.flatten().tolist() if t not in (0, _SOT_ID, _EOT_ID))
+        common = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][: size - 4]
+        return cls((0, _SOT_ID, _EOT_ID, -1, *common))
+
+    @classmethod
+    def default(cls, size: int) -> CompactVocab:
+        """The table of an untrained tiny CoCa: the first ``size - 4`` byte-level tokens."""
+        return cls((0, _SOT_ID, _EOT_ID, -1, *range(1, size - 3)))
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``SimpleTokenizer`` ids -> compact ids (same shape)."""
+        table = torch.full((max(_EOT_ID, *self.ids) + 1,), self.UNK, dtype=torch.long)
+        for compact, original in enumerate(self.ids):
+            if original >= 0:
+                table[original] = compact
+        return table[tokens.clamp(min=0, max=table.numel() - 1)]
+
+    def decode_ids(self, compact: Sequence[int]) -> list[int]:
+        """Compact ids -> ``SimpleTokenizer`` ids, dropping unknowns and padding."""
+        out = [self.ids[i] for i in compact if 0 < i < len(self.ids)]
+        return [t for t in out if t > 0]
+
+    def to_json(self) -> str:
+        return json.dumps(list(self.ids))
+
+    @classmethod
+    def from_json(cls, text: str) -> CompactVocab:
+        return cls(tuple(int(t) for t in json.loads(text)))
+
+
 def _safetensors_metadata(path: str) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -78,14 +132,37 @@ def _safetensors_metadata(path: str) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def _init_decoder_projection(net: Any) -> None:
+    """Initialise the CoCa decoder's output projection, which open_clip 3.3.0 leaves as ``torch.empty``.
+
+    Its ``MultimodalTransformer.init_parameters`` refers to a missing attribute and is never called, so a
+    CoCa built without pretrained weights holds whatever memory was there (NaN here, for the tiny CoCa).
+    """
+    proj = getattr(getattr(net, "text_decoder", None), "text_projection", None)
+    if isinstance(proj, torch.nn.Parameter):
+        with torch.no_grad():
+            torch.nn.init.normal_(proj, std=proj.shape[0] ** -0.5)
+
+
+@dataclass
+class CaptionModel:
+    """An open_clip CoCa with its eval transform, tokenizer and (tiny CoCa only) compact vocabulary."""
+
+    net: Any
+    preprocess: Any
+    tokenizer: Any
+    vocab: CompactVocab | None
+    name: str
+
+
 def build_captioner_model(
     model: str, source: str = "", *, device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, Any, Any]:
-    """Build an open_clip CoCa and its eval transform and tokenizer.
+) -> CaptionModel:
+    """Build an open_clip CoCa (eval mode, frozen) and what captioning with it needs.
 
     ``source`` is an open_clip pretrained tag, a ``.pt``/``.pth``/``.bin``/``.safetensors`` file (a file
-    written by :func:`train_captioner` carries its model name and image size), ``local-dir:PATH`` (an
-    open_clip folder with its own config; ``model`` is then ignored), or empty for random init.
+    written by :func:`train_captioner` carries its model name, image size and vocabulary), ``local-dir:PATH``
+    (an open_clip folder with its own config; ``model`` is then ignored), or empty for random init.
     """
     import open_clip
 
@@ -93,6 +170,7 @@ def build_captioner_model(
     name = _ALIASES.get(model, model)
     kwargs: dict[str, Any] = {}
     pretrained: str | None = source or None
+    meta: dict[str, str] = {}
     if source.startswith("local-dir:"):
         name, pretrained = source, None
     elif source.endswith(".safetensors") and os.path.isfile(source):
@@ -105,9 +183,14 @@ def build_captioner_model(
     )
     if not hasattr(net, "generate"):
         raise ValueError(f"caption.model: {model!r} is not a CoCa model (it has no generate())")
-    tokenizer = open_clip.get_tokenizer(name)
+    if pretrained is None and not name.startswith("local-dir:"):
+        _init_decoder_projection(net)
+    vocab: CompactVocab | None = None
+    if name == TINY_COCA:
+        size = int(net.text.vocab_size) if hasattr(net.text, "vocab_size") else 512
+        vocab = CompactVocab.from_json(meta["vocab"]) if "vocab" in meta else CompactVocab.default(size)
     net.eval().requires_grad_(False)
-    return net, preprocess, tokenizer
+    return CaptionModel(net, preprocess, open_clip.get_tokenizer(name), vocab, name)
 
 
 class Captioner:
@@ -136,14 +219,15 @@ class Captioner:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model_name, self.source = model, source
-        self.model, self.preprocess, self.tokenizer = build_captioner_model(model, source, device=self.device)
+        torch.manual_seed(seed)  # before building: a randomly initialised model is then the same everywhere
+        built = build_captioner_model(model, source, device=self.device)
+        self.model, self.preprocess, self.vocab = built.net, built.preprocess, built.vocab
         context = int(getattr(self.model, "context_length", max_length))
         # generate() needs seq_len > min_seq_len (5) and positions for every token it emits.
         self.max_length = max(6, min(max_length, context))
         self.num_captions = num_captions if method == "top_p" else 1
         self.method, self.top_p = method, top_p
         self.batch_size, self.seed = batch_size, seed
-        torch.manual_seed(seed)
 
     @property
     def name(self) -> str:
@@ -154,6 +238,8 @@ class Captioner:
         import open_clip
 
         kwargs: dict[str, Any] = {"seq_len": self.max_length}
+        if self.vocab is not None:
+            kwargs.update(sot_token_id=CompactVocab.SOT, eos_token_id=CompactVocab.EOT, pad_token_id=0)
         if self.method == "top_p":
             kwargs.update(generation_type="top_p", top_p=self.top_p)
         else:
@@ -161,7 +247,10 @@ class Captioner:
         use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             tokens = self.model.generate(pixels, **kwargs)  # type: ignore[operator]
-        return [clean_caption(open_clip.decode(t)) for t in tokens.cpu()]
+        rows = tokens.cpu()
+        if self.vocab is not None:
+            rows = [torch.tensor(self.vocab.decode_ids(r.tolist())) for r in rows]
+        return [clean_caption(open_clip.decode(t)) for t in rows]
 
     def caption(self, images: Sequence[Any], *, seed: int | None = None) -> list[list[str]]:
         """``num_captions`` cleaned captions for each PIL image, in order.
@@ -243,7 +332,7 @@ def train_captioner(
     A plain CPU loop: all pairs are decoded and tokenised once, batches are sampled with replacement,
     AdamW with linear warm-up and cosine decay, open_clip's ``CoCaLoss`` (caption weight 2, contrastive 1,
     as in open_clip's CoCa recipe). ``steps=0`` saves the seeded initialisation (a baseline).
-    The file's metadata records the model name, image size and final loss, so
+    The file's metadata records the model name, image size, vocabulary and final loss, so
     ``Captioner("siclip-tiny-coca", out_path)`` rebuilds it.
     """
     import open_clip
@@ -254,10 +343,13 @@ def train_captioner(
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model, _, preprocess = open_clip.create_model_and_transforms(TINY_COCA, force_image_size=image_size)
+    _init_decoder_projection(model)
     tokenizer = open_clip.get_tokenizer(TINY_COCA)
     images, texts = _load_clean_pairs(clean_urls)
     pixels = torch.stack([preprocess(im) for im in images])
-    tokens = tokenizer(texts)
+    raw_tokens = tokenizer(texts)
+    vocab = CompactVocab.from_tokens(raw_tokens, size=int(model.text.vocab_size))
+    tokens = vocab.encode(raw_tokens)
     loss_fn = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -285,9 +377,9 @@ def train_captioner(
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        last = float(losses["loss"])
+        last = float(losses["loss"].detach())
         if step % 10 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{last:.3f}", caption_loss=f"{float(losses['caption_loss']):.3f}")
+            bar.set_postfix(loss=f"{last:.3f}", caption_loss=f"{float(losses['caption_loss'].detach()):.3f}")
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {
@@ -297,6 +389,7 @@ def train_captioner(
         "final_loss": f"{last:.6f}",
         "seed": str(seed),
         "pairs": str(len(texts)),
+        "vocab": vocab.to_json(),
     }
     tmp = out_path + ".tmp"
     save_file(state, tmp, metadata=meta)
@@ -309,15 +402,17 @@ def captioner_loss(path: str, urls: Sequence[str], *, batch_size: int = 64) -> d
     """Mean CoCa losses (``caption_loss``, ``contrastive_loss``, ``loss``) of a saved tiny CoCa on shards."""
     import open_clip
 
-    model, preprocess, tokenizer = build_captioner_model(TINY_COCA, path)
+    built = build_captioner_model(TINY_COCA, path)
+    assert built.vocab is not None  # the tiny CoCa always has one
     images, texts = _load_clean_pairs(urls)
     loss_fn = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
     sums: dict[str, float] = {}
     batches = 0
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            pixels = torch.stack([preprocess(im) for im in images[start : start + batch_size]])
-            losses = _coca_loss(model, loss_fn, pixels, tokenizer(texts[start : start + batch_size]))
+            pixels = torch.stack([built.preprocess(im) for im in images[start : start + batch_size]])
+            tokens = built.vocab.encode(built.tokenizer(texts[start : start + batch_size]))
+            losses = _coca_loss(built.net, loss_fn, pixels, tokens)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             batches += 1

@@ -123,13 +123,13 @@ def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool,
                 if not dot:
                     continue
                 key = f"{dirname}/{stem}" if dirname else stem
+                if key != current_key:
+                    flush()
+                    current_key, current = key, {}
                 f = tar.extractfile(member)
                 data = f.read() if f is not None else b""
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"{member.name}: unexpected end of data")
-                if key != current_key:
-                    flush()
-                    current_key, current = key, {}
                 if ext.lower() in current:
                     current["__duplicate__"] = b""
                 current[ext.lower()] = data

@@ -1,0 +1,170 @@
+"""Ray Data pipeline (CC12M -> CC12M-SYN) on generated shards holding every kind of bad sample."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from siclip.config import ConfigError, from_dict
+from siclip.data.shards import read_manifest
+
+pytestmark = pytest.mark.ray
+
+K = 2
+IMAGE_SIZE = 16
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (40, 28)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _good(key: str, seed: int) -> list[tuple[str, bytes]]:
+    meta = json.dumps({"url": f"http://x/{key}.jpg"}).encode()
+    return [(f"{key}.jpg", _jpeg(seed)), (f"{key}.txt", f"photo {key}".encode()), (f"{key}.json", meta)]
+
+
+# Each bad sample of shard 0 and the reason it must be skipped for.
+BAD = {
+    "empty_image": [("b0.jpg", b""), ("b0.txt", b"x")],
+    "not_image": [("b1.jpg", b"certainly not a jpeg"), ("b1.txt", b"x")],
+    "truncated_image": [("b2.jpg", _jpeg(99, (64, 64))[:1500]), ("b2.txt", b"x")],
+    "missing_caption": [("b3.jpg", _jpeg(3))],
+    "empty_caption": [("b4.jpg", _jpeg(4)), ("b4.txt", b"  \n ")],
+    "undecodable_text": [("b5.jpg", _jpeg(5)), ("b5.txt", b"\xff\xfe\xfa caption")],
+    "missing_image": [("b6.txt", b"a caption without an image")],
+    "bad_json": [("b7.jpg", _jpeg(7)), ("b7.txt", b"x"), ("b7.json", b"{not json")],
+}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cc12m")
+    shard0 = _good("a0", 0) + _good("a1", 1)
+    for members in BAD.values():
+        shard0 += members
+    shard0 += [*_good("a2", 2), ("a1.jpg", _jpeg(11)), ("a1.txt", b"same key again")]  # duplicate key
+    _tar(root / "in-000000.tar", shard0)
+    _tar(root / "in-000001.tar", [m for i in range(7) for m in _good(f"c{i}", 100 + i)])
+    whole = root / "whole.tar"
+    _tar(whole, [m for i in range(4) for m in _good(f"d{i}", 200 + i)])
+    with tarfile.open(whole) as tar:
+        cut = tar.getmember("d2.jpg").offset_data + 100  # inside the 3rd sample's image
+    data = whole.read_bytes()
+    whole.unlink()
+    (root / "in-000002.tar").write_bytes(data[:cut])
+    (root / "in-000003.tar").write_bytes(b"not a tar archive " * 64)
+    return root
+
+
+def _cfg(inputs: Path, out: Path, **caption: object) -> object:
+    base = {
+        "input_shards": [str(inputs / "in-{000000..000003}.tar")],
+        "output_dir": str(out),
+        "model": "siclip-tiny-coca",
+        "source": "",
+        "num_captions": K,
+        "max_length": 8,
+        "batch_size": 3,
+        "num_cpus_per_actor": 0.5,
+        "image_size": IMAGE_SIZE,
+    }
+    base.update(caption)
+    return from_dict({"caption": base, "ray": {"data_timeout_s": 120}})
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def test_build_counts_readback_and_resume(ray_session: None, inputs: Path, tmp_path: Path) -> None:
+    import ray.data
+    import webdataset as wds
+
+    from siclip.data.pipeline import run_pipeline
+
+    out = tmp_path / "syn"
+    manifest = run_pipeline(_cfg(inputs, out), progress=False)  # type: ignore[arg-type]
+
+    expected_skips = dict.fromkeys(BAD, 1)
+    expected_skips["duplicate_key"] = 1
+    expected_skips["unreadable_tar"] = 2  # the cut tar and the garbage file
+    assert manifest.skipped == dict(sorted(expected_skips.items()))
+    assert manifest.samples_out == 3 + 7 + 2  # the cut tar keeps the 2 samples before the cut
+    assert manifest.samples_in == manifest.samples_out + manifest.samples_skipped
+    assert [s["name"] for s in manifest.shards] == [f"in-00000{i}.tar" for i in range(4)]
+    assert [s["samples"] for s in manifest.shards] == [3, 7, 2, 0]
+    on_disk = read_manifest(out)
+    assert on_disk.samples_out == manifest.samples_out and on_disk.skipped == manifest.skipped
+    assert on_disk.producer["captioner"] == "siclip-tiny-coca"
+    assert on_disk.config["caption"]["num_captions"] == K
+
+    urls = [str(out / s["name"]) for s in manifest.shards]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert [s["__key__"] for s in samples] == ["a0", "a1", "a2", *[f"c{i}" for i in range(7)], "d0", "d1"]
+    for s in samples:
+        assert min(s["jpg"].size) == IMAGE_SIZE  # shorter side resized, aspect kept
+        assert s["jpg"].size[0] > s["jpg"].size[1]
+        assert s["txt"].startswith("photo ")
+        assert s["json"]["url"].endswith(".jpg")
+        caps = s["syn.json"]["syn_text"]
+        assert len(caps) == K and all(isinstance(c, str) for c in caps)
+        assert not any("_of_text>" in c or "." in c for c in caps)  # cleaned (random weights: odd text)
+    rows = ray.data.read_webdataset([u for u in urls if not u.endswith("3.tar")], decoder=None).take_all()
+    assert len(rows) == len(samples)
+    assert all(len(json.loads(r["syn.json"])["syn_text"]) == K for r in rows)
+
+    # Killed run: one shard gone, a half-written temp file left behind; the rerun redoes only that one.
+    first = _shard_bytes(out)
+    victim = out / "in-000001.tar"
+    victim.unlink()
+    (out / "in-000001.tar.tmp").write_bytes(b"half a tar")
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = run_pipeline(_cfg(inputs, out), progress=False)  # type: ignore[arg-type]
+    assert _shard_bytes(out) == first  # identical bytes, captions included (seeded per shard chunk)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in kept} == kept
+    assert not (out / "in-000001.tar.tmp").exists()
+    assert again.to_dict() == manifest.to_dict()
+
+    # A rerun into the same folder with other caption settings would mix two datasets.
+    with pytest.raises(ConfigError, match="num_captions"):
+        run_pipeline(_cfg(inputs, out, num_captions=3), progress=False)  # type: ignore[arg-type]
+
+
+def test_gpu_on_cpu_cluster_fails_fast(ray_session: None, inputs: Path, tmp_path: Path) -> None:
+    from siclip.data.pipeline import run_pipeline
+
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"num_gpus_per_actor=1 but the Ray cluster has 0 GPUs"):
+        run_pipeline(_cfg(inputs, tmp_path / "gpu", num_gpus_per_actor=1.0), progress=False)  # type: ignore[arg-type]
+    assert time.perf_counter() - started < 10
+    assert not list((tmp_path / "gpu").glob("*.tar"))
+
+
+def test_no_inputs_fail_before_ray(tmp_path: Path) -> None:
+    from siclip.data.pipeline import run_pipeline
+
+    cfg = from_dict(
+        {"caption": {"input_shards": [str(tmp_path / "none-*.tar")], "output_dir": str(tmp_path)}}
+    )
+    with pytest.raises(ConfigError, match="no input shards matched"):
+        run_pipeline(cfg, progress=False)
+    assert not os.path.exists(tmp_path / "manifest.json")
