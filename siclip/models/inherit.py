@@ -99,6 +99,9 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(sd, dict):
             raise InheritError(f"{path}: holds a {type(sd).__name__}, not a state dict")
     sd = _strip_module(sd)
+    if any(k.startswith("student.") for k in sd) and not any(k.startswith("visual.") for k in sd):
+        # a siclip task checkpoint (student + loss [+ teacher]): the student's weights are the source
+        sd = {k[len("student.") :]: v for k, v in sd.items() if k.startswith("student.")}
     if any(k.startswith(("text_encoder.", "image_encoder.")) for k in sd):
         from siclip.models.mct import convert_apple_state_dict
 

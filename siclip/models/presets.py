@@ -97,8 +97,38 @@ def preset_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+def _open_clip_info(name: str) -> PresetInfo | None:
+    """PresetInfo for a plain open_clip model name (a teacher that is not a preset), else None."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        return None
+    mobile = name.lower().startswith("mobileclip")
+    return PresetInfo(
+        base=None,
+        image_size=int(cfg["vision_cfg"].get("image_size", 224)),
+        # open_clip's defaults (OpenAI statistics, bicubic) unless it is a MobileCLIP model (FACTS.md).
+        mean=MOBILECLIP_MEAN if mobile else tuple(open_clip.OPENAI_DATASET_MEAN),  # type: ignore[arg-type]
+        std=MOBILECLIP_STD if mobile else tuple(open_clip.OPENAI_DATASET_STD),  # type: ignore[arg-type]
+        interpolation="bilinear" if mobile else "bicubic",
+        context_length=int(cfg["text_cfg"].get("context_length", 77)),
+        embed_dim=int(cfg["embed_dim"]),
+    )
+
+
 def preset_info(name: str) -> PresetInfo:
-    """Base preset, image size, normalisation, interpolation, context length and embedding size."""
+    """Base preset, image size, normalisation, interpolation, context length and embedding size.
+
+    Also answers for a plain open_clip model name (e.g. a ``ViT-B-32`` teacher) with open_clip's defaults.
+    """
+    if name not in _PRESETS:
+        from siclip.models.hooks import register
+
+        register()
+        info = _open_clip_info(name)
+        if info is not None:
+            return info
     spec = _spec(name)
     cfg = preset_config(name)
     # Every preset here is a MobileCLIP-style model: mean 0 / std 1, bilinear resize (FACTS.md).
@@ -150,7 +180,14 @@ def build_preset(name: str, *, sasp: SaspCfg | None = None) -> nn.Module:
 
 
 def build_tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
-    """open_clip's ``SimpleTokenizer`` at the preset's context length: ``list[str] -> LongTensor [B, L]``."""
+    """open_clip's ``SimpleTokenizer`` at the preset's context length: ``list[str] -> LongTensor [B, L]``.
+
+    For a plain open_clip model name, that model's own tokenizer (``open_clip.get_tokenizer``).
+    """
+    if name not in _PRESETS and _open_clip_info(name) is not None:
+        import open_clip
+
+        return open_clip.get_tokenizer(name)  # the open_clip model's own tokenizer (teachers)
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=preset_info(name).context_length)

@@ -174,5 +174,10 @@ def test_teacher_is_frozen_in_eval(teacher_file: tuple[Path, dict[str, torch.Ten
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(v, sd[k]) for k, v in teacher.state_dict().items())
+    # A plain open_clip config name (not a preset) works too; so does a task checkpoint (student.*, loss.*).
+    task_file = path.parent / "task.safetensors"
+    save_file({**{"student." + k: v for k, v in sd.items()}, "loss.tau": torch.ones(())}, str(task_file))
+    by_name = build_teacher(TeacherCfg(name="siclip-tiny-teacher", source=str(task_file)))
+    assert all(torch.equal(v, sd[k]) for k, v in by_name.state_dict().items())
     with pytest.raises(ValueError, match=r"teacher\.name"):
         build_teacher(TeacherCfg(name="not-a-model"))

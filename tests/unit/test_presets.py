@@ -112,6 +112,16 @@ def test_preset_info_tokenizer_and_transform() -> None:
     assert build_transform("tiny-student", train=False, image_size=48)(image).shape == (3, 48, 48)
 
 
+def test_plain_open_clip_names_for_teachers() -> None:
+    import open_clip
+
+    info = preset_info("ViT-B-32")
+    assert info.base is None and info.interpolation == "bicubic" and info.image_size == 224
+    assert info.mean == tuple(open_clip.OPENAI_DATASET_MEAN)
+    assert preset_info("MobileCLIP2-S0").mean == (0.0, 0.0, 0.0)
+    assert build_tokenizer("ViT-B-32")(["a cat"]).shape == (1, 77)
+
+
 def test_open_clip_builds_siclip_configs_by_name() -> None:
     import open_clip
 
