@@ -297,6 +297,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _build(typing.cast(type, tp), value, prefix=key + ".")
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and ("off" if not value else "on") in allowed:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
         if value not in allowed:
             raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
         return value

@@ -128,9 +128,9 @@ def run_bench_memory(
 
 def _freeze_unchanged(student: nn.Module) -> None:
     """Freeze as inheritance would, without a source file: everything but SAS-P blocks and the logit scale."""
-    from siclip.models.inherit import freeze_unchanged
+    from siclip.models.inherit import freeze_inherited
 
-    freeze_unchanged(student)
+    freeze_inherited(student)
 
 
 def format_table(result: dict[str, Any]) -> str:

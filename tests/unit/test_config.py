@@ -114,3 +114,14 @@ def test_absolutize_makes_local_paths_absolute(tmp_path: Path) -> None:
     )
     assert cfg.data.train_shards == (str(tmp_path / "x.tar"), "s3://b/y.tar")
     assert cfg.train.runs_dir == str(tmp_path / "runs")
+
+
+def test_yaml_off_is_the_literal_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, {"data": {"synthetic": False}})).data.synthetic == "off"
+    assert load_config(None, ["data.synthetic=off"]).data.synthetic == "off"
+
+
+def test_paper_recipe_parses() -> None:
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "siclip_s0_cc12m.yaml", check_files=False)
+    assert cfg.data.batch_size == 1536 and cfg.train.epochs == 32 and cfg.optim.warmup_steps == 10_000
+    assert len(expand_shards(cfg.data.train_shards)) == 1243
