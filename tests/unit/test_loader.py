@@ -230,3 +230,14 @@ def test_too_few_samples_fails_instead_of_hanging(tmp_path) -> None:
     url = _write(tmp_path / "tiny-000000.tar", range(1))
     with pytest.raises(RuntimeError, match="no samples"):
         next(_loader([url], rank=1, world_size=2))
+
+
+def test_reads_fsspec_uris(tmp_path) -> None:
+    import fsspec
+
+    local = _write(tmp_path / "m-000000.tar", range(6))
+    url = "memory://siclip-test-loader/m-000000.tar"
+    with fsspec.open(url, "wb") as f:
+        f.write(Path(local).read_bytes())
+    b = next(_loader([url], batch_size=6, shuffle_buffer=0))
+    assert sorted(_ids(b)) == list(range(6))

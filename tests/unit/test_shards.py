@@ -160,3 +160,19 @@ def test_manifest_errors_name_the_file(tmp_path) -> None:
     bad.write_text(json.dumps({"schema_version": 1, "colour": "red"}))
     with pytest.raises(ManifestError, match="unknown key 'colour'"):
         read_manifest(tmp_path)
+
+
+def test_fsspec_uri_write_read_and_manifest() -> None:
+    # fsspec's in-memory filesystem stands in for s3:// and friends: same code path, no network.
+    base = "memory://siclip-test-shards"
+    url = f"{base}/{shard_name('remote', 0)}"
+    with AtomicShardWriter(url) as w:
+        w.write(_sample(5))
+    write_manifest(
+        base, Manifest(kind="remote", shards=[{"name": "remote-000000.tar", "samples": 1}], samples_out=1)
+    )
+    assert read_manifest(base).kind == "remote"
+    assert manifest_sample_count([url]) == 1
+    (s,) = list(iter_samples(url))
+    assert s["txt"] == "caption 5" and s["jpg"].size == (16, 12)
+    assert list_shards(base) == [url]
