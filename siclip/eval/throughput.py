@@ -41,6 +41,16 @@ def _time_interleaved(
     return times
 
 
+def image_gflops(encoder: torch.nn.Module, *, image_size: int) -> float:
+    """Forward GFLOPs for one image (torch's FLOP counter: matmuls and convolutions), machine independent."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        encoder(torch.randn(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
 def bench_infer(
     models: tuple[str, ...] = ("siclip-s0", "mobileclip-s0"),
     *,
@@ -52,7 +62,8 @@ def bench_infer(
 ) -> dict[str, Any]:
     """Image-encoder images/s per model and batch size, and the ratio ``models[0] / models[1]``.
 
-    Returns ``{"rows": [{"model", "batch", "seconds", "img_per_s"}], "ratio": {batch: r}, ...settings}``.
+    Returns ``{"rows": [{"model", "batch", "seconds", "img_per_s", "best_img_per_s"}], "ratio": {batch: r},
+    "best_ratio": {batch: r}, "gflops": {model: per-image forward GFLOPs}, ...settings}``.
     The models alternate within every repeat so slow drifts of a shared machine hit both alike; each row
     also keeps the best (minimum-time) rate, the least noisy estimate on a loaded machine.
     """
@@ -70,6 +81,7 @@ def bench_infer(
             if channels_last:
                 visual = visual.to(memory_format=torch.channels_last)
             encoders[name] = visual
+        gflops = {name: image_gflops(enc, image_size=image_size) for name, enc in encoders.items()}
         rows: list[dict[str, Any]] = []
         for batch in batch_sizes:
             times = _time_interleaved(
@@ -100,6 +112,7 @@ def bench_infer(
             "rows": rows,
             "ratio": ratio,
             "best_ratio": best_ratio,
+            "gflops": gflops,
         }
     finally:
         torch.set_num_threads(previous_threads)
@@ -124,7 +137,15 @@ def format_table(result: dict[str, Any]) -> str:
         f"warm-up, models alternating, {'channels_last' if result['channels_last'] else 'NCHW'}, "
         f"torch {result['torch']}, cpu {result['cpu']}, random weights."
     )
-    return "\n".join(lines) + "\n\n" + setting + "\n"
+    flops = ""
+    if result.get("gflops"):
+        flops = "\n\nForward GFLOPs per image (torch FLOP counter): " + ", ".join(
+            f"{m} {result['gflops'][m]:.3f}" for m in models
+        )
+        if pair:
+            flops += f" (ratio {result['gflops'][models[0]] / result['gflops'][models[1]]:.4f})"
+        flops += "."
+    return "\n".join(lines) + "\n\n" + setting + flops + "\n"
 
 
 def write_table(table: str, path: str | Path = DEFAULT_TABLE, *, note: str = "") -> Path:
