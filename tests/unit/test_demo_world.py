@@ -151,3 +151,13 @@ def test_torchvision_imagefolder_reads_it(world) -> None:
     ds = ImageFolder(world.zeroshot_dir)
     assert len(ds) == 36 * SIZES["n_zeroshot_per_class"]
     assert ds.classes[0] == "blue_circle"
+
+
+def test_new_parameters_regenerate_without_stale_shards(tmp_path) -> None:
+    small = {**SIZES, "n_web": 40, "n_zeroshot_per_class": 1}
+    first = generate_demo_world(tmp_path, seed=0, samples_per_shard=10, **small)
+    assert len(first.web_shards) == 4
+    second = generate_demo_world(tmp_path, seed=0, samples_per_shard=20, **small)
+    assert len(second.web_shards) == 2
+    assert sorted(os.listdir(tmp_path / "web")) == ["manifest.json", "web-000000.tar", "web-000001.tar"]
+    assert read_manifest(tmp_path / "web").samples_out == 40
