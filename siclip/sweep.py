@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,13 +257,62 @@ def _check_resources(cfg: SiclipCfg) -> None:
         )
 
 
+def _release_orphaned_train_groups() -> int:
+    """Remove placement groups of Train runs whose controller died with its Tune trial; return the count.
+
+    When the scheduler stops a trial, Tune kills the trial actor and with it the Train controller it owns,
+    before the controller can release its workers' placement group. Ray Train's own cleaner finds such
+    groups through the state API, which needs the dashboard (off by default here); without this, the
+    stopped trial's CPUs stay reserved and the next trials wait for ever. Only groups created by an actor
+    of this job that is now dead are touched.
+    """
+    import ray
+    from ray._private import state as ray_state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in ray_state.state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)  # type: ignore[attr-defined]
+        if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:  # type: ignore[attr-defined]
+            continue
+        if pg.creator_actor_dead and pg.creator_job_id.hex() == job:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    return removed
+
+
+def _build_callbacks() -> list[Any]:
+    from ray import tune
+
+    class ReleaseStoppedTrials(tune.Callback):
+        """Every few seconds, free the Train resources of trials the scheduler stopped."""
+
+        def __init__(self, every_s: float = 3.0) -> None:
+            self.every_s = every_s
+            self.last = 0.0
+
+        def on_step(self, iteration: int, trials: list[Any], **info: Any) -> None:
+            now = time.monotonic()
+            if now - self.last >= self.every_s:
+                self.last = now
+                n = _release_orphaned_train_groups()
+                if n:
+                    print(f"siclip tune: released the Train resources of {n} stopped trial(s)")
+
+    return [ReleaseStoppedTrials()]
+
+
 def _build_scheduler(tune_cfg: TuneCfg, *, max_t: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     if tune_cfg.scheduler == "asha":
         return ASHAScheduler(
             time_attr="training_iteration",
-            max_t=max(max_t, tune_cfg.grace_period),
+            # One more than a full run's reports: a trial that is not stopped ends on its own (ASHA
+            # would otherwise stop it at its last report, before the worker writes the final weights).
+            max_t=max(max_t, tune_cfg.grace_period) + 1,
             grace_period=tune_cfg.grace_period,
             reduction_factor=tune_cfg.reduction_factor,
         )
@@ -453,9 +503,14 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
                 ),
                 num_samples=cfg.tune.num_samples,
             ),
-            run_config=tune.RunConfig(name=experiment, storage_path=runs_dir, verbose=1),
+            run_config=tune.RunConfig(
+                name=experiment, storage_path=runs_dir, verbose=1, callbacks=_build_callbacks()
+            ),
         )
     grid = tuner.fit()
+    for _ in range(10):  # the last stopped trial's controller may take a moment to be declared dead
+        if _release_orphaned_train_groups() == 0:
+            time.sleep(0.5)
     local_dir = Path(experiment_path) if not is_uri(experiment_path) else Path("runs") / experiment
     os.makedirs(local_dir, exist_ok=True)
     result = _collect(grid, cfg, base=base, experiment_dir=local_dir, param_keys=param_keys)

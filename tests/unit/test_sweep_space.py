@@ -165,7 +165,7 @@ def test_bare_space_file_and_bad_space_files(tmp_path: Path) -> None:
         load_space(from_dict({"tune": {"space_file": str(extra)}}))
     typo = tmp_path / "typo.yaml"
     typo.write_text("tune: {num_sample: 3}\n")
-    with pytest.raises(ConfigError, match="tune.num_sample"):
+    with pytest.raises(ConfigError, match=r"tune\.num_sample"):
         load_space(from_dict({"tune": {"space_file": str(typo)}}))
 
 
