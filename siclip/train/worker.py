@@ -130,12 +130,23 @@ class _RankZeroLog:
         self.dir = run_dir_of(cfg)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=start_step or None)
+        self._truncate_table(start_step)
         self.writer.add_text(
             "config", "```\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```", start_step
         )
         self.max_steps = max_steps
         self.started = time.perf_counter()
         self.start_step = start_step
+
+    def _truncate_table(self, start_step: int) -> None:
+        """On resume, drop rows logged after the checkpoint (they are about to be logged again)."""
+        table = self.dir / "metrics.jsonl"
+        if not table.is_file():
+            return
+        kept = [line for line in table.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        tmp = table.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, table)
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():

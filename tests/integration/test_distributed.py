@@ -32,9 +32,13 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _checkpoint_dirs(run: Path) -> list[Path]:
+    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+
+
 def _checkpoint_steps(run: Path) -> list[int]:
     steps = []
-    for folder in sorted(run.glob("checkpoint_*")):
+    for folder in _checkpoint_dirs(run):
         state = torch.load(folder / "train_state.pt", weights_only=True)
         steps.append(int(state["counters"]["step"]))
     return steps
@@ -98,7 +102,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path: Path) -> None:
         )
         try:
             deadline = time.time() + 300
-            while time.time() < deadline and not list(run.glob("checkpoint_*")) and proc.poll() is None:
+            while time.time() < deadline and not _checkpoint_dirs(run) and proc.poll() is None:
                 time.sleep(0.5)
             victims = _train_worker_pids(proc.pid)
             assert victims, log_path.read_text()[-3000:]

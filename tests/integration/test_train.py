@@ -16,11 +16,12 @@ from tests.helpers import SICLIP, subprocess_env, tiny_world, write_config
 pytestmark = [pytest.mark.slow]
 
 TEACHER = [
-    "train.max_steps=40",
-    "train.ckpt_every=8",
+    "train.max_steps=24",
+    "train.ckpt_every=4",
     "train.eval_every=0",
     "train.log_every=4",
-    "data.batch_size=32",
+    "data.batch_size=16",
+    "data.loader_workers=0",
     "optim.warmup_steps=5",
     "ray.object_store_memory_mb=128",
 ]
@@ -47,7 +48,7 @@ def test_sigkill_then_rerun_resumes_and_finishes(tmp_path: Path) -> None:
         proc.wait(timeout=60)
         log.close()
     steps_before = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert max(steps_before) < 40, "the first run finished before it was killed; the test proves nothing"
+    assert max(steps_before) < 24, "the first run finished before it was killed; the test proves nothing"
 
     second = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=400)
     out = second.stdout + second.stderr
@@ -55,9 +56,10 @@ def test_sigkill_then_rerun_resumes_and_finishes(tmp_path: Path) -> None:
     resumed = [line for line in out.splitlines() if "resumed run 'teacher' from step" in line]
     assert resumed, out[-4000:]
     resumed_step = int(resumed[0].rsplit(" ", 1)[-1])
-    assert resumed_step >= 8 and resumed_step % 8 == 0
+    assert resumed_step >= 4 and resumed_step % 4 == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 40
+    logged = [r["step"] for r in rows if "loss/total" in r]
+    assert logged == sorted(set(logged)) and logged[-1] == 24  # no step logged twice across the restart
     assert (run / "final" / "model.safetensors").is_file()
     assert (run / "config.yaml").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))
