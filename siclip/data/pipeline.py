@@ -317,6 +317,7 @@ class TeacherActor:
 
         self.cfg = from_dict(cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(self.cfg.caption.seed)  # a teacher without weights is then the same in every actor
         self.model, self.transform, self.tokenizer = _build_teacher_parts(self.cfg)
         self.model.to(self.device).eval().requires_grad_(False)
 
@@ -351,24 +352,29 @@ class TeacherActor:
 
 
 def _check_teacher_available() -> None:
-    """Fail in the driver, before Ray starts actors, when the models package lacks the teacher builders."""
+    """Fail in the driver, before Ray starts actors, when the models package lacks the teacher builder."""
     try:
         from siclip.models.inherit import build_teacher  # noqa: F401
-        from siclip.models.presets import build_tokenizer, build_transform  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(
-            "caption.teacher_embeddings=true needs siclip.models.inherit.build_teacher and "
-            f"siclip.models.presets.build_tokenizer/build_transform, which are not available ({exc})"
+            f"caption.teacher_embeddings=true needs siclip.models.inherit.build_teacher ({exc})"
         ) from exc
 
 
 def _build_teacher_parts(cfg: SiclipCfg) -> tuple[Any, Any, Any]:
-    """The teacher model, its eval transform and tokenizer (from the models package)."""
+    """The frozen teacher, its own eval transform and tokenizer (a siclip preset's, else open_clip's)."""
     from siclip.models.inherit import build_teacher
-    from siclip.models.presets import build_tokenizer, build_transform
+    from siclip.models.presets import build_tokenizer, build_transform, list_presets
 
     name = cfg.teacher.name
-    return build_teacher(cfg.teacher), build_transform(name, train=False), build_tokenizer(name)
+    model = build_teacher(cfg.teacher)
+    if name in list_presets():
+        return model, build_transform(name, train=False), build_tokenizer(name)
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    preprocess = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
+    return model, image_transform_v2(preprocess, is_train=False), open_clip.get_tokenizer(name)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -508,7 +514,7 @@ def run_pipeline(
     """
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     started = time.perf_counter()
     c = cfg.caption
@@ -542,9 +548,6 @@ def run_pipeline(
     _check_resources(cfg, prepare_cpus)
     if c.teacher_embeddings:
         _check_teacher_available()
-    ctx = DataContext.get_current()
-    ctx.execution_no_progress_timeout_s = float(cfg.ray.data_timeout_s)
-    ctx.enable_progress_bars = progress
     cfg_dict = to_dict(cfg)
     chunk = chunk_size or c.batch_size
 
@@ -573,6 +576,10 @@ def run_pipeline(
             num_gpus=c.num_gpus_per_actor,
             num_cpus=c.num_cpus_per_actor,
         )
+
+    # This dataset's own context: the process-wide one (and later datasets, e.g. training's) stay as they are.
+    ds.context.execution_no_progress_timeout_s = float(cfg.ray.data_timeout_s)
+    ds.context.enable_progress_bars = progress
 
     buffers: dict[str, dict[int, dict[str, Any]]] = {}
     for row in ds.iter_rows():

@@ -88,7 +88,8 @@ def _cfg(inputs: Path, out: Path, **caption: object) -> object:
         "image_size": IMAGE_SIZE,
     }
     base.update(caption)
-    return from_dict({"caption": base, "ray": {"data_timeout_s": 120}})
+    teacher = {"name": "tiny-teacher", "source": ""}  # random weights: only shapes and norms are checked
+    return from_dict({"caption": base, "teacher": teacher, "ray": {"data_timeout_s": 120}})
 
 
 def _shard_bytes(out: Path) -> dict[str, bytes]:
@@ -102,7 +103,7 @@ def test_build_counts_readback_and_resume(ray_session: None, inputs: Path, tmp_p
     from siclip.data.pipeline import run_pipeline
 
     out = tmp_path / "syn"
-    manifest = run_pipeline(_cfg(inputs, out), progress=False)  # type: ignore[arg-type]
+    manifest = run_pipeline(_cfg(inputs, out, teacher_embeddings=True), progress=False)  # type: ignore[arg-type]
 
     expected_skips = dict.fromkeys(BAD, 1)
     expected_skips["duplicate_key"] = 1
@@ -128,6 +129,10 @@ def test_build_counts_readback_and_resume(ray_session: None, inputs: Path, tmp_p
         caps = s["syn.json"]["syn_text"]
         assert len(caps) == K and all(isinstance(c, str) for c in caps)
         assert not any("_of_text>" in c or "." in c for c in caps)  # cleaned (random weights: odd text)
+        emb = s["npz"]  # the teacher's embeddings: image, then real caption + K synthetic ones
+        assert emb["image_emb"].shape == (64,) and emb["text_emb"].shape == (1 + K, 64)
+        assert emb["image_emb"].dtype == np.float16
+        assert np.linalg.norm(emb["text_emb"].astype(np.float32), axis=1) == pytest.approx(1.0, abs=2e-3)
     rows = ray.data.read_webdataset([u for u in urls if not u.endswith("3.tar")], decoder=None).take_all()
     assert len(rows) == len(samples)
     assert all(len(json.loads(r["syn.json"])["syn_text"]) == K for r in rows)
@@ -138,7 +143,7 @@ def test_build_counts_readback_and_resume(ray_session: None, inputs: Path, tmp_p
     victim.unlink()
     (out / "in-000001.tar.tmp").write_bytes(b"half a tar")
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    again = run_pipeline(_cfg(inputs, out), progress=False)  # type: ignore[arg-type]
+    again = run_pipeline(_cfg(inputs, out, teacher_embeddings=True), progress=False)  # type: ignore[arg-type]
     assert _shard_bytes(out) == first  # identical bytes, captions included (seeded per shard chunk)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in kept} == kept
     assert not (out / "in-000001.tar.tmp").exists()
@@ -146,7 +151,7 @@ def test_build_counts_readback_and_resume(ray_session: None, inputs: Path, tmp_p
 
     # A rerun into the same folder with other caption settings would mix two datasets.
     with pytest.raises(ConfigError, match="num_captions"):
-        run_pipeline(_cfg(inputs, out, num_captions=3), progress=False)  # type: ignore[arg-type]
+        run_pipeline(_cfg(inputs, out, teacher_embeddings=True, num_captions=3), progress=False)  # type: ignore[arg-type]
 
 
 def test_gpu_on_cpu_cluster_fails_fast(ray_session: None, inputs: Path, tmp_path: Path) -> None:
