@@ -138,7 +138,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from siclip.models.presets import build_preset
     from siclip.train.checkpoint import load_student_weights
 
-    model = build_preset(args.model)
+    sasp = load_config(args.config, check_files=False).model.sasp if args.config else None
+    model = build_preset(args.model, sasp=sasp)
     if args.checkpoint:
         load_student_weights(model, args.checkpoint)
     export_open_clip(model, args.model, args.out)
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "reparameterise-ready export that open_clip loads")
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint", default="")
+    p.add_argument("--config", default=None, help="the run's config.yaml (its model.sasp shapes the model)")
     p.add_argument("--out", required=True)
     p = add("bench", _bench, "benchmarks: infer, data, train, memory (tables go to benchmarks/)")
     p.add_argument("what", choices=["infer", "data", "train", "memory"])

@@ -10,3 +10,7 @@
 - ``hooks``: ``register()`` lets open_clip build siclip configs (``siclip-s0``, ``local-dir:`` exports);
   every builder above calls it, call it yourself before using open_clip directly on an export.
 """
+
+from siclip.models.hooks import register
+
+__all__ = ["register"]

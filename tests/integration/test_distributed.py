@@ -68,19 +68,18 @@ def test_two_workers_uneven_shards_stay_in_sync(tmp_path: Path) -> None:
     assert _checkpoint_steps(run) == [6, 12]
 
 
-def _train_worker_pids(session_root: int) -> list[int]:
-    """Ray Train worker processes started under the given process group leader."""
+def _train_worker_pids(root_pid: int) -> list[int]:
+    """Ray Train worker processes descended from the ``siclip train`` process (its own local Ray)."""
     try:
-        pgid = os.getpgid(session_root)
-    except ProcessLookupError:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
         return []
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for child in children:
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            if "RayTrainWorker" in cmd and os.getpgid(p.info["pid"]) == pgid:
-                pids.append(p.info["pid"])
-        except (psutil.Error, ProcessLookupError):
+            if "RayTrainWorker" in " ".join(child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:
             continue
     return pids
 
