@@ -540,7 +540,13 @@ def run_pipeline(
     if not pending:
         manifest = _build_manifest(cfg, order, records, producer)
         write_manifest(out_dir, manifest)
-        _summary(manifest, shards_done=0, shards_reused=done_before, seconds=time.perf_counter() - started)
+        _summary(
+            manifest,
+            shards_done=0,
+            shards_reused=done_before,
+            written=0,
+            seconds=time.perf_counter() - started,
+        )
         return manifest
 
     _ensure_ray(cfg)
@@ -582,6 +588,7 @@ def run_pipeline(
     ds.context.enable_progress_bars = progress
 
     buffers: dict[str, dict[int, dict[str, Any]]] = {}
+    written = 0
     for row in ds.iter_rows():
         name = row["shard"]
         parts = buffers.setdefault(name, {})
@@ -591,6 +598,7 @@ def run_pipeline(
         chunks = [parts[i] for i in sorted(parts)]
         del buffers[name]
         samples = _write_shard(_join(out_dir, name), chunks, with_npz=c.teacher_embeddings)
+        written += samples
         stats = json.loads(chunks[0]["stats"])
         records[name] = {
             "name": name,
@@ -604,21 +612,22 @@ def run_pipeline(
         raise RuntimeError(f"incomplete shards after the pipeline ended: {sorted(buffers)}")
     manifest = _build_manifest(cfg, order, records, producer)
     write_manifest(out_dir, manifest)
-    _summary(
-        manifest, shards_done=len(pending), shards_reused=done_before, seconds=time.perf_counter() - started
-    )
+    seconds = time.perf_counter() - started
+    _summary(manifest, shards_done=len(pending), shards_reused=done_before, written=written, seconds=seconds)
     return manifest
 
 
-def _summary(manifest: Manifest, *, shards_done: int, shards_reused: int, seconds: float) -> None:
-    rate = manifest.samples_out / seconds if seconds > 0 else 0.0
-    line = (
-        f"siclip data: {shards_done} shards built, {shards_reused} already done; samples in "
-        f"{manifest.samples_in}, out {manifest.samples_out}, skipped {manifest.samples_skipped} "
-        f"{manifest.skipped}; {seconds:.1f} s ({rate:.1f} samples/s overall)"
+def _summary(
+    manifest: Manifest, *, shards_done: int, shards_reused: int, written: int, seconds: float
+) -> None:
+    """One line for the log: what this run built, the folder's totals, and this run's rate."""
+    rate = written / seconds if seconds > 0 else 0.0
+    print(
+        f"siclip data: {shards_done} shards built ({written} samples, {rate:.1f}/s incl. start-up, "
+        f"{seconds:.1f} s), {shards_reused} already done; folder totals: in {manifest.samples_in}, "
+        f"out {manifest.samples_out}, skipped {manifest.samples_skipped} {manifest.skipped}",
+        flush=True,
     )
-    log.info(line)
-    print(line, flush=True)
 
 
 def iter_output(out_dir: str) -> Iterator[dict[str, Any]]:
