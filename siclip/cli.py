@@ -208,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    p = add("data", cmd_data_build, "build CC12M-SYN shards with Ray Data (siclip data build ...)")
-    p.add_argument("action", choices=["build"])
+    data = sub.add_parser("data", help="data stages (siclip data build ...)").add_subparsers(
+        dest="action", required=True
+    )
+    p = data.add_parser("build", help="CC12M (img2dataset shards) -> CC12M-SYN with Ray Data and CoCa actors")
+    p.set_defaults(fn=cmd_data_build)
     _config_args(p)
     p = add("export", cmd_export, "reparameterise-ready export that open_clip loads")
     p.add_argument("--model", required=True)

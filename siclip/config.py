@@ -205,12 +205,16 @@ class EvalCfg:
 
 @dataclass(frozen=True)
 class CaptionCfg:
-    """``siclip data build``: CC12M (img2dataset layout) -> CC12M-SYN."""
+    """``siclip data build``: CC12M (img2dataset layout) -> CC12M-SYN.
+
+    Each input shard becomes one output shard of the same name (img2dataset decides the shard size), so a
+    rerun skips the shards it already finished.
+    """
 
     input_shards: tuple[str, ...] = field(default=(), metadata=_path("shards"))
     output_dir: str = "data/cc12m_syn"
     model: str = "coca_ViT-L-14"
-    """An open_clip CoCa model name, or a siclip preset (``tiny-coca``)."""
+    """An open_clip CoCa model name, or the demo's ``siclip-tiny-coca``."""
     source: str = field(default="mscoco_finetuned_laion2B-s13B-b90k", metadata=_path("source"))
     """open_clip pretrained tag, a .pt/.safetensors file, or ``local-dir:PATH``; empty for random init."""
     num_captions: int = field(default=5, metadata=_rng(0))
@@ -223,7 +227,6 @@ class CaptionCfg:
     num_cpus_per_actor: float = field(default=1.0, metadata=_rng(0.0))
     image_size: int = field(default=256, metadata=_rng(8))
     """Images are resized (shorter side) and re-encoded to this size."""
-    samples_per_shard: int = field(default=10_000, metadata=_rng(1))
     teacher_embeddings: bool = False
     """Also store the teacher's image/text embeddings per sample (``npz``)."""
     seed: int = 0

@@ -29,7 +29,7 @@ DEFAULT_ROOT = "runs/demo"
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "world": {"n_web": 6000, "n_clean": 1000, "n_retrieval": 500, "n_zeroshot_per_class": 10},
-        "captioner_steps": 400,
+        "captioner_steps": 800,
         "teacher_steps": 600,
         "student_steps": 300,
     },
