@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,13 @@ import yaml
 from siclip.config import apply_overrides
 from siclip.demo import CONFIGS, _rebase
 
-TINY_WORLD = {"n_web": 400, "n_clean": 120, "n_retrieval": 60, "n_zeroshot_per_class": 2, "samples_per_shard": 150}
+TINY_WORLD = {
+    "n_web": 400,
+    "n_clean": 120,
+    "n_retrieval": 60,
+    "n_zeroshot_per_class": 2,
+    "samples_per_shard": 150,
+}
 
 
 @functools.lru_cache(maxsize=4)
@@ -40,3 +47,12 @@ def subprocess_env() -> dict[str, str]:
 
 
 SICLIP = [sys.executable, "-m", "siclip.cli"]
+
+
+def registered_checkpoints(run: Path) -> int:
+    """Checkpoints Ray Train has registered for a run (a folder alone may still be uploading)."""
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    try:
+        return len(json.loads(snapshot.read_text()).get("checkpoint_results", []))
+    except (OSError, ValueError):
+        return 0

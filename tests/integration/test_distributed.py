@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import SICLIP, subprocess_env, tiny_world, write_config
+from tests.helpers import SICLIP, registered_checkpoints, subprocess_env, tiny_world, write_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -77,7 +77,9 @@ def _train_worker_pids(root_pid: int) -> list[int]:
     pids = []
     for child in children:
         try:
-            if "RayTrainWorker" in " ".join(child.cmdline()):
+            parent = child.parent()
+            forked = parent is not None and "RayTrainWorker" in " ".join(parent.cmdline())
+            if "RayTrainWorker" in " ".join(child.cmdline()) and not forked:  # not a data-loader fork
                 pids.append(child.pid)
         except psutil.Error:
             continue
@@ -101,7 +103,7 @@ def test_killed_worker_resumes_from_checkpoint(tmp_path: Path) -> None:
         )
         try:
             deadline = time.time() + 300
-            while time.time() < deadline and not _checkpoint_dirs(run) and proc.poll() is None:
+            while time.time() < deadline and not registered_checkpoints(run) and proc.poll() is None:
                 time.sleep(0.5)
             victims = _train_worker_pids(proc.pid)
             assert victims, log_path.read_text()[-3000:]

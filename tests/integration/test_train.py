@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SICLIP, subprocess_env, tiny_world, write_config
+from tests.helpers import SICLIP, registered_checkpoints, subprocess_env, tiny_world, write_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -37,10 +37,12 @@ def test_sigkill_then_rerun_resumes_and_finishes(tmp_path: Path) -> None:
     cmd = [*SICLIP, "train", "--config", str(cfg)]
     run = tmp_path / "teacher"
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - kept open for the child's whole life
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(), start_new_session=True
+    )
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not _checkpoints(run) and proc.poll() is None:
+        while time.time() < deadline and not registered_checkpoints(run) and proc.poll() is None:
             time.sleep(0.5)
         assert _checkpoints(run), (tmp_path / "first.log").read_text()[-3000:]
     finally:
