@@ -378,22 +378,6 @@ def _build_teacher_parts(cfg: SiclipCfg) -> tuple[Any, Any, Any]:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def _ensure_ray(cfg: SiclipCfg) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": cfg.ray.include_dashboard}
-    if cfg.ray.address:
-        kwargs["address"] = cfg.ray.address
-    elif not os.environ.get("RAY_ADDRESS"):
-        if cfg.ray.num_cpus:
-            kwargs["num_cpus"] = cfg.ray.num_cpus
-        if cfg.ray.object_store_memory_mb:
-            kwargs["object_store_memory"] = cfg.ray.object_store_memory_mb * 1024 * 1024
-    ray.init(**kwargs)
-
-
 def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
     """Fail before starting when the actor pool can never be scheduled (Ray Data would wait silently)."""
     import ray
@@ -549,7 +533,9 @@ def run_pipeline(
         )
         return manifest
 
-    _ensure_ray(cfg)
+    from siclip.ray_session import init_ray
+
+    init_ray(cfg.ray)
     prepare_cpus = 1.0
     _check_resources(cfg, prepare_cpus)
     if c.teacher_embeddings:

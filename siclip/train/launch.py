@@ -8,7 +8,6 @@ latest checkpoint, and ``train.max_failures`` lets Ray restart failed workers fr
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from ray.train.torch import TorchTrainer
 
 from siclip.config import (
     ConfigError,
-    RayCfg,
     SiclipCfg,
     absolutize,
     expand_shards,
@@ -28,6 +26,7 @@ from siclip.config import (
     save_config,
     to_dict,
 )
+from siclip.ray_session import init_ray
 from siclip.train.worker import run_dir_of, train_worker
 
 __all__ = ["TrainResult", "init_ray", "launch", "resolve_max_steps"]
@@ -39,22 +38,6 @@ class TrainResult:
     checkpoint: str | None
     metrics: dict[str, Any]
     max_steps: int
-
-
-def init_ray(ray_cfg: RayCfg) -> None:
-    """Connect to ``ray.address`` / ``RAY_ADDRESS`` if given, else start a local Ray (once per process)."""
-    if ray.is_initialized():
-        return
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address)
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": ray_cfg.include_dashboard}
-    if ray_cfg.num_cpus:
-        kwargs["num_cpus"] = ray_cfg.num_cpus
-    if ray_cfg.object_store_memory_mb:
-        kwargs["object_store_memory"] = ray_cfg.object_store_memory_mb * 1024 * 1024
-    ray.init(address="local", **kwargs)
 
 
 def resolve_max_steps(cfg: SiclipCfg) -> int:

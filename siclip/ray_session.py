@@ -1,0 +1,28 @@
+"""Connecting to Ray, the same way for every stage (train, data build, tune)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+from siclip.config import RayCfg
+
+__all__ = ["init_ray"]
+
+
+def init_ray(ray_cfg: RayCfg) -> None:
+    """Connect to ``ray.address`` / ``RAY_ADDRESS`` if given, else start a local Ray (once per process)."""
+    if ray.is_initialized():
+        return
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address)
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": ray_cfg.include_dashboard}
+    if ray_cfg.num_cpus:
+        kwargs["num_cpus"] = ray_cfg.num_cpus
+    if ray_cfg.object_store_memory_mb:
+        kwargs["object_store_memory"] = ray_cfg.object_store_memory_mb * 1024 * 1024
+    ray.init(address="local", **kwargs)
