@@ -277,7 +277,10 @@ def _release_orphaned_train_groups() -> int:
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)  # type: ignore[attr-defined]
         if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:  # type: ignore[attr-defined]
             continue
-        if pg.creator_actor_dead and pg.creator_job_id.hex() == job:
+        # A group made by the driver itself (Tune's trial groups) has no creator actor and counts as
+        # "creator dead" in the GCS; only groups made by an actor (a Train controller) qualify.
+        by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
+        if by_actor and pg.creator_actor_dead and pg.creator_job_id.hex() == job:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
             removed += 1
     return removed
@@ -293,7 +296,7 @@ def _build_callbacks() -> list[Any]:
             self.every_s = every_s
             self.last = 0.0
 
-        def on_step(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
             now = time.monotonic()
             if now - self.last >= self.every_s:
                 self.last = now
@@ -470,7 +473,7 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from siclip.train.launch import init_ray
+    from siclip.ray_session import init_ray
 
     init_ray(cfg.ray)
     _check_resources(cfg)
