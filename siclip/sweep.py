@@ -241,20 +241,35 @@ def _prepare(cfg: SiclipCfg) -> SiclipCfg:
     return cfg
 
 
-def _check_resources(cfg: SiclipCfg) -> None:
-    """A trial's driver plus its Train workers must fit the cluster, or Tune would wait for ever."""
+def _fit_resources(cfg: SiclipCfg) -> SiclipCfg:
+    """A trial's driver plus its Train workers must fit the cluster, or Tune would wait for ever.
+
+    When only the driver's sliver does not fit (``train.cpus_per_worker`` = every CPU, as in the demo),
+    the workers give that sliver up; torch still gets ``int(cpus_per_worker)`` threads, at least one.
+    """
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
-    need = cfg.tune.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker
-    if need > total + 1e-9:
-        room = total - cfg.train.num_workers * cfg.train.cpus_per_worker
-        allowed = f"<= {room:g}, e.g. 0.01 (the trial driver only waits)" if room > 0 else "none fits"
-        raise ConfigError(
-            f"tune.cpus_per_trial: got {cfg.tune.cpus_per_trial:g}; one trial needs it plus "
-            f"train.num_workers x train.cpus_per_worker = {need - cfg.tune.cpus_per_trial:g} CPUs but the "
-            f"cluster has {total:g}; allowed: {allowed} (or lower train.cpus_per_worker)"
+    if not total:  # an autoscaling cluster with no worker yet: Tune waits for nodes
+        return cfg
+    workers = cfg.train.num_workers * cfg.train.cpus_per_worker
+    excess = cfg.tune.cpus_per_trial + workers - total
+    if excess <= 1e-9:
+        return cfg
+    if excess <= min(cfg.tune.cpus_per_trial, 0.1) and workers - excess > 0:  # a sliver, not a CPU
+        per = round(cfg.train.cpus_per_worker - excess / cfg.train.num_workers, 4)
+        print(
+            f"siclip tune: train.cpus_per_worker {cfg.train.cpus_per_worker:g} -> {per:g} to leave room "
+            f"for the trial driver (tune.cpus_per_trial {cfg.tune.cpus_per_trial:g})"
         )
+        return replace(cfg, train=replace(cfg.train, cpus_per_worker=per))
+    room = total - workers
+    allowed = f"<= {room:g}, e.g. 0.01 (the trial driver only waits)" if room > 0 else "none fits"
+    raise ConfigError(
+        f"tune.cpus_per_trial: got {cfg.tune.cpus_per_trial:g}; one trial needs it plus "
+        f"train.num_workers x train.cpus_per_worker = {workers:g} CPUs but the cluster has {total:g}; "
+        f"allowed: {allowed} (or lower train.cpus_per_worker)"
+    )
 
 
 def _release_orphaned_train_groups() -> int:
@@ -463,9 +478,7 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
     retried); ``resume=True`` additionally requires that folder to exist.
     """
     cfg = _prepare(cfg)
-    base = to_dict(cfg)
-    param_space = parse_space(cfg.tune.space, base=base)
-    param_keys = tuple(param_space)
+    parse_space(cfg.tune.space, base=to_dict(cfg))  # fail on a bad space before Ray starts
     if not cfg.data.train_shards:
         raise ConfigError("data.train_shards: got []; allowed: one or more shard paths or patterns")
     max_t = _expected_reports(cfg)
@@ -476,7 +489,10 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
     from siclip.ray_session import init_ray
 
     init_ray(cfg.ray)
-    _check_resources(cfg)
+    cfg = _fit_resources(cfg)
+    base = to_dict(cfg)
+    param_space = parse_space(cfg.tune.space, base=base)
+    param_keys = tuple(param_space)
     runs_dir = cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
     experiment = cfg.tune.experiment_name
     experiment_path = f"{runs_dir.rstrip('/')}/{experiment}"

@@ -246,3 +246,18 @@ def test_tables_are_written_and_parse(tmp_path: Path) -> None:
     assert "t_00001" in first and "0.61" in first
     assert "best: trial t_00001" in md
     assert result.table == format_table(result)
+
+
+def test_driver_sliver_is_taken_from_the_workers_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from siclip.sweep import _fit_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    demo = from_dict({"train": {"cpus_per_worker": 2.0}, "tune": {"cpus_per_trial": 0.01}})
+    assert _fit_resources(demo).train.cpus_per_worker == pytest.approx(1.99)
+    fits = from_dict({"train": {"cpus_per_worker": 0.99}, "tune": {"cpus_per_trial": 0.01}})
+    assert _fit_resources(fits) == fits
+    greedy = from_dict({"train": {"cpus_per_worker": 2.0}, "tune": {"cpus_per_trial": 1.0}})
+    with pytest.raises(ConfigError, match=r"^tune\.cpus_per_trial: got 1; .*cluster has 2"):
+        _fit_resources(greedy)
