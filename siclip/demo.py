@@ -30,8 +30,8 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
     "full": {
         "world": {"n_web": 6000, "n_clean": 1000, "n_retrieval": 500, "n_zeroshot_per_class": 10},
         "captioner_steps": 800,
-        "teacher_steps": 600,
-        "student_steps": 300,
+        "teacher_steps": 300,
+        "student_steps": 200,
     },
     "quick": {
         "world": {"n_web": 1200, "n_clean": 300, "n_retrieval": 150, "n_zeroshot_per_class": 4},
