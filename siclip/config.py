@@ -235,7 +235,8 @@ class CaptionCfg:
 @dataclass(frozen=True)
 class TuneCfg:
     space: dict[str, Any] = field(default_factory=dict)
-    """Dotted config key -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} | {choice: [...]} | {grid: [...]}."""
+    """Dotted config key -> {loguniform: [lo, hi]} | {uniform: [lo, hi]} | {randint: [lo, hi]} (both ends
+    included) | {choice: [...]} | {grid: [...]}."""
     space_file: str = field(default="", metadata=_path("file"))
     """A YAML file with ``space:`` (and optionally other tune keys); merged under ``space``."""
     metric: str = "val/zeroshot_top1"
@@ -246,7 +247,8 @@ class TuneCfg:
     reduction_factor: float = field(default=2.0, metadata=_rng(1.0, lo_open=True))
     num_samples: int = field(default=8, metadata=_rng(1))
     max_concurrent_trials: int = field(default=1, metadata=_rng(1))
-    cpus_per_trial: float = field(default=1.0, metadata=_rng(0.0, lo_open=True))
+    cpus_per_trial: float = field(default=0.01, metadata=_rng(0.0, lo_open=True))
+    """CPUs for each trial's driver, which only waits on its Train workers (they reserve their own)."""
     gpus_per_trial: float = field(default=0.0, metadata=_rng(0.0))
     experiment_name: str = "siclip-tune"
     seed: int = 0

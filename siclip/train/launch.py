@@ -7,7 +7,9 @@ latest checkpoint, and ``train.max_failures`` lets Ray restart failed workers fr
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,26 @@ def resolve_max_steps(cfg: SiclipCfg) -> int:
     return max(1, math.ceil(cfg.train.epochs * samples / cfg.data.batch_size))
 
 
+def drop_unregistered_checkpoints(run_dir: Path) -> list[str]:
+    """Remove ``checkpoint_*`` folders Ray Train never registered (a driver killed mid-upload leaves them).
+
+    Ray resumes only from checkpoints listed in ``checkpoint_manager_snapshot.json`` and never deletes the
+    others, so without this a crashed run accumulates stale copies beyond ``train.keep_checkpoints``.
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return []
+    registered = {
+        r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    }
+    dropped = []
+    for folder in run_dir.glob("checkpoint_*"):
+        if folder.is_dir() and folder.name not in registered:
+            shutil.rmtree(folder, ignore_errors=True)
+            dropped.append(folder.name)
+    return dropped
+
+
 def _use_gpu(cfg: SiclipCfg) -> bool:
     if cfg.train.use_gpu == "auto":
         return bool(ray.cluster_resources().get("GPU", 0))
@@ -80,6 +102,9 @@ def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult
 
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_uri(cfg.train.runs_dir):
+        for name in drop_unregistered_checkpoints(run_dir):
+            print(f"siclip: removed {name}: written by an interrupted run, never registered by Ray Train")
     save_config(cfg, run_dir / "config.yaml")
     storage = cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
 

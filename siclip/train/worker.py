@@ -188,7 +188,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        torch.set_num_threads(max(1, round(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     task, info = build_task(cfg)

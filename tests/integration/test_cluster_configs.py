@@ -221,8 +221,9 @@ def test_rayjob_runs_the_paper_recipe_and_cleans_up() -> None:
     from ray.runtime_env import RuntimeEnv
 
     renv = yaml.safe_load(job["runtimeEnvYAML"])
-    RuntimeEnv(**renv)
     assert renv["working_dir"] == IMAGE_WORKDIR
+    # the working dir exists only inside the image; validate everything else with Ray's own checker
+    RuntimeEnv(**{k: v for k, v in renv.items() if k != "working_dir"})
     argv = shlex.split(job["entrypoint"])
     assert argv[:4] == ["siclip", "train", "--config", "configs/siclip_s0_cc12m.yaml"]
     overrides = dict(a.split("=", 1) for a in argv[4:])
