@@ -9,10 +9,10 @@ same suite as ``siclip eval``.
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
 from typing import Any
 
 from siclip.config import SiclipCfg, apply_overrides, from_dict, to_dict
+from siclip.eval.tables import save_table
 
 __all__ = ["ROWS", "format_table", "run_ablation"]
 
@@ -61,7 +61,7 @@ def run_ablation(
 ) -> tuple[dict[str, Any], str]:
     """Train and evaluate every row for ``seeds`` seeds; returns (result, Markdown table)."""
     from siclip.demo import _checked, prepare_demo
-    from siclip.eval.suite import evaluate_model
+    from siclip.eval.suite import evaluate_cfg
     from siclip.models.presets import build_preset
     from siclip.train.checkpoint import load_student_weights
     from siclip.train.launch import launch
@@ -78,18 +78,7 @@ def run_ablation(
             model = build_preset(cfg.model.name, sasp=cfg.model.sasp)
             load_student_weights(model, run.run_dir / "final")
             model.eval()
-            per_row[row].append(
-                evaluate_model(
-                    model,
-                    preset=cfg.model.name,
-                    zeroshot_dir=cfg.eval.zeroshot_dir,
-                    classnames_file=cfg.eval.classnames_file,
-                    retrieval_shards=cfg.eval.retrieval_shards,
-                    templates=cfg.eval.templates,
-                    batch_size=cfg.eval.batch_size,
-                    recall_at=(1,),
-                )
-            )
+            per_row[row].append(evaluate_cfg(model, cfg, recall_at=(1,)))
     summary = {
         row: {
             m: {
@@ -108,9 +97,7 @@ def run_ablation(
         "captions": prep.caption_quality,
     }
     table = format_table(result)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(table + "\n")
+    save_table(table, out)
     return result, table
 
 

@@ -47,7 +47,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args, ("eval", "model"))
     if not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
         raise ConfigError("eval.zeroshot_dir: got ''; allowed: set it or eval.retrieval_shards (or both)")
-    from siclip.eval.suite import evaluate_model
+    from siclip.eval.suite import evaluate_cfg
     from siclip.models.presets import build_preset
     from siclip.train.checkpoint import load_student_weights
 
@@ -57,17 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from exc
     model.eval()
-    metrics = evaluate_model(
-        model,
-        preset=cfg.model.name,
-        zeroshot_dir=cfg.eval.zeroshot_dir,
-        classnames_file=cfg.eval.classnames_file,
-        retrieval_shards=cfg.eval.retrieval_shards,
-        templates=cfg.eval.templates,
-        batch_size=cfg.eval.batch_size,
-        recall_at=cfg.eval.recall_at,
-        image_size=cfg.model.image_size,
-    )
+    metrics = evaluate_cfg(model, cfg)
     print(json.dumps({"model": cfg.model.name, "checkpoint": args.checkpoint, **metrics}, sort_keys=True))
     return 0
 

@@ -37,6 +37,8 @@ from typing import Any, Literal
 
 import torch
 
+from siclip.eval.tables import save_table
+
 __all__ = ["format_table", "main", "measure_training", "run_bench_gpu", "synthetic_batch"]
 
 MiB = 1024 * 1024
@@ -274,9 +276,7 @@ def run_bench_gpu(
         "rows": rows,
     }
     table = format_table(result)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(table + "\n")
+    save_table(table, out)
     return result, table
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from siclip.config import LossCfg, ModelCfg, SaspCfg
+from siclip.eval.tables import save_table
 
 __all__ = ["format_table", "measure_step_memory", "run_bench_memory"]
 
@@ -120,9 +120,7 @@ def run_bench_memory(
         "trainable_ratio_full_over_wi": full["trainable_params"] / wi["trainable_params"],
     }
     table = format_table(result)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(table + "\n")
+    save_table(table, out)
     return result, table
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from siclip.config import SiclipCfg, replace
+from siclip.eval.tables import save_table
 
 __all__ = ["format_table", "run_bench_train"]
 
@@ -130,9 +131,7 @@ def run_bench_train(
         "scaling_2_over_1": two_sps / one_sps,
     }
     table = format_table(result)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(table + "\n")
+    save_table(table, out)
     return result, table
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from siclip.config import expand_shards
+from siclip.config import SiclipCfg, expand_shards
 
-__all__ = ["evaluate_model"]
+__all__ = ["evaluate_cfg", "evaluate_model"]
 
 
 def evaluate_model(
@@ -62,3 +62,21 @@ def evaluate_model(
             )
         )
     return {k: float(v) for k, v in metrics.items()}
+
+
+def evaluate_cfg(
+    model: nn.Module, cfg: SiclipCfg, *, device: torch.device | str = "cpu", recall_at: tuple[int, ...] = ()
+) -> dict[str, float]:
+    """:func:`evaluate_model` with everything taken from a config's ``eval`` and ``model`` sections."""
+    return evaluate_model(
+        model,
+        preset=cfg.model.name,
+        zeroshot_dir=cfg.eval.zeroshot_dir,
+        classnames_file=cfg.eval.classnames_file,
+        retrieval_shards=cfg.eval.retrieval_shards,
+        templates=cfg.eval.templates,
+        batch_size=cfg.eval.batch_size,
+        recall_at=recall_at or cfg.eval.recall_at,
+        image_size=cfg.model.image_size,
+        device=device,
+    )

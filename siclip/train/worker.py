@@ -231,22 +231,11 @@ def train_worker(config: dict[str, Any]) -> None:
                 log.progress(step, metrics)
 
     def on_eval(step: int) -> dict[str, float]:
-        from siclip.eval.suite import evaluate_model
+        from siclip.eval.suite import evaluate_cfg
 
         if rank != 0 or not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
             return {}
-        metrics = evaluate_model(
-            _unwrap(model).student,
-            preset=cfg.model.name,
-            zeroshot_dir=cfg.eval.zeroshot_dir,
-            classnames_file=cfg.eval.classnames_file,
-            retrieval_shards=cfg.eval.retrieval_shards,
-            templates=cfg.eval.templates,
-            batch_size=cfg.eval.batch_size,
-            recall_at=cfg.eval.recall_at,
-            image_size=cfg.model.image_size,
-            device=device,
-        )
+        metrics = evaluate_cfg(_unwrap(model).student, cfg, device=device)
         named = {f"val/{k}": v for k, v in metrics.items()}
         if log is not None:
             log.scalars(step, named)
