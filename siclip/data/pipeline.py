@@ -44,8 +44,9 @@ from siclip.data.shards import (
     AtomicShardWriter,
     Manifest,
     ManifestError,
+    TruncatedMemberError,
     finished,
-    open_url,
+    iter_tar_members,
     read_manifest,
     write_manifest,
 )
@@ -114,26 +115,16 @@ def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool,
         groups.append((current_key, current))
 
     try:
-        with open_url(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                dirname, _, base = member.name.rpartition("/")
-                stem, dot, ext = base.partition(".")
-                if not dot:
-                    continue
-                key = f"{dirname}/{stem}" if dirname else stem
-                if key != current_key:
-                    flush()
-                    current_key, current = key, {}
-                f = tar.extractfile(member)
-                data = f.read() if f is not None else b""
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"{member.name}: unexpected end of data")
-                if ext.lower() in current:
-                    current["__duplicate__"] = b""
-                current[ext.lower()] = data
+        for key, ext, data in iter_tar_members(url):
+            if key != current_key:
+                flush()
+                current_key, current = key, {}
+            if ext.lower() in current:
+                current["__duplicate__"] = b""
+            current[ext.lower()] = data
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exc:
+        if isinstance(exc, TruncatedMemberError) and exc.key != current_key:
+            flush()  # the damage starts a new sample: the one before it is complete
         log.warning("%s: unreadable tar (%s); kept %d samples read before the error", url, exc, len(groups))
         return groups, False, duplicates
     flush()

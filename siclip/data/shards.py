@@ -36,12 +36,14 @@ __all__ = [
     "AtomicShardWriter",
     "Manifest",
     "ManifestError",
+    "TruncatedMemberError",
     "decode_sample",
     "encode_sample",
     "finished",
     "image_of",
     "iter_raw_samples",
     "iter_samples",
+    "iter_tar_members",
     "list_shards",
     "manifest_sample_count",
     "open_url",
@@ -406,13 +408,21 @@ def image_of(sample: dict[str, Any]) -> Any:
     raise KeyError(f"sample {sample.get('__key__')!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
 
 
-def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Raw samples (extension -> bytes, plus ``__key__``, ``__url__``) of one tar, in file order.
+class TruncatedMemberError(tarfile.ReadError):
+    """A tar member ends early; ``key`` is the sample it belonged to."""
 
-    Members are grouped by the part of the name before its first dot in the base name, like webdataset.
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def iter_tar_members(url: str) -> Iterator[tuple[str, str, bytes]]:
+    """``(sample key, extension, bytes)`` for each file member of one tar, in file order.
+
+    The key is the member name up to the first dot of its base name, like webdataset; members without an
+    extension are skipped. A member shorter than its header says raises :class:`TruncatedMemberError`.
     """
     with open_url(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        current: dict[str, Any] | None = None
         for member in tar:
             if not member.isfile():
                 continue
@@ -422,14 +432,26 @@ def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
                 continue
             key = f"{dirname}/{stem}" if dirname else stem
             f = tar.extractfile(member)
-            data = f.read() if f is not None else b""
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            current[ext] = data
-        if current is not None:
-            yield current
+            try:
+                data = f.read() if f is not None else b""
+            except (tarfile.ReadError, EOFError, OSError) as exc:  # the stream ends inside this member
+                raise TruncatedMemberError(key, f"{member.name}: {exc}") from exc
+            if len(data) != member.size:
+                raise TruncatedMemberError(key, f"{member.name}: unexpected end of data")
+            yield key, ext, data
+
+
+def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Raw samples (extension -> bytes, plus ``__key__``, ``__url__``) of one tar, in file order."""
+    current: dict[str, Any] | None = None
+    for key, ext, data in iter_tar_members(url):
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        current[ext] = data
+    if current is not None:
+        yield current
 
 
 def iter_samples(urls: str | Iterable[str], *, images: bool = True) -> Iterator[dict[str, Any]]:
