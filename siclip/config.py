@@ -37,6 +37,7 @@ __all__ = [
     "expand_shards",
     "from_dict",
     "load_config",
+    "read_yaml_mapping",
     "save_config",
     "to_dict",
 ]
@@ -567,6 +568,20 @@ def _check_semantics(cfg: SiclipCfg) -> None:
             raise ConfigError(f"eval.templates[{i}]: got {t!r}; allowed: a string containing '{{}}'")
 
 
+def read_yaml_mapping(path: str | os.PathLike[str], *, key: str) -> dict[str, Any]:
+    """A YAML file holding a mapping; errors name ``key`` (the option or config key that gave the path)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{key}: got {str(path)!r}; no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: {str(path)!r} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -577,17 +592,7 @@ def load_config(
 
     ``check_files`` may be a tuple of section names to check only those stages' paths.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: got {str(path)!r}; no such file")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config: {str(path)!r} is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"--config: {str(path)!r} must hold a mapping at the top level")
+    data = read_yaml_mapping(path, key="--config") if path is not None else {}
     data = apply_overrides(data, list(overrides))
     cfg = from_dict(data)
     _check_semantics(cfg)

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from siclip.config import (
     ConfigError,
     SiclipCfg,
@@ -29,6 +27,7 @@ from siclip.config import (
     apply_overrides,
     from_dict,
     is_uri,
+    read_yaml_mapping,
     replace,
     save_config,
     to_dict,
@@ -141,15 +140,7 @@ def parse_space(space: dict[str, Any], *, base: dict[str, Any] | None = None) ->
 # ----------------------------------------------------------------------------------- space files
 def _read_space_file(path: str) -> dict[str, Any]:
     """The ``tune`` section of a space file: a config-style file with ``tune:``, or bare tune keys."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"tune.space_file: got {path!r}; no such file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"tune.space_file: {path!r} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"tune.space_file: {path!r} must hold a mapping at the top level")
+    data = read_yaml_mapping(path, key="tune.space_file")
     if "tune" in data:
         other = sorted(set(data) - {"tune"})
         if other:
