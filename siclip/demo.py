@@ -84,9 +84,8 @@ def _checked(cfg: SiclipCfg) -> SiclipCfg:
     return cfg
 
 
-def _stage(title: str) -> float:
+def _stage(title: str) -> None:
     print(f"\n=== {title} ===", flush=True)
-    return time.perf_counter()
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
         teacher_dim=preset_info(cfg.teacher.name).embed_dim if teacher is not None else None,
         gather_with_grad=cfg.loss.gather_with_grad,
     )
-    info = {"inherit_report": report.summary() if report is not None and hasattr(report, "summary") else None}
+    info = {"inherit_report": report.summary() if report is not None else None}
     task = SiclipTask(student, loss, teacher)
     task.to(memory_format=torch.channels_last)  # matches the channels-last images from the loop
     return task, info
