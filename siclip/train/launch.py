@@ -79,6 +79,13 @@ def drop_unregistered_checkpoints(run_dir: Path) -> list[str]:
     return dropped
 
 
+def _tidy_checkpoints(cfg: SiclipCfg, run_dir: Path) -> None:
+    if is_uri(cfg.train.runs_dir):
+        return
+    for name in drop_unregistered_checkpoints(run_dir):
+        print(f"siclip: removed {name}: written by an interrupted run, never registered by Ray Train")
+
+
 def _use_gpu(cfg: SiclipCfg) -> bool:
     if cfg.train.use_gpu == "auto":
         return bool(ray.cluster_resources().get("GPU", 0))
@@ -102,9 +109,7 @@ def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult
 
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not is_uri(cfg.train.runs_dir):
-        for name in drop_unregistered_checkpoints(run_dir):
-            print(f"siclip: removed {name}: written by an interrupted run, never registered by Ray Train")
+    _tidy_checkpoints(cfg, run_dir)
     save_config(cfg, run_dir / "config.yaml")
     storage = cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
 
@@ -124,7 +129,10 @@ def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult
             callbacks=callbacks or None,
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:  # a worker killed mid-upload (then restarted by FailureConfig) leaves its folder behind too
+        _tidy_checkpoints(cfg, run_dir)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return TrainResult(
         run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}), max_steps=max_steps
