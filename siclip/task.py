@@ -74,7 +74,9 @@ class SiclipTask(nn.Module):
         t_txt = teacher.encode_text(torch.cat(texts), normalize=True).float()
         return t_img, t_txt
 
-    def forward(self, batch: dict[str, Tensor], *, rank: int = 0, world_size: int = 1) -> dict[str, Tensor]:
+    def forward(
+        self, batch: dict[str, Tensor], *, rank: int = 0, world_size: int = 1, keep_terms: bool = False
+    ) -> dict[str, Tensor]:
         texts = [batch["text"]]
         if "syn_text" in batch:
             texts.append(batch["syn_text"])
@@ -92,10 +94,17 @@ class SiclipTask(nn.Module):
                 (teacher[0], teacher[1][i * n : (i + 1) * n]) if teacher is not None else (None, None)
             )
             terms = self.loss(
-                s_img, s_txt[i * n : (i + 1) * n], logit_scale, t_img, t_txt, rank=rank, world_size=world_size
+                s_img,
+                s_txt[i * n : (i + 1) * n],
+                logit_scale,
+                t_img,
+                t_txt,
+                rank=rank,
+                world_size=world_size,
+                keep_terms=keep_terms,
             )
             for key, value in terms.items():
-                if key.endswith("loss"):
+                if key.endswith("loss") or key.startswith("term/"):  # summed over the caption sets
                     out[key] = out[key] + value if key in out else value
                 else:
                     out.setdefault(key, value)  # temperatures: the same for both caption sets

@@ -103,8 +103,11 @@ class WIKDLoss(nn.Module):
         rank: int = 0,
         world_size: int = 1,
         generator: torch.Generator | None = None,
+        keep_terms: bool = False,
     ) -> dict[str, Tensor]:
         """``loss`` (with gradient), each computed term as ``<name>_loss`` (detached) and ``temp/*`` (0-d).
+
+        ``keep_terms`` adds ``term/<name>``: each weighted term with its graph, for per-term gradients.
 
         Runs in fp32 even inside an autocast region: bf16 logits at scale 100 would be coarser than the
         differences the contrastive terms learn from, and the loss is cheap next to the encoders.
@@ -119,6 +122,7 @@ class WIKDLoss(nn.Module):
                 rank=rank,
                 world_size=world_size,
                 generator=generator,
+                keep_terms=keep_terms,
             )
 
     def _forward(
@@ -132,6 +136,7 @@ class WIKDLoss(nn.Module):
         rank: int,
         world_size: int,
         generator: torch.Generator | None,
+        keep_terms: bool,
     ) -> dict[str, Tensor]:
         if (t_img is None) != (t_txt is None):
             raise ValueError("pass both teacher embeddings or neither")
@@ -176,8 +181,11 @@ class WIKDLoss(nn.Module):
                 terms["icl"] = self.icl(*self._project(g_img, g_txt), gt_img, gt_txt)
         if not terms:
             raise ValueError("no loss term is active: every weight is 0 (or only KD terms and no teacher)")
-        out["loss"] = torch.stack([self.weights[name] * value for name, value in terms.items()]).sum()
+        weighted = {name: self.weights[name] * value for name, value in terms.items()}
+        out["loss"] = torch.stack(list(weighted.values())).sum()
         out.update({f"{name}_loss": value.detach() for name, value in terms.items()})
+        if keep_terms:
+            out.update({f"term/{name}": value for name, value in weighted.items()})
         return out
 
 

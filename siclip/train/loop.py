@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from siclip.config import OptimCfg
+from siclip.train.grad_share import GradShare, term_gradient_norms
 
 __all__ = [
     "LoopHooks",
@@ -227,14 +228,27 @@ def run_loop(
     rank: int = 0,
     world_size: int = 1,
     hooks: LoopHooks | None = None,
+    grad_share: GradShare | None = None,
 ) -> LoopState:
-    """Train from ``state.step`` to ``max_steps``; every rank runs exactly the same number of steps."""
+    """Train from ``state.step`` to ``max_steps``; every rank runs exactly the same number of steps.
+
+    ``grad_share`` (rank 0 only): per-term gradient norms on the step's batch, merged into the next log.
+    """
     hooks = hooks or LoopHooks()
     task.train()
     meter = _Meter()
     last_eval: dict[str, float] = {}
+    shares: dict[str, float] = {}
     while state.step < max_steps:
         batch = next(batches)
+        if grad_share is not None and rank == 0 and grad_share.due(state.step + 1):
+            batch = _to_device(batch, device)
+            shares = term_gradient_norms(
+                grad_share.model,
+                batch,
+                grad_share.params,
+                autocast=lambda: autocast_context(precision, device),
+            )
         ok, metrics = train_step(
             task,
             batch,
@@ -266,6 +280,8 @@ def run_loop(
         if hooks.on_log and (state.step % log_every == 0 or final):
             logged = meter.flush()
             logged["optim/bad_steps"] = float(state.bad_steps)
+            logged.update(shares)
+            shares = {}
             hooks.on_log(state.step, logged)
         if hooks.on_eval and ((eval_every and state.step % eval_every == 0) or final):
             last_eval = hooks.on_eval(state.step)

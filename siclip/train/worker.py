@@ -26,6 +26,7 @@ from torch import nn
 from siclip.config import SiclipCfg, expand_shards, from_dict, is_uri, to_dict
 from siclip.task import SiclipTask
 from siclip.train.checkpoint import load_checkpoint, save_checkpoint, save_student
+from siclip.train.grad_share import GradShare
 from siclip.train.loop import (
     LoopHooks,
     LoopState,
@@ -259,6 +260,13 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
     hooks = LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint)
+    grad_share = GradShare(
+        every=cfg.train.grad_share_every,
+        model=task,
+        # the student's trainable weights: the loss's own (PM head, projector) would mask how it is pulled
+        params=[p for p in task.student.parameters() if p.requires_grad]
+        or [p for p in task.parameters() if p.requires_grad],
+    )
     run_loop(
         model,
         batches,
@@ -277,6 +285,7 @@ def train_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world_size,
         hooks=hooks,
+        grad_share=grad_share if grad_share.every else None,
     )
     drift = _replica_drift(_unwrap(model), world_size)
     if rank == 0:
