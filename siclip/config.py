@@ -185,8 +185,10 @@ class TrainCfg:
     """Steps with a NaN/inf loss are skipped and counted; the run stops when the count passes this."""
     max_failures: int = field(default=0, metadata=_rng(-1))
     """Ray Train worker-failure retries (-1: unlimited); each retry resumes from the last checkpoint."""
+    grad_share_every: int = field(default=0, metadata=_rng(0))
+    """Every N steps log each loss term's gradient norm and share on the student (0: off; costs one forward
+    and one backward per term on rank 0)."""
     progress: bool = True
-    compile: bool = False
 
 
 @dataclass(frozen=True)
