@@ -32,12 +32,14 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
         "captioner_steps": 800,
         "teacher_steps": 300,
         "student_steps": 200,
+        "student_grad_share_every": 40,
     },
     "quick": {
         "world": {"n_web": 1200, "n_clean": 300, "n_retrieval": 150, "n_zeroshot_per_class": 4},
         "captioner_steps": 60,
         "teacher_steps": 60,
         "student_steps": 30,
+        "student_grad_share_every": 10,
     },
 }
 
@@ -121,7 +123,13 @@ def prepare_demo(
         f"web {len(world.web_shards)} shards, clean {len(world.clean_shards)}, zero-shot {world.zeroshot_dir}"
     )
     student_cfg = demo_config(
-        "demo", root=root, overrides=[f"train.max_steps={sizes['student_steps']}", *overrides]
+        "demo",
+        root=root,
+        overrides=[
+            f"train.max_steps={sizes['student_steps']}",
+            f"train.grad_share_every={sizes['student_grad_share_every']}",
+            *overrides,
+        ],
     )
     teacher_cfg = demo_config(
         "demo_teacher", root=root, overrides=[f"train.max_steps={sizes['teacher_steps']}", *overrides]
@@ -177,12 +185,24 @@ def run_demo(
         "captions": prep.caption_quality,
         "teacher": {**teacher_metrics, "image_params": teacher_params["image"]},
         "student": {**student_metrics, "image_params": student_params["image"]},
+        "student_grad_share": last_grad_shares(student_run.run_dir),
         "seconds": round(time.perf_counter() - started, 1),
     }
     table = format_results(results)
     print("\n" + table, flush=True)
     (Path(out_dir) / "results.md").write_text(table + "\n")
     return results
+
+
+def last_grad_shares(run_dir: str | Path) -> dict[str, float]:
+    """The run's last logged ``grad_share/<term>`` values (``train.grad_share_every``), with their step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    for row in reversed(rows):
+        shares = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("grad_share/")}
+        if shares:
+            return {"step": row["step"], **shares}
+    return {}
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -201,4 +221,12 @@ def format_results(results: dict[str, Any]) -> str:
     lines.append(
         f"\nzero-shot chance: {100 * results['chance_top1']:.1f} %; demo took {results['seconds']} s"
     )
+    shares = dict(results.get("student_grad_share") or {})
+    if shares:
+        step = int(shares.pop("step"))
+        ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+        lines.append(
+            f"student gradient share per loss term (step {step}): "
+            + ", ".join(f"{name} {100 * v:.2f} %" for name, v in ranked)
+        )
     return "\n".join(lines)

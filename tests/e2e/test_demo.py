@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from siclip.cli import main
+from siclip.demo import last_grad_shares
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -37,3 +38,7 @@ def test_quick_demo_runs_every_stage(
     assert len(evals) == 2 and all(0.0 <= e["zeroshot_top1"] <= 1.0 for e in evals)
     table = (out / "results.md").read_text()
     assert "| teacher |" in table and "| student |" in table
+    # the student logged each loss term's gradient share (train.grad_share_every=10 in the quick demo)
+    shares = last_grad_shares(out / "demo-student")
+    assert shares.pop("step") == 30 and set(shares) == {"clip", "fd", "crd", "icl", "pm"}, shares
+    assert abs(sum(shares.values()) - 1) < 1e-6 and "student gradient share per loss term (step 30)" in table
