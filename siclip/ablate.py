@@ -14,7 +14,7 @@ from typing import Any
 from siclip.config import SiclipCfg, apply_overrides, from_dict, to_dict
 from siclip.eval.tables import save_table
 
-__all__ = ["ROWS", "format_table", "run_ablation"]
+__all__ = ["ROWS", "format_table", "run_ablation", "summarize"]
 
 NO_KD = [
     "loss.fd_weight=0",
@@ -60,7 +60,7 @@ def run_ablation(
     out: str | None = "benchmarks/ablation.md",
 ) -> tuple[dict[str, Any], str]:
     """Train and evaluate every row for ``seeds`` seeds; returns (result, Markdown table)."""
-    from siclip.demo import _checked, prepare_demo
+    from siclip.demo import _checked, last_grad_shares, prepare_demo
     from siclip.eval.suite import evaluate_cfg
     from siclip.models.presets import build_preset
     from siclip.train.checkpoint import load_student_weights
@@ -78,17 +78,11 @@ def run_ablation(
             model = build_preset(cfg.model.name, sasp=cfg.model.sasp)
             load_student_weights(model, run.run_dir / "final")
             model.eval()
-            per_row[row].append(evaluate_cfg(model, cfg, recall_at=(1,)))
-    summary = {
-        row: {
-            m: {
-                "mean": statistics.fmean(r[m] for r in runs),
-                "std": statistics.pstdev([r[m] for r in runs]) if len(runs) > 1 else 0.0,
-            }
-            for m in METRICS
-        }
-        for row, runs in per_row.items()
-    }
+            metrics = evaluate_cfg(model, cfg, recall_at=(1,))
+            shares = last_grad_shares(run.run_dir)
+            shares.pop("step", None)
+            per_row[row].append({**metrics, **{f"grad_share/{k}": v for k, v in shares.items()}})
+    summary = summarize(per_row)
     result = {
         "seeds": seeds,
         "steps": steps,
@@ -101,16 +95,50 @@ def run_ablation(
     return result, table
 
 
+def summarize(per_row: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Per row: mean and population std over seeds of each metric, and the mean gradient shares."""
+    return {
+        row: {
+            m: {
+                "mean": statistics.fmean(r[m] for r in runs),
+                "std": statistics.pstdev([r[m] for r in runs]) if len(runs) > 1 else 0.0,
+            }
+            for m in METRICS
+        }
+        | _mean_shares(runs)
+        for row, runs in per_row.items()
+    }
+
+
+def _mean_shares(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean ``grad_share/<term>`` over the seeds that logged it (``train.grad_share_every``)."""
+    keys = sorted({k for r in runs for k in r if k.startswith("grad_share/")})
+    return {k: {"mean": statistics.fmean(r[k] for r in runs if k in r)} for k in keys}
+
+
+def _shares_cell(metrics: dict[str, Any]) -> str:
+    shares = {k.split("/", 1)[1]: v["mean"] for k, v in metrics.items() if k.startswith("grad_share/")}
+    ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{name} {_pct(100 * v)}" for name, v in ranked) or "-"
+
+
+def _pct(x: float) -> str:
+    """Two significant digits without exponents: 91, 3.7, 0.012."""
+    if x == 0:
+        return "0"
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}" if x >= 1e-3 else "<0.001"
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"# Ablation on the demo world ({result['seeds']} seed(s), {result['steps']} student steps each)",
         "",
         "Produced by `siclip ablate`. Values in %, mean ± population std over seeds.",
         "",
-        "| row | " + " | ".join(METRICS) + " |",
-        "|---|" + "---:|" * len(METRICS),
+        "| row | " + " | ".join(METRICS) + " | gradient share per term, % (last measured) |",
+        "|---|" + "---:|" * len(METRICS) + "---|",
     ]
     for row, metrics in result["rows"].items():
         cells = [f"{100 * metrics[m]['mean']:.1f} ± {100 * metrics[m]['std']:.1f}" for m in METRICS]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {_shares_cell(metrics)} |")
     return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""The ablation's rows and its summary table (the training itself is the same ``launch`` as ``siclip train``)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from siclip.ablate import ROWS, _row_cfg, format_table, summarize
+from siclip.config import SiclipCfg
+
+
+def test_rows_switch_the_paper_components() -> None:
+    base = SiclipCfg()
+    baseline = _row_cfg(base, "baseline", 2, 80)
+    assert not baseline.model.inherit and not baseline.teacher.enabled and baseline.loss.fd_weight == 0
+    assert baseline.train.seed == 2 and baseline.train.max_steps == 80
+    assert baseline.train.run_name == "ablate-baseline-s2"
+    wi = _row_cfg(base, "WI", 0, 80)
+    assert wi.model.inherit and wi.loss.pm_weight == 0 and wi.loss.icl_weight == 0
+    wikd = _row_cfg(base, "WIKD", 0, 80)
+    assert wikd.loss.fd_weight == base.loss.fd_weight and wikd.loss.pm_weight == 0
+    full = _row_cfg(base, "WIKD+PM", 0, 80)
+    assert full.loss == base.loss
+    real = _row_cfg(base, "WIKD+PM, real captions only", 0, 80)
+    assert real.data.synthetic == "off" and real.train.run_name == "ablate-wikd-pm-real-captions-only-s0"
+    assert len({_row_cfg(base, r, 0, 80).train.run_name for r in ROWS}) == len(ROWS)
+
+
+def test_summary_means_spreads_and_shares() -> None:
+    runs = {
+        "WI": [
+            {"zeroshot_top1": 0.5, "i2t_r@1": 0.2, "t2i_r@1": 0.4, "grad_share/clip": 1.0},
+            {"zeroshot_top1": 0.6, "i2t_r@1": 0.1, "t2i_r@1": 0.3, "grad_share/clip": 1.0},
+        ],
+        "WIKD+PM": [
+            {
+                "zeroshot_top1": 0.7,
+                "i2t_r@1": 0.3,
+                "t2i_r@1": 0.5,
+                "grad_share/fd": 0.9,
+                "grad_share/pm": 0.1,
+            },
+            {
+                "zeroshot_top1": 0.7,
+                "i2t_r@1": 0.3,
+                "t2i_r@1": 0.5,
+                "grad_share/fd": 0.7,
+                "grad_share/pm": 0.3,
+            },
+        ],
+    }
+    rows = summarize(runs)
+    assert rows["WI"]["zeroshot_top1"]["mean"] == pytest.approx(0.55)
+    assert rows["WI"]["zeroshot_top1"]["std"] == pytest.approx(statistics.pstdev([0.5, 0.6]))
+    assert rows["WIKD+PM"]["grad_share/fd"]["mean"] == pytest.approx(0.8)
+    table = format_table({"seeds": 2, "steps": 80, "rows": rows})
+    lines = table.splitlines()
+    assert lines[0] == "# Ablation on the demo world (2 seed(s), 80 student steps each)"
+    assert "| WI | 55.0 ± 5.0 | 15.0 ± 5.0 | 35.0 ± 5.0 | clip 100 |" in lines
+    assert "| WIKD+PM | 70.0 ± 0.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | fd 80, pm 20 |" in lines
