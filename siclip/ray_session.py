@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -9,7 +10,16 @@ import ray
 
 from siclip.config import RayCfg
 
-__all__ = ["init_ray"]
+__all__ = ["init_ray", "quiet_without_dashboard"]
+
+# Ray Train's PlacementGroupCleaner asks the dashboard's State API every second whether the controller is
+# alive; with no dashboard each ask fails with a warning, for the whole run. It can never act then anyway.
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_without_dashboard() -> None:
+    """Worker set-up hook for a local Ray started without a dashboard: mute the cleaner's warnings."""
+    logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def init_ray(ray_cfg: RayCfg) -> None:
@@ -21,6 +31,8 @@ def init_ray(ray_cfg: RayCfg) -> None:
         ray.init(address=address)
         return
     kwargs: dict[str, Any] = {"include_dashboard": ray_cfg.include_dashboard}
+    if not ray_cfg.include_dashboard:
+        kwargs["runtime_env"] = {"worker_process_setup_hook": "siclip.ray_session.quiet_without_dashboard"}
     if ray_cfg.num_cpus:
         kwargs["num_cpus"] = ray_cfg.num_cpus
     if ray_cfg.object_store_memory_mb:
