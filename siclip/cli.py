@@ -187,7 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the embedded demo world end to end on CPU")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's data and runs")
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo (for tests)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every training stage")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="overrides for every training stage (model.*, loss.*, teacher.*: the student only)",
+    )
     p = add(
         "ablate", cmd_ablate, "the paper's ablation rows on the demo world (table to benchmarks/ablation.md)"
     )
@@ -197,7 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="overrides for every row (model.*, loss.*, teacher.*: not the teacher stage)",
+    )
     data = sub.add_parser("data", help="data stages (siclip data build ...)").add_subparsers(
         dest="action", required=True
     )

@@ -44,6 +44,15 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+STUDENT_ONLY = ("model.", "loss.", "teacher.")
+"""Override prefixes that describe the student's experiment; the teacher stage keeps its own settings."""
+
+
+def teacher_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """The demo's overrides that also apply to the teacher stage (train, data, optim, ray, eval, ...)."""
+    return [o for o in overrides if not o.strip().startswith(STUDENT_ONLY)]
+
+
 def _rebase(value: Any, root: str) -> Any:
     """Point the configs' ``runs/demo/...`` paths at another demo folder."""
     if isinstance(value, str):
@@ -132,7 +141,9 @@ def prepare_demo(
         ],
     )
     teacher_cfg = demo_config(
-        "demo_teacher", root=root, overrides=[f"train.max_steps={sizes['teacher_steps']}", *overrides]
+        "demo_teacher",
+        root=root,
+        overrides=[f"train.max_steps={sizes['teacher_steps']}", *teacher_overrides(overrides)],
     )
 
     _stage("2/6 captioner: tiny CoCa on the clean captions, then CC12M-SYN of the web set (Ray Data)")

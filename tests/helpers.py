@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -51,8 +50,6 @@ SICLIP = [sys.executable, "-m", "siclip.cli"]
 
 def registered_checkpoints(run: Path) -> int:
     """Checkpoints Ray Train has registered for a run (a folder alone may still be uploading)."""
-    snapshot = run / "checkpoint_manager_snapshot.json"
-    try:
-        return len(json.loads(snapshot.read_text()).get("checkpoint_results", []))
-    except (OSError, ValueError):
-        return 0
+    from siclip.train.launch import registered_checkpoints as names
+
+    return len(names(run) or ())

@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 import ray.train
+import yaml
 from ray.train.torch import TorchTrainer
 
 from siclip.config import (
@@ -59,24 +60,67 @@ def resolve_max_steps(cfg: SiclipCfg) -> int:
     return max(1, math.ceil(cfg.train.epochs * samples / cfg.data.batch_size))
 
 
+def registered_checkpoints(run_dir: Path) -> set[str] | None:
+    """Folder names of the checkpoints Ray Train registered for a local run; None when it has no snapshot."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+
+
 def drop_unregistered_checkpoints(run_dir: Path) -> list[str]:
     """Remove ``checkpoint_*`` folders Ray Train never registered (a driver killed mid-upload leaves them).
 
     Ray resumes only from checkpoints listed in ``checkpoint_manager_snapshot.json`` and never deletes the
     others, so without this a crashed run accumulates stale copies beyond ``train.keep_checkpoints``.
     """
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
+    registered = registered_checkpoints(run_dir)
+    if registered is None:
         return []
-    registered = {
-        r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text()).get("checkpoint_results", [])
-    }
     dropped = []
     for folder in run_dir.glob("checkpoint_*"):
         if folder.is_dir() and folder.name not in registered:
             shutil.rmtree(folder, ignore_errors=True)
             dropped.append(folder.name)
     return dropped
+
+
+RESUME_SECTIONS = ("model", "loss", "teacher")
+"""What a run is: resuming it with other values in these sections would mix two experiments (or fail to load)."""
+
+
+def _flat(section: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flat(f"{section}.{key}", sub).items()}
+    return {section: list(value) if isinstance(value, tuple) else value}
+
+
+def check_resume_compatible(cfg: SiclipCfg, run_dir: Path) -> None:
+    """Refuse to resume a run that has checkpoints under a different model, loss or teacher.
+
+    Compares with the run's saved ``config.yaml`` (local runs; with URI storage the checkpoints are remote
+    and this check is skipped). Keys only one side knows (an older schema) are skipped.
+    Everything else (steps, logging, workers, data loading, optimiser) may change between resumes.
+    """
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file() or not registered_checkpoints(run_dir):
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    now = to_dict(cfg)
+    diffs = []
+    for section in RESUME_SECTIONS:
+        old, new = _flat(section, saved.get(section, {})), _flat(section, now[section])
+        diffs += [
+            f"{k}: {old[k]!r} saved, {new[k]!r} now"
+            for k in sorted(old.keys() & new.keys())
+            if old[k] != new[k]
+        ]
+    if diffs:
+        raise ConfigError(
+            f"train.run_name: got {cfg.train.run_name!r}, a run in {run_dir} with checkpoints from a different "
+            f"setup ({'; '.join(diffs)}); allowed: its saved settings to resume it, or a new train.run_name"
+        )
 
 
 def _tidy_checkpoints(cfg: SiclipCfg, run_dir: Path) -> None:
@@ -98,6 +142,7 @@ def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult
         raise ConfigError("data.train_shards: got []; allowed: one or more shard paths or patterns")
     cfg = absolutize(cfg)
     max_steps = resolve_max_steps(cfg)
+    check_resume_compatible(cfg, run_dir_of(cfg))
     init_ray(cfg.ray)
     use_gpu = _use_gpu(cfg)
     if use_gpu and not ray.cluster_resources().get("GPU", 0):
