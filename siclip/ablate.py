@@ -8,10 +8,11 @@ same suite as ``siclip eval``.
 
 from __future__ import annotations
 
+import re
 import statistics
 from typing import Any
 
-from siclip.config import SiclipCfg, apply_overrides, from_dict, to_dict
+from siclip.config import ConfigError, SiclipCfg, apply_overrides, from_dict, to_dict
 from siclip.eval.tables import save_table
 
 __all__ = ["ROWS", "format_table", "run_ablation", "summarize"]
@@ -33,8 +34,8 @@ ROWS: dict[str, list[str]] = {
 METRICS = ("zeroshot_top1", "i2t_r@1", "t2i_r@1")
 
 
-def _row_cfg(base: SiclipCfg, row: str, seed: int, steps: int) -> SiclipCfg:
-    slug = row.lower().replace("+", "-").replace(",", "").replace(" ", "-")
+def _row_cfg(base: SiclipCfg, row: str, seed: int, steps: int, tag: str = "") -> SiclipCfg:
+    slug = row.lower().replace("+", "-").replace(",", "").replace(" ", "-") + (f"-{tag}" if tag else "")
     return from_dict(
         apply_overrides(
             to_dict(base),
@@ -58,8 +59,18 @@ def run_ablation(
     overrides: list[str] | tuple[str, ...] = (),
     config: str = "demo",
     out: str | None = "benchmarks/ablation.md",
+    tag: str = "",
 ) -> tuple[dict[str, Any], str]:
-    """Train and evaluate every row for ``seeds`` seeds; returns (result, Markdown table)."""
+    """Train and evaluate every row for ``seeds`` seeds; returns (result, Markdown table).
+
+    ``tag`` names a variant (``overrides`` on top of the rows): its runs get their own folders, so they
+    neither resume nor collide with the plain ablation's.
+    """
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ConfigError(f"ablate --row: got {unknown[0]!r}; allowed: {', '.join(map(repr, ROWS))}")
+    if tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+        raise ConfigError(f"ablate --tag: got {tag!r}; allowed: letters, digits, '_', '.', '-'")
     from siclip.demo import _checked, last_grad_shares, prepare_demo
     from siclip.eval.suite import evaluate_cfg
     from siclip.models.presets import build_preset
@@ -72,7 +83,7 @@ def run_ablation(
     per_row: dict[str, list[dict[str, float]]] = {row: [] for row in rows}
     for seed in range(seeds):
         for row in rows:
-            cfg = _checked(_row_cfg(base, row, seed, steps))
+            cfg = _checked(_row_cfg(base, row, seed, steps, tag))
             print(f"\n=== ablation: {row}, seed {seed} ===", flush=True)
             run = launch(cfg)
             model = build_preset(cfg.model.name, sasp=cfg.model.sasp)
@@ -84,6 +95,8 @@ def run_ablation(
             per_row[row].append({**metrics, **{f"grad_share/{k}": v for k, v in shares.items()}})
     summary = summarize(per_row)
     result = {
+        "tag": tag,
+        "overrides": list(overrides),
         "seeds": seeds,
         "steps": steps,
         "rows": summary,
@@ -130,10 +143,11 @@ def _pct(x: float) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
+    extra = f"; overrides: `{' '.join(result['overrides'])}`" if result.get("overrides") else ""
     lines = [
         f"# Ablation on the demo world ({result['seeds']} seed(s), {result['steps']} student steps each)",
         "",
-        "Produced by `siclip ablate`. Values in %, mean ± population std over seeds.",
+        f"Produced by `siclip ablate`{extra}. Values in %, mean ± population std over seeds.",
         "",
         "| row | " + " | ".join(METRICS) + " | gradient share per term, % (last measured) |",
         "|---|" + "---:|" * len(METRICS) + "---|",

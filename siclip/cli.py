@@ -106,7 +106,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from siclip.ablate import run_ablation
+    from siclip.ablate import ROWS, run_ablation
 
     result, table = run_ablation(
         out_dir=args.out,
@@ -115,6 +115,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         quick=args.quick,
         overrides=args.overrides,
         config=args.config,
+        rows=tuple(args.row or ROWS),
+        tag=args.tag,
+        out=f"benchmarks/ablation-{args.tag}.md" if args.tag else "benchmarks/ablation.md",
     )
     if args.json:
         _print_json(result)
@@ -199,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/demo.yaml", help="the student config every row starts from")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--steps", type=int, default=0, help="student steps per row (0: the config's)")
+    p.add_argument("--row", action="append", help="run only this row (repeatable), e.g. --row WIKD+PM")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="name a variant: run folders ablate-<row>-<tag>-s<seed>, table benchmarks/ablation-<tag>.md",
+    )
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", action="store_true")

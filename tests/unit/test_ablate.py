@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import pytest
 
-from siclip.ablate import ROWS, _row_cfg, format_table, summarize
-from siclip.config import SiclipCfg
+from siclip.ablate import ROWS, _row_cfg, format_table, run_ablation, summarize
+from siclip.config import ConfigError, SiclipCfg
 
 
 def test_rows_switch_the_paper_components() -> None:
@@ -25,6 +26,20 @@ def test_rows_switch_the_paper_components() -> None:
     real = _row_cfg(base, "WIKD+PM, real captions only", 0, 80)
     assert real.data.synthetic == "off" and real.train.run_name == "ablate-wikd-pm-real-captions-only-s0"
     assert len({_row_cfg(base, r, 0, 80).train.run_name for r in ROWS}) == len(ROWS)
+    assert _row_cfg(base, "WIKD+PM", 1, 80, tag="pm20").train.run_name == "ablate-wikd-pm-pm20-s1"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rows": ("WIKD",), "tag": "a b"}, r"^ablate --tag: got 'a b'"),
+        ({"rows": ("WIKD", "KD-only")}, r"^ablate --row: got 'KD-only'; allowed: 'baseline', 'WI'"),
+    ],
+)
+def test_bad_rows_and_tags_fail_before_any_work(kwargs: dict, message: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run_ablation(out_dir=str(tmp_path / "never"), **kwargs)
+    assert not (tmp_path / "never").exists()
 
 
 def test_summary_means_spreads_and_shares() -> None:
@@ -54,8 +69,9 @@ def test_summary_means_spreads_and_shares() -> None:
     assert rows["WI"]["zeroshot_top1"]["mean"] == pytest.approx(0.55)
     assert rows["WI"]["zeroshot_top1"]["std"] == pytest.approx(statistics.pstdev([0.5, 0.6]))
     assert rows["WIKD+PM"]["grad_share/fd"]["mean"] == pytest.approx(0.8)
-    table = format_table({"seeds": 2, "steps": 80, "rows": rows})
+    table = format_table({"seeds": 2, "steps": 80, "rows": rows, "overrides": ["loss.pm_weight=20"]})
     lines = table.splitlines()
     assert lines[0] == "# Ablation on the demo world (2 seed(s), 80 student steps each)"
+    assert lines[2].startswith("Produced by `siclip ablate`; overrides: `loss.pm_weight=20`.")
     assert "| WI | 55.0 ± 5.0 | 15.0 ± 5.0 | 35.0 ± 5.0 | clip 100 |" in lines
     assert "| WIKD+PM | 70.0 ± 0.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | fd 80, pm 20 |" in lines
