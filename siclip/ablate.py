@@ -14,6 +14,7 @@ from typing import Any
 
 from siclip.config import ConfigError, SiclipCfg, apply_overrides, from_dict, to_dict
 from siclip.eval.tables import save_table
+from siclip.train.grad_share import format_shares
 
 __all__ = ["ROWS", "format_table", "run_ablation", "summarize"]
 
@@ -71,11 +72,12 @@ def run_ablation(
         raise ConfigError(f"ablate --row: got {unknown[0]!r}; allowed: {', '.join(map(repr, ROWS))}")
     if tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
         raise ConfigError(f"ablate --tag: got {tag!r}; allowed: letters, digits, '_', '.', '-'")
-    from siclip.demo import _checked, last_grad_shares, prepare_demo
+    from siclip.demo import _checked, prepare_demo
     from siclip.eval.suite import evaluate_cfg
     from siclip.models.presets import build_preset
     from siclip.train.checkpoint import load_student_weights
     from siclip.train.launch import launch
+    from siclip.train.worker import last_grad_shares
 
     prep = prepare_demo(out_dir=out_dir, quick=quick, overrides=overrides, student_config=config)
     base = prep.student_cfg
@@ -90,8 +92,7 @@ def run_ablation(
             load_student_weights(model, run.run_dir / "final")
             model.eval()
             metrics = evaluate_cfg(model, cfg, recall_at=(1,))
-            shares = last_grad_shares(run.run_dir)
-            shares.pop("step", None)
+            _, shares = last_grad_shares(run.run_dir)
             per_row[row].append({**metrics, **{f"grad_share/{k}": v for k, v in shares.items()}})
     summary = summarize(per_row)
     result = {
@@ -131,15 +132,7 @@ def _mean_shares(runs: list[dict[str, float]]) -> dict[str, Any]:
 
 def _shares_cell(metrics: dict[str, Any]) -> str:
     shares = {k.split("/", 1)[1]: v["mean"] for k, v in metrics.items() if k.startswith("grad_share/")}
-    ranked = sorted(shares.items(), key=lambda kv: -kv[1])
-    return ", ".join(f"{name} {_pct(100 * v)}" for name, v in ranked) or "-"
-
-
-def _pct(x: float) -> str:
-    """Two significant digits without exponents: 91, 3.7, 0.012."""
-    if x == 0:
-        return "0"
-    return f"{x:.0f}" if x >= 10 else f"{x:.2g}" if x >= 1e-3 else "<0.001"
+    return format_shares(shares) or "-"
 
 
 def format_table(result: dict[str, Any]) -> str:

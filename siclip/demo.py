@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from siclip.config import ConfigError, SiclipCfg, apply_overrides, check_paths, from_dict
+from siclip.train.grad_share import format_shares
 
 __all__ = ["DEMO_SIZES", "DemoPrep", "demo_config", "prepare_demo", "run_demo"]
 
@@ -173,6 +174,7 @@ def run_demo(
     from siclip.models.info import param_counts
     from siclip.models.presets import build_preset
     from siclip.train.launch import launch
+    from siclip.train.worker import last_grad_shares
 
     started = time.perf_counter()
     prep = prepare_demo(out_dir=out_dir, quick=quick, overrides=overrides)
@@ -191,29 +193,19 @@ def run_demo(
     teacher_params = param_counts(build_preset(prep.teacher_cfg.model.name))
     student_params = param_counts(build_preset(prep.student_cfg.model.name, sasp=prep.student_cfg.model.sasp))
     n_classes = sum(1 for p in Path(prep.world.zeroshot_dir).iterdir() if p.is_dir())
+    share_step, shares = last_grad_shares(student_run.run_dir)
     results = {
         "chance_top1": 1.0 / n_classes,
         "captions": prep.caption_quality,
         "teacher": {**teacher_metrics, "image_params": teacher_params["image"]},
         "student": {**student_metrics, "image_params": student_params["image"]},
-        "student_grad_share": last_grad_shares(student_run.run_dir),
+        "student_grad_share": {"step": share_step, "shares": shares},
         "seconds": round(time.perf_counter() - started, 1),
     }
     table = format_results(results)
     print("\n" + table, flush=True)
     (Path(out_dir) / "results.md").write_text(table + "\n")
     return results
-
-
-def last_grad_shares(run_dir: str | Path) -> dict[str, float]:
-    """The run's last logged ``grad_share/<term>`` values (``train.grad_share_every``), with their step."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    for row in reversed(rows):
-        shares = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("grad_share/")}
-        if shares:
-            return {"step": row["step"], **shares}
-    return {}
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -232,12 +224,9 @@ def format_results(results: dict[str, Any]) -> str:
     lines.append(
         f"\nzero-shot chance: {100 * results['chance_top1']:.1f} %; demo took {results['seconds']} s"
     )
-    shares = dict(results.get("student_grad_share") or {})
-    if shares:
-        step = int(shares.pop("step"))
-        ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+    grad = results.get("student_grad_share") or {}
+    if grad.get("shares"):
         lines.append(
-            f"student gradient share per loss term (step {step}): "
-            + ", ".join(f"{name} {100 * v:.2f} %" for name, v in ranked)
+            f"student gradient share per loss term (step {grad['step']}): {format_shares(grad['shares'], unit=' %')}"
         )
     return "\n".join(lines)

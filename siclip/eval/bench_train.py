@@ -75,11 +75,12 @@ def _plain_loop(cfg: SiclipCfg, max_steps: int) -> tuple[float, float]:
 
 def _ray_run(cfg: SiclipCfg) -> tuple[float, float]:
     from siclip.train.launch import launch
+    from siclip.train.worker import read_metrics
 
     started = time.perf_counter()
     result = launch(cfg)
     wall = time.perf_counter() - started
-    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(result.run_dir)
     return _steps_per_s(rows, log_every=cfg.train.log_every), wall
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GradShare", "term_gradient_norms"]
+__all__ = ["GradShare", "format_shares", "term_gradient_norms"]
 
 TERM_PREFIX = "term/"
 
@@ -50,6 +50,19 @@ def _side_effects_undone(model: nn.Module) -> Iterator[None]:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def format_shares(shares: dict[str, float], *, unit: str = "") -> str:
+    """``fd 92, clip 3.6, pm 0.0047``: shares (fractions) as percentages, largest first, two significant
+    digits without exponents."""
+
+    def pct(x: float) -> str:
+        if x == 0:
+            return "0"
+        return f"{x:.0f}" if x >= 10 else f"{x:.2g}" if x >= 1e-3 else "<0.001"
+
+    ranked = sorted(shares.items(), key=lambda kv: -kv[1])
+    return ", ".join(f"{name} {pct(100 * v)}{unit}" for name, v in ranked)
 
 
 def _norm(grads: tuple[Tensor | None, ...]) -> float:

@@ -122,6 +122,25 @@ def _unwrap(model: nn.Module) -> Any:
     return model.module if hasattr(model, "module") else model
 
 
+METRICS_TABLE = "metrics.jsonl"
+"""One JSON object per logged step in the run folder: ``{"step": N, "<metric>": value, ...}``."""
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics table, oldest first ([] when the run has logged nothing)."""
+    path = Path(run_dir) / METRICS_TABLE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def last_grad_shares(run_dir: str | Path) -> tuple[int, dict[str, float]]:
+    """The step and ``grad_share/<term>`` values last logged (``train.grad_share_every``); (0, {}) if none."""
+    for row in reversed(read_metrics(run_dir)):
+        shares = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("grad_share/")}
+        if shares:
+            return int(row["step"]), shares
+    return 0, {}
+
+
 class _RankZeroLog:
     """TensorBoard events, a metrics.jsonl table and a progress line, written by rank 0 only."""
 
@@ -141,19 +160,19 @@ class _RankZeroLog:
 
     def _truncate_table(self, start_step: int) -> None:
         """On resume, drop rows logged after the checkpoint (they are about to be logged again)."""
-        table = self.dir / "metrics.jsonl"
+        table = self.dir / METRICS_TABLE
         if not table.is_file():
             return
-        kept = [line for line in table.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        kept = [row for row in read_metrics(self.dir) if row["step"] <= start_step]
         tmp = table.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         os.replace(tmp, table)
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
             self.writer.add_scalar(k, v, step)
         self.writer.flush()
-        with open(self.dir / "metrics.jsonl", "a") as f:
+        with open(self.dir / METRICS_TABLE, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
@@ -260,12 +279,16 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
     hooks = LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint)
-    grad_share = GradShare(
-        every=cfg.train.grad_share_every,
-        model=task,
-        # the student's trainable weights: the loss's own (PM head, projector) would mask how it is pulled
-        params=[p for p in task.student.parameters() if p.requires_grad]
-        or [p for p in task.parameters() if p.requires_grad],
+    grad_share = (
+        GradShare(
+            every=cfg.train.grad_share_every,
+            model=task,
+            # the student's trainable weights: the loss's own (PM head, projector) would mask how it is pulled
+            params=[p for p in task.student.parameters() if p.requires_grad]
+            or [p for p in task.parameters() if p.requires_grad],
+        )
+        if cfg.train.grad_share_every
+        else None
     )
     run_loop(
         model,
@@ -285,7 +308,7 @@ def train_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world_size,
         hooks=hooks,
-        grad_share=grad_share if grad_share.every else None,
+        grad_share=grad_share,
     )
     drift = _replica_drift(_unwrap(model), world_size)
     if rank == 0:
