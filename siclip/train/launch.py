@@ -90,10 +90,11 @@ RESUME_SECTIONS = ("model", "loss", "teacher")
 """What a run is: resuming it with other values in these sections would mix two experiments (or fail to load)."""
 
 
-def _flat(section: str, value: Any) -> dict[str, Any]:
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    """``{"model.sasp.share": "qk", ...}`` from a nested (YAML or ``to_dict``) mapping."""
     if isinstance(value, dict):
-        return {k: v for key, sub in value.items() for k, v in _flat(f"{section}.{key}", sub).items()}
-    return {section: list(value) if isinstance(value, tuple) else value}
+        return {k: v for key, sub in value.items() for k, v in _flat(f"{prefix}.{key}", sub).items()}
+    return {prefix: value}
 
 
 def check_resume_compatible(cfg: SiclipCfg, run_dir: Path) -> None:
@@ -142,7 +143,8 @@ def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult
         raise ConfigError("data.train_shards: got []; allowed: one or more shard paths or patterns")
     cfg = absolutize(cfg)
     max_steps = resolve_max_steps(cfg)
-    check_resume_compatible(cfg, run_dir_of(cfg))
+    run_dir = run_dir_of(cfg)
+    check_resume_compatible(cfg, run_dir)
     init_ray(cfg.ray)
     use_gpu = _use_gpu(cfg)
     if use_gpu and not ray.cluster_resources().get("GPU", 0):
@@ -152,7 +154,6 @@ def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult
     if not use_gpu and cfg.train.precision in ("bf16", "fp16"):
         cfg = replace(cfg, train=replace(cfg.train, precision="fp32"))
 
-    run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     _tidy_checkpoints(cfg, run_dir)
     save_config(cfg, run_dir / "config.yaml")
