@@ -13,8 +13,7 @@ from torch import Tensor, nn
 from siclip.config import LossCfg
 from siclip.losses.total import TERMS, build_loss
 from siclip.train.grad_share import GradShare, term_gradient_norms
-from siclip.train.loop import LoopHooks, LoopState, build_optimizer, build_scheduler, run_loop
-from tests.unit.test_loop import batches, optim_cfg
+from tests.unit.test_loop import run
 
 D_IN, D = 6, 8
 
@@ -123,24 +122,9 @@ class TwoTermTask(nn.Module):
 def _train(share_every: int) -> tuple[TwoTermTask, list[dict[str, float]]]:
     torch.manual_seed(0)
     task = TwoTermTask()
-    cfg = optim_cfg()
-    opt = build_optimizer(task, cfg)
-    logs: list[dict[str, float]] = []
-    run_loop(
-        task,
-        batches(),
-        optimizer=opt,
-        scheduler=build_scheduler(opt, cfg, 30),
-        state=LoopState(),
-        max_steps=30,
-        device=torch.device("cpu"),
-        log_every=10,
-        hooks=LoopHooks(on_log=lambda s, m: logs.append(m)),
-        grad_share=GradShare(every=share_every, model=task, params=list(task.parameters()))
-        if share_every
-        else None,
-    )
-    return task, logs
+    share = GradShare(every=share_every, model=task, params=list(task.parameters())) if share_every else None
+    _, logs = run(task, 30, grad_share=share)
+    return task, [m for _, m in logs]
 
 
 def test_the_loop_logs_shares_without_changing_the_trajectory() -> None:

@@ -52,7 +52,7 @@ def optim_cfg(**kw) -> OptimCfg:
     return OptimCfg(**{"lr": 0.05, "warmup_steps": 5, "weight_decay": 0.0, **kw})
 
 
-def run(task: ToyTask, steps: int, **kw) -> tuple[LoopState, list[tuple[int, dict[str, float]]]]:
+def run(task: nn.Module, steps: int, **kw) -> tuple[LoopState, list[tuple[int, dict[str, float]]]]:
     cfg = optim_cfg()
     opt = build_optimizer(task, cfg)
     sched = build_scheduler(opt, cfg, steps)
