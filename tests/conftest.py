@@ -17,16 +17,10 @@ os.environ.setdefault("WDS_SECURE", "1")
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     """One local Ray for the whole test session (about 8 s and 1 GB to start)."""
-    import ray
+    from siclip.config import RayCfg
+    from siclip.ray_session import init_ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=2,
-            object_store_memory=256 * 1024 * 1024,
-            include_dashboard=False,
-            log_to_driver=True,
-        )
+    init_ray(RayCfg(num_cpus=2, object_store_memory_mb=256))  # as `siclip train` starts it (no dashboard)
     yield
     # left running for other tests; pytest's exit shuts it down
 
