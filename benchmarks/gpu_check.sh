@@ -7,7 +7,7 @@
 #   BATCH=1024 STEPS=100 bash benchmarks/gpu_check.sh
 #
 # Env: PYTHON (a Python 3.11, pyproject's requires-python), VENV (default ~/.cache/siclip-gpu-venv, outside
-# the repo), BATCH, STEPS, WARMUP, TEACHER_MODE (stored | forward | none), EXTRA (more bench_gpu arguments).
+# the repo), BATCH, STEPS, WARMUP, TEACHER_MODE (stored | forward | none), EXTRA (more siclip.bench.gpu arguments).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +42,7 @@ PY
 
 t1=$SECONDS
 # shellcheck disable=SC2086  # EXTRA is split on purpose
-"$VENV/bin/python" -m siclip.eval.bench_gpu --model siclip-s0 --baseline mobileclip-s0 \
+"$VENV/bin/python" -m siclip.bench.gpu --model siclip-s0 --baseline mobileclip-s0 \
   --batch "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --teacher-mode "$TEACHER_MODE" \
   --out benchmarks/gpu.md --json benchmarks/gpu.json ${EXTRA:-}
 echo "gpu_check: benchmark took $((SECONDS - t1)) s; table in benchmarks/gpu.md"

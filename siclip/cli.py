@@ -143,21 +143,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     result: dict[str, Any]
     if args.what == "infer":
-        from siclip.eval.throughput import bench_infer, format_table, write_table
+        from siclip.bench.infer import bench_infer, format_table, write_table
 
         result = bench_infer()
         table = format_table(result)
         write_table(table)
     elif args.what == "data":
-        from siclip.eval.bench_data import run_bench_data
+        from siclip.bench.data import run_bench_data
 
         result, table = run_bench_data()
     elif args.what == "memory":
-        from siclip.eval.bench_memory import run_bench_memory
+        from siclip.bench.memory import run_bench_memory
 
         result, table = run_bench_memory()
     else:
-        from siclip.eval.bench_train import run_bench_train
+        from siclip.bench.train import run_bench_train
 
         result, table = run_bench_train()
     if args.json:

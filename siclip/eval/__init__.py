@@ -1,1 +1,1 @@
-"""Zero-shot classification, retrieval, throughput benchmarks."""
+"""Measuring a model: zero-shot classification, retrieval, and the evaluation suites."""

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-bench = pytest.importorskip("siclip.eval.bench_gpu")
+bench = pytest.importorskip("siclip.bench.gpu")
 
 
 def test_synthetic_batch_is_what_the_task_reads() -> None:

@@ -96,7 +96,7 @@ def test_export_refuses_fused_model(tmp_path: Path) -> None:
 
 
 def test_bench_infer_tiny(tmp_path: Path) -> None:
-    from siclip.eval.throughput import bench_infer, format_table, write_table
+    from siclip.bench.infer import bench_infer, format_table, write_table
 
     result = bench_infer(
         ("tiny-student", "tiny-teacher"), image_size=64, batch_sizes=(1, 2), repeats=2, threads=1

@@ -14,11 +14,11 @@ adds a frozen teacher pass, ``--teacher none`` trains without the KD terms.
 
 Run on a GPU machine (``benchmarks/gpu_check.sh`` does the setup)::
 
-    python -m siclip.eval.bench_gpu --batch 1536 --steps 300 --out benchmarks/gpu.md
+    python -m siclip.bench.gpu --batch 1536 --steps 300 --out benchmarks/gpu.md
 
 and on a CPU with the tiny presets (what the unit test runs)::
 
-    python -m siclip.eval.bench_gpu --model tiny-student --batch 8 --steps 3 --warmup 1 --out ''
+    python -m siclip.bench.gpu --model tiny-student --batch 8 --steps 3 --warmup 1 --out ''
 
 Random weights throughout: speed and memory do not depend on the values, and no download is needed.
 """
@@ -285,7 +285,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [
         f"# Training throughput and memory on {result['device']}",
         "",
-        "Produced by `benchmarks/gpu_check.sh` (`python -m siclip.eval.bench_gpu`): random weights, random "
+        "Produced by `benchmarks/gpu_check.sh` (`python -m siclip.bench.gpu`): random weights, random "
         f"images and tokens made on the device, WIKD + PM loss with teacher embeddings {result['teacher']}, "
         f"{'real + synthetic captions, ' if result['synthetic_captions'] else ''}"
         f"{'fp32' if result['precision'] == 'fp32' else result['precision'] + ' autocast'}, AdamW, "
@@ -315,8 +315,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m siclip.eval.bench_gpu [--model ...] [--batch ...] ...``."""
-    p = argparse.ArgumentParser(prog="python -m siclip.eval.bench_gpu", description=__doc__.split("\n")[0])
+    """Command line: ``python -m siclip.bench.gpu [--model ...] [--batch ...] ...``."""
+    p = argparse.ArgumentParser(prog="python -m siclip.bench.gpu", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="siclip-s0", help="student preset, trained with its backbone frozen")
     p.add_argument("--baseline", default=None, help="fully fine-tuned preset (default: the model's base)")
     p.add_argument("--teacher", default=None, help="teacher preset (default: the model's base)")
