@@ -86,9 +86,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_data_build(args: argparse.Namespace) -> int:
     cfg = _load(args, ("caption", "teacher"))
-    from siclip.data.pipeline import run_pipeline
+    from siclip.data.pipeline import ShardBuildError, run_pipeline
 
-    manifest = run_pipeline(cfg)
+    try:
+        manifest = run_pipeline(cfg)
+    except ShardBuildError as exc:  # the finished shards are kept; the message names the others
+        print(f"siclip: error: {exc}", file=sys.stderr)
+        return 1
     print(
         f"siclip: wrote {manifest.samples_out} samples in {len(manifest.shards)} shards to "
         f"{cfg.caption.output_dir} (skipped {manifest.samples_skipped}: {manifest.skipped})"

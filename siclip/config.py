@@ -230,6 +230,16 @@ class CaptionCfg:
     num_cpus_per_actor: float = field(default=1.0, metadata=_rng(0.0))
     image_size: int = field(default=256, metadata=_rng(8))
     """Images are resized (shorter side) and re-encoded to this size."""
+    min_image_size: int = field(default=32, metadata=_rng(0))
+    """Images whose shorter side is below this are skipped as ``too_small`` (img2dataset's option)."""
+    max_aspect_ratio: float = field(default=10.0, metadata=_rng(1.0))
+    """Images whose longer / shorter side is above this are skipped as ``bad_aspect`` (img2dataset's)."""
+    min_actors: int = field(default=1, metadata=_rng(1))
+    """Each actor pool is elastic, from this many actors up to ``num_actors``."""
+    max_retries: int = field(default=3, metadata=_rng(0))
+    """How often a shard's read (a Ray task retry) or write (in the actor) is retried after an I/O error."""
+    retry_delay_s: float = field(default=10.0, metadata=_rng(0.0))
+    """Wait before a retry (doubling per write retry), so a throttling or restarting store can recover."""
     teacher_embeddings: bool = False
     """Also store the teacher's image/text embeddings per sample (``npz``)."""
     seed: int = 0
@@ -267,6 +277,9 @@ class RayCfg:
     include_dashboard: bool = False
     data_timeout_s: int = field(default=600, metadata=_rng(1))
     """Ray Data gives up when it makes no progress for this long (e.g. waiting for a GPU never there)."""
+    env_vars: dict[str, str] = field(default_factory=dict)
+    """Environment for the data build's Ray tasks and actors, e.g. ``{AWS_ENDPOINT_URL: http://minio:9000}``
+    for an S3-compatible store (credentials are better left to the nodes' own environment or roles)."""
 
 
 @dataclass(frozen=True)
@@ -564,6 +577,11 @@ def _check_semantics(cfg: SiclipCfg) -> None:
         raise ConfigError(
             f"data.batch_size: got {cfg.data.batch_size}; allowed: a multiple of "
             f"train.num_workers ({cfg.train.num_workers}), since it is the global batch"
+        )
+    if cfg.caption.min_actors > cfg.caption.num_actors:
+        raise ConfigError(
+            f"caption.min_actors: got {cfg.caption.min_actors}; allowed: at most caption.num_actors "
+            f"({cfg.caption.num_actors})"
         )
     for i, t in enumerate(cfg.eval.templates):
         if "{}" not in t:

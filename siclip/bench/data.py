@@ -28,13 +28,19 @@ def _loop(urls: Sequence[str], image_size: int) -> int:
 def _ray_prepare(urls: Sequence[str], image_size: int) -> int:
     import ray.data
 
-    from siclip.data.pipeline import _PREPARE_MEMORY, _prepare_rows
+    from siclip.data.pipeline import _PREPARE_MEMORY, _prepare_row
 
     ds = ray.data.from_items(
         [{"url": u, "name": os.path.basename(u)} for u in urls], override_num_blocks=len(urls)
-    ).flat_map(
-        _prepare_rows,  # type: ignore[arg-type]
-        fn_kwargs={"image_size": image_size, "center_crop": False, "chunk": 256},
+    ).map(
+        _prepare_row,  # type: ignore[arg-type]
+        fn_kwargs={
+            "image_size": image_size,
+            "center_crop": False,
+            "min_image_size": 0,
+            "max_aspect_ratio": float("inf"),
+            "retry_delay_s": 0.0,
+        },
         num_cpus=1,
         memory=_PREPARE_MEMORY,
     )

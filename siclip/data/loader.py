@@ -10,8 +10,10 @@ shards are split by index across every slot.
 Per sample: the image goes through the student transform (and the teacher's, when given); the real
 caption, and with ``synthetic="sum"`` one of the sample's ``syn.json`` captions drawn uniformly at random
 per sample per draw, are tokenised per batch; ``synthetic="replace"`` swaps the real caption for a
-synthetic one with probability ``synthetic_p``. When every sample of a batch carries an ``npz`` with
-teacher embeddings (MobileCLIP's reinforced layout), the rows matching the captions used are passed on.
+synthetic one with probability ``synthetic_p``. With ``shard_embeddings`` on and every sample of a batch
+carrying an ``npz`` with teacher embeddings (MobileCLIP's reinforced layout), the rows matching the captions
+used are passed on; :func:`shard_embeddings_usable` decides whether they may be (the shards' manifest must
+name the configured teacher).
 Samples that fail to decode are skipped, counted and logged.
 
 URLs: local paths, ``file://``, ``pipe:CMD`` (e.g. ``pipe:aws s3 cp s3://b/x.tar -``) and any fsspec URI
@@ -29,9 +31,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from siclip.data.shards import decode_sample, image_of, iter_raw_samples
+from siclip.data.shards import ManifestError, decode_sample, image_of, iter_raw_samples, read_manifest
 
-__all__ = ["build_train_loader", "slot_shards"]
+__all__ = ["build_train_loader", "shard_embeddings_usable", "slot_shards"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,7 @@ class _ShardStream(IterableDataset):  # type: ignore[type-arg]
             else:
                 out["syn"], out["syn_row"] = syn[j], 1 + j
         out["caption"] = caption
-        npz = s.get("npz")
+        npz = s.get("npz") if kw["shard_embeddings"] else None
         if isinstance(npz, dict) and "image_emb" in npz and "text_emb" in npz:
             image_emb = np.asarray(npz["image_emb"], dtype=np.float32)
             text_emb = np.asarray(npz["text_emb"], dtype=np.float32)
@@ -220,6 +222,44 @@ def _expand(urls: Sequence[str]) -> list[str]:
     return list(urls)
 
 
+def shard_embeddings_usable(urls: Sequence[str], teacher: Any) -> bool:
+    """Whether the teacher embeddings stored in these shards may stand in for ``teacher`` (a TeacherCfg).
+
+    Only with ``teacher.use_shard_embeddings`` on, and only when the manifest of every folder holding the
+    shards says it was built with teacher embeddings of the same ``teacher.name`` and ``teacher.source``.
+    Otherwise logs one line saying why the teacher runs on every batch instead, and returns False.
+    """
+    if not teacher.use_shard_embeddings:
+        log.info(
+            "teacher.use_shard_embeddings=false: stored teacher embeddings are ignored; the teacher runs"
+        )
+        return False
+    wanted = {"name": teacher.name, "source": teacher.source}
+    for folder in sorted({u.rpartition("/")[0] or "." for u in _expand(urls)}):
+        try:
+            config = read_manifest(folder).config
+        except ManifestError as exc:
+            log.info("stored teacher embeddings unused: %s; the teacher runs", exc)
+            return False
+        made = config.get("teacher") if config.get("caption", {}).get("teacher_embeddings") else None
+        if not isinstance(made, dict):
+            log.info("stored teacher embeddings unused: %s holds none; the teacher runs", folder)
+            return False
+        got = {k: made.get(k) for k in wanted}
+        if got != wanted:
+            log.warning(
+                "stored teacher embeddings unused: %s was built with teacher %s:%s but teacher.* is %s:%s; "
+                "the teacher runs",
+                folder,
+                got["name"],
+                got["source"],
+                wanted["name"],
+                wanted["source"],
+            )
+            return False
+    return True
+
+
 def build_train_loader(
     *,
     urls: list[str],
@@ -236,13 +276,14 @@ def build_train_loader(
     shuffle_buffer: int = 1000,
     seed: int = 0,
     epoch_offset: int = 0,
+    shard_embeddings: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """An infinite iterator of this rank's batches (``batch_size`` is per rank).
 
     Keys: ``image``, ``text``; ``syn_text`` (``synthetic="sum"`` and synthetic captions present);
     ``teacher_image`` / ``teacher_text`` / ``teacher_syn_text`` with a teacher transform / tokenizer;
     ``teacher_image_emb`` / ``teacher_text_emb`` / ``teacher_syn_emb`` when every sample has teacher
-    embeddings. Deterministic given ``seed``, ``rank``, ``world_size``, ``loader_workers`` and
+    embeddings and ``shard_embeddings`` is on (see :func:`shard_embeddings_usable`). Deterministic given ``seed``, ``rank``, ``world_size``, ``loader_workers`` and
     ``epoch_offset``; pass a new ``epoch_offset`` on resume so a resumed run sees a fresh order.
     """
     if synthetic not in ("sum", "replace", "off"):
@@ -268,6 +309,7 @@ def build_train_loader(
         shuffle_buffer=shuffle_buffer,
         seed=seed,
         epoch_offset=epoch_offset,
+        shard_embeddings=shard_embeddings,
     )
     loader = DataLoader(
         dataset,

@@ -5,23 +5,27 @@ This module owns the data stage: :func:`run_pipeline` and the pieces it is made 
 Design (one input shard -> one output shard with the same base name, so a rerun skips finished shards):
 
 1. a dataset of the pending shard paths, one row each;
-2. ``flat_map(prepare)`` in CPU tasks, one per shard: read the tar, validate every sample (bad ones are
+2. ``map(prepare)`` in CPU tasks, one per shard: read the tar, validate every sample (unusable ones are
    skipped and counted by reason), resize (shorter side to ``caption.image_size``, no crop by default) and
-   re-encode JPEG; the shard's valid samples come out as *chunk rows* of ``caption.batch_size`` samples;
-3. ``map(CaptionerActor)`` on an actor pool (``caption.num_actors`` actors, each with
-   ``num_gpus_per_actor``/``num_cpus_per_actor``): k captions per image, seeded per (seed, shard, chunk) so
-   a rerun reproduces a shard exactly whatever actor or order captions it;
-4. optionally ``map(TeacherActor)``: the teacher's image and text embeddings per sample (``npz``);
-5. the driver collects the chunk rows, and when a shard's chunks are all in, writes the output shard with
-   :class:`~siclip.data.shards.AtomicShardWriter` and rewrites ``manifest.json``.
+   re-encode JPEG; out comes one row per shard. A read that fails for any reason other than the tar's
+   content (:class:`~siclip.data.shards.ShardIOError`) fails the task, which Ray retries up to
+   ``caption.max_retries`` times;
+3. ``map(CaptionerActor)`` on an elastic actor pool (``caption.min_actors`` .. ``caption.num_actors``
+   actors, each with ``num_gpus_per_actor``/``num_cpus_per_actor``; Ray restarts a lost actor and reruns
+   its task): k captions per image in calls of ``caption.batch_size`` images, seeded per (seed, shard,
+   chunk) so a rerun reproduces a shard exactly whatever actor or order captions it;
+4. optionally ``map(TeacherActor)`` on a second such pool: the teacher's image and text embeddings per
+   sample (``npz``);
+5. the last actor stage writes the shard itself, straight to ``caption.output_dir`` (local or ``s3://``,
+   :class:`~siclip.data.shards.AtomicShardWriter`), and returns only its manifest entry; the driver
+   collects the entries and rewrites ``manifest.json``. A shard is finished only when it is in the manifest
+   *and* its file exists; a shard whose task failed for good is named at the end
+   (:class:`ShardBuildError`) and built by the next run.
 
-Why chunk rows rather than one row per sample or per shard: a row per sample loses the shard grouping (Ray
-Data splits and merges blocks freely; regrouping needs an all-to-all shuffle that is not streaming), and a
-row per shard makes one captioning call take as long as a whole shard, which trips Ray Data's
-no-progress timeout (``ray.data_timeout_s``) and starves the actor pool of parallelism. Chunk rows keep
-each shard's grouping by name, stream, and let several actors share one shard. Writing happens in the
-driver because only there do all of a shard's chunks meet without a shuffle; its cost (tar writes) is
-small next to captioning.
+Why one row per shard: the actor that writes a shard must hold all of it, and regrouping smaller rows by
+shard would need an all-to-all shuffle that does not stream. Parallelism comes from the shards (CC12M has
+~1,243 of 10,000 samples); one captioning call still sees ``caption.batch_size`` images. Ray Data's
+no-progress timeout (``ray.data_timeout_s``) must then exceed the time one actor needs for one shard.
 """
 
 from __future__ import annotations
@@ -29,12 +33,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import tarfile
 import time
+import warnings
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +50,10 @@ from siclip.data.shards import (
     AtomicShardWriter,
     Manifest,
     ManifestError,
+    ShardIOError,
     TruncatedMemberError,
     finished,
+    img2dataset_count,
     iter_tar_members,
     read_manifest,
     write_manifest,
@@ -55,6 +63,7 @@ __all__ = [
     "SKIP_REASONS",
     "CaptionerActor",
     "PreparedShard",
+    "ShardBuildError",
     "TeacherActor",
     "prepare_shard",
     "read_tar_groups",
@@ -72,30 +81,54 @@ SKIP_REASONS = (
     "empty_image",
     "not_image",
     "truncated_image",
+    "decompression_bomb",
+    "too_small",
+    "bad_aspect",
+    "encode_error",
     "missing_caption",
     "undecodable_text",
     "empty_caption",
     "bad_json",
 )
-"""Why a sample is skipped. ``unreadable_tar`` counts once per tar that cannot be read to its end: the
-samples it still held cannot be counted, so they stand as one skipped entry (samples read before the
-error are kept)."""
+"""Why a sample is skipped. ``unreadable_tar`` counts the samples lost in a tar whose content is damaged
+part-way: as many as img2dataset's ``<shard>_stats.json`` says the tar held beyond those read, or one when
+there is no such file (samples read before the damage are kept). A tar that cannot be *read* (missing,
+no connection, no credentials) is not bad data: its task fails and is retried, and the shard stays
+unfinished."""
 
 # Caption settings that change what is written: a rerun into a folder made with other values would mix
 # two datasets, so it is refused.
-_OUTPUT_KEYS = ("model", "source", "num_captions", "method", "top_p", "max_length", "image_size", "seed")
+_OUTPUT_KEYS = (
+    "model",
+    "source",
+    "num_captions",
+    "method",
+    "top_p",
+    "max_length",
+    "image_size",
+    "min_image_size",
+    "max_aspect_ratio",
+    "seed",
+)
+# Teacher settings that change the stored embeddings (checked when caption.teacher_embeddings is on).
+_TEACHER_KEYS = ("name", "source")
 _JPEG_QUALITY = 95
 _PREPARE_MEMORY = 256 * 1024 * 1024
 
 
+class ShardBuildError(RuntimeError):
+    """Some shards could not be built (or recorded) in this run; the message names them. Rerun to finish."""
+
+
 # ------------------------------------------------------------------------------------------ reading
 def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool, int]:
-    """Group a tar's members into samples by key, like webdataset; never raises on a bad tar.
+    """Group a tar's members into samples by key, like webdataset.
 
     Returns ``(groups, readable, duplicates)``: ``groups`` in file order (a key seen again later in the
     file, or an extension repeated within one key, makes a group marked with the ``"__duplicate__"``
-    member), ``readable`` False when the tar could not be read to its end (the group being read then is
-    dropped), ``duplicates`` the number of groups marked.
+    member), ``readable`` False when the tar's content is damaged before its end (the group being read then
+    is dropped), ``duplicates`` the number of groups marked. Raises
+    :class:`~siclip.data.shards.ShardIOError` when the tar cannot be read for any other reason.
     """
     groups: list[tuple[str, dict[str, bytes]]] = []
     seen: set[str] = set()
@@ -122,21 +155,26 @@ def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool,
             if ext.lower() in current:
                 current["__duplicate__"] = b""
             current[ext.lower()] = data
-    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exc:
+    except (tarfile.TarError, EOFError, zlib.error) as exc:  # damaged content (I/O failures propagate)
         if isinstance(exc, TruncatedMemberError) and exc.key != current_key:
             flush()  # the damage starts a new sample: the one before it is complete
-        log.warning("%s: unreadable tar (%s); kept %d samples read before the error", url, exc, len(groups))
+        log.warning("%s: damaged tar (%s); kept %d samples read before the damage", url, exc, len(groups))
         return groups, False, duplicates
     flush()
     return groups, True, duplicates
 
 
 # ----------------------------------------------------------------------------------------- validating
-def validate_sample(members: dict[str, bytes]) -> tuple[str | None, Any, str, dict[str, Any]]:
+def validate_sample(
+    members: dict[str, bytes], *, min_image_size: int = 0, max_aspect_ratio: float = math.inf
+) -> tuple[str | None, Any, str, dict[str, Any]]:
     """Check one raw sample; returns ``(reason, image, caption, meta)`` with ``reason`` None if usable.
 
-    Cheap checks run first; the image is decoded last (fully, so truncation shows). ``image`` is an RGB
-    PIL image when usable.
+    Cheap checks run first; the image's size is checked from its header (``too_small``: shorter side below
+    ``min_image_size``; ``bad_aspect``: longer / shorter side above ``max_aspect_ratio``, as img2dataset
+    does) before it is decoded, fully, so truncation shows. PIL's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``) refuses images too large to decode safely, its warning included.
+    ``image`` is an RGB PIL image when usable.
     """
     from PIL import Image
 
@@ -164,15 +202,27 @@ def validate_sample(members: dict[str, bytes]) -> tuple[str | None, Any, str, di
             return "bad_json", None, "", {}
         if not isinstance(meta, dict):
             return "bad_json", None, "", {}
-    try:
-        opened = Image.open(io.BytesIO(data))
-    except Exception:  # PIL raises several types for bytes that are no image at all
-        return "not_image", None, "", {}
-    try:
-        opened.load()
-        image = opened.convert("RGB")
-    except Exception:  # truncated data, bad Huffman tables, decompression bombs: the image is unusable
-        return "truncated_image", None, "", {}
+    with warnings.catch_warnings():
+        # Above MAX_IMAGE_PIXELS PIL only warns (it raises above twice that): both are refused here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            opened = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return "decompression_bomb", None, "", {}
+        except Exception:  # PIL raises several types for bytes that are no image at all
+            return "not_image", None, "", {}
+        w, h = opened.size
+        if min(w, h) < max(min_image_size, 1):
+            return "too_small", None, "", {}
+        if max(w, h) / min(w, h) > max_aspect_ratio:
+            return "bad_aspect", None, "", {}
+        try:
+            opened.load()
+            image = opened.convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            return "decompression_bomb", None, "", {}
+        except Exception:  # truncated data, bad Huffman tables: the image is unusable
+            return "truncated_image", None, "", {}
     return None, image, caption, meta
 
 
@@ -210,49 +260,80 @@ class PreparedShard:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def prepare_shard(url: str, *, image_size: int, center_crop: bool = False) -> PreparedShard:
-    """Read, validate, resize and re-encode one shard; never raises for bad data (it is counted)."""
+def prepare_shard(
+    url: str,
+    *,
+    image_size: int,
+    center_crop: bool = False,
+    min_image_size: int = 0,
+    max_aspect_ratio: float = math.inf,
+) -> PreparedShard:
+    """Read, validate, resize and re-encode one shard.
+
+    Never raises for bad data (it is counted, ``samples_in == len(keys) + sum(skipped)``); raises
+    :class:`~siclip.data.shards.ShardIOError` when the shard cannot be read.
+    """
     groups, readable, _ = read_tar_groups(url)
     out = PreparedShard()
     skipped: Counter[str] = Counter()
     for key, members in groups:
-        reason, image, caption, meta = validate_sample(members)
+        reason, image, caption, meta = validate_sample(
+            members, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio
+        )
+        if reason is None:
+            try:
+                jpg = _encode_jpeg(resize_image(image, image_size, center_crop=center_crop))
+            except Exception:  # e.g. a side past JPEG's 65,500 px after resizing a 600x2 image
+                reason = "encode_error"
         if reason is not None:
             skipped[reason] += 1
             continue
         out.keys.append(key)
-        out.jpgs.append(_encode_jpeg(resize_image(image, image_size, center_crop=center_crop)))
+        out.jpgs.append(jpg)
         out.txts.append(caption)
         out.metas.append(json.dumps(meta, sort_keys=True))
     out.samples_in = len(groups)
     if not readable:
-        skipped["unreadable_tar"] += 1
-        out.samples_in += 1
+        expected = img2dataset_count(url)
+        lost = 1 if expected is None else max(expected - len(groups), 0)
+        if lost:
+            skipped["unreadable_tar"] += lost
+            out.samples_in += lost
     out.skipped = dict(skipped)
     return out
 
 
-def _prepare_rows(
-    row: dict[str, Any], *, image_size: int, center_crop: bool, chunk: int
-) -> list[dict[str, Any]]:
-    """Ray Data ``flat_map``: one shard path -> its chunk rows (always at least one, even if empty)."""
-    prepared = prepare_shard(row["url"], image_size=image_size, center_crop=center_crop)
-    n = len(prepared.keys)
-    starts = list(range(0, n, chunk)) or [0]
-    stats = json.dumps({"samples_in": prepared.samples_in, "skipped": prepared.skipped})
-    return [
-        {
-            "shard": row["name"],
-            "chunk": i,
-            "n_chunks": len(starts),
-            "stats": stats,
-            "keys": prepared.keys[s : s + chunk],
-            "jpg": prepared.jpgs[s : s + chunk],
-            "txt": prepared.txts[s : s + chunk],
-            "json": prepared.metas[s : s + chunk],
-        }
-        for i, s in enumerate(starts)
-    ]
+def _prepare_row(
+    row: dict[str, Any],
+    *,
+    image_size: int,
+    center_crop: bool,
+    min_image_size: int,
+    max_aspect_ratio: float,
+    retry_delay_s: float,
+) -> dict[str, Any]:
+    """Ray Data ``map``: one shard path -> one row holding the shard's prepared samples."""
+    try:
+        prepared = prepare_shard(
+            row["url"],
+            image_size=image_size,
+            center_crop=center_crop,
+            min_image_size=min_image_size,
+            max_aspect_ratio=max_aspect_ratio,
+        )
+    except ShardIOError as exc:
+        log.warning("%s: %s; the task will be retried after %.0f s", row["name"], exc, retry_delay_s)
+        time.sleep(retry_delay_s)  # Ray resubmits at once: the wait spaces the retries
+        raise
+    return {
+        "shard": row["name"],
+        "samples_in": prepared.samples_in,
+        "skipped": json.dumps(prepared.skipped, sort_keys=True),
+        "keys": prepared.keys,
+        "jpg": prepared.jpgs,
+        "txt": prepared.txts,
+        "json": prepared.metas,
+    }
 
 
 def _chunk_seed(seed: int, shard: str, chunk: int) -> int:
@@ -266,18 +347,74 @@ def _decode_images(jpgs: list[bytes]) -> list[Any]:
     return [Image.open(io.BytesIO(b)).convert("RGB") for b in jpgs]
 
 
+# ------------------------------------------------------------------------------------------- writing
+def _write_shard(path: str, row: dict[str, Any], *, with_npz: bool) -> dict[str, Any]:
+    """Write one prepared, captioned shard and return its manifest entry (checking the counts add up)."""
+    skipped = {k: int(v) for k, v in json.loads(row["skipped"]).items()}
+    with AtomicShardWriter(path) as writer:
+        for i, key in enumerate(row["keys"]):
+            sample: dict[str, Any] = {
+                "__key__": key,
+                "jpg": row["jpg"][i],
+                "txt": row["txt"][i],
+                "json": row["json"][i],
+                "syn.json": row["syn"][i],
+            }
+            if with_npz:
+                sample["npz"] = row["npz"][i]
+            writer.write(sample)
+        samples = writer.count
+        samples_in = int(row["samples_in"])
+        if samples_in != samples + sum(skipped.values()):
+            # A bug, not bad data: raising here aborts the write, so the shard is never marked finished.
+            raise RuntimeError(
+                f"{path}: samples_in {samples_in} != samples_out {samples} + skipped {sum(skipped.values())}"
+            )
+    return {
+        "name": row["shard"],
+        "samples": samples,
+        "samples_in": samples_in,
+        "skipped": dict(sorted(skipped.items())),
+    }
+
+
+def _commit_shard(
+    out_dir: str, row: dict[str, Any], *, with_npz: bool, max_retries: int, retry_delay_s: float
+) -> dict[str, Any]:
+    """Write the shard (retrying failed writes with growing waits); returns the row ``{"entry": JSON}``."""
+    path = _join(out_dir, row["shard"])
+    for attempt in range(max_retries + 1):
+        try:
+            entry = _write_shard(path, row, with_npz=with_npz)
+            return {"entry": json.dumps(entry, sort_keys=True)}
+        except RuntimeError:
+            raise
+        except Exception as exc:  # the store failed us (connection, credentials, throttling)
+            if attempt == max_retries:
+                raise ShardIOError(f"{path}: cannot write ({type(exc).__name__}: {exc})") from exc
+            wait = retry_delay_s * 2**attempt
+            log.warning(
+                "%s: write failed (%s); retry %d of %d in %.0f s", path, exc, attempt + 1, max_retries, wait
+            )
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 # ------------------------------------------------------------------------------------------- actors
 class CaptionerActor:
-    """Ray Data callable class: adds ``syn`` (a ``{"syn_text": [...]}`` JSON string per sample) to a chunk."""
+    """Ray Data callable class: adds ``syn`` (a ``{"syn_text": [...]}`` JSON string per sample) to a shard
+    row, and writes the shard when it is the last stage (``out_dir`` given), returning its manifest entry."""
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], out_dir: str = "", chunk: int = 0) -> None:
         import torch
 
         from siclip.data.captioner import Captioner
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.cfg = from_dict(cfg)
+        self.out_dir = out_dir
         c = self.cfg.caption
+        self.chunk = chunk or c.batch_size
         self.captioner = Captioner(
             c.model,
             c.source,
@@ -290,39 +427,46 @@ class CaptionerActor:
         )
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        images = _decode_images(list(row["jpg"]))
-        seed = _chunk_seed(self.cfg.caption.seed, row["shard"], row["chunk"])
-        captions = self.captioner.caption(images, seed=seed)
-        row["syn"] = [json.dumps({"syn_text": caps}) for caps in captions]
-        return row
+        jpgs = list(row["jpg"])
+        syn: list[str] = []
+        for index, start in enumerate(range(0, len(jpgs), self.chunk)):
+            images = _decode_images(jpgs[start : start + self.chunk])
+            seed = _chunk_seed(self.cfg.caption.seed, row["shard"], index)
+            syn.extend(json.dumps({"syn_text": caps}) for caps in self.captioner.caption(images, seed=seed))
+        row["syn"] = syn
+        if not self.out_dir:
+            return row
+        c = self.cfg.caption
+        return _commit_shard(
+            self.out_dir, row, with_npz=False, max_retries=c.max_retries, retry_delay_s=c.retry_delay_s
+        )
 
 
 class TeacherActor:
-    """Ray Data callable class: adds ``npz`` = ``{"image_emb": [D], "text_emb": [1 + k, D]}`` (float16).
+    """Ray Data callable class: adds ``npz`` = ``{"image_emb": [D], "text_emb": [1 + k, D]}`` (float16) to a
+    captioned shard row, writes the shard to ``out_dir`` and returns its manifest entry.
 
     The text embeddings are of the real caption then the k synthetic ones, MobileCLIP's reinforced layout.
     """
 
-    def __init__(self, cfg: dict[str, Any]) -> None:
+    def __init__(self, cfg: dict[str, Any], out_dir: str, chunk: int = 0) -> None:
         import torch
 
         self.cfg = from_dict(cfg)
+        self.out_dir = out_dir
+        self.chunk = chunk or self.cfg.caption.batch_size
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.manual_seed(self.cfg.caption.seed)  # a teacher without weights is then the same in every actor
         self.model, self.transform, self.tokenizer = _build_teacher_parts(self.cfg)
         self.model.to(self.device).eval().requires_grad_(False)
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _embed(self, jpgs: list[bytes], txts: list[str], syns: list[str]) -> list[bytes]:
         import numpy as np
         import torch
         import torch.nn.functional as F
 
-        n = len(row["keys"])
-        if n == 0:
-            row["npz"] = []
-            return row
-        images = _decode_images(list(row["jpg"]))
-        texts = [[txt, *json.loads(syn)["syn_text"]] for txt, syn in zip(row["txt"], row["syn"], strict=True)]
+        n = len(jpgs)
+        images = _decode_images(jpgs)
+        texts = [[txt, *json.loads(syn)["syn_text"]] for txt, syn in zip(txts, syns, strict=True)]
         per = len(texts[0])
         with torch.no_grad():
             pixels = torch.stack([self.transform(im) for im in images]).to(self.device)
@@ -338,12 +482,29 @@ class TeacherActor:
                 text_emb=text_emb[i].cpu().numpy().astype(np.float16),
             )
             out.append(buf.getvalue())
-        row["npz"] = out
-        return row
+        return out
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        jpgs, txts, syns = list(row["jpg"]), list(row["txt"]), list(row["syn"])
+        npz: list[bytes] = []
+        for s in range(0, len(jpgs), self.chunk):
+            npz.extend(
+                self._embed(jpgs[s : s + self.chunk], txts[s : s + self.chunk], syns[s : s + self.chunk])
+            )
+        row["npz"] = npz
+        c = self.cfg.caption
+        return _commit_shard(
+            self.out_dir, row, with_npz=True, max_retries=c.max_retries, retry_delay_s=c.retry_delay_s
+        )
 
 
-def _check_teacher_available() -> None:
-    """Fail in the driver, before Ray starts actors, when the models package lacks the teacher builder."""
+def _check_teacher(cfg: SiclipCfg) -> None:
+    """Fail in the driver, before Ray starts actors, when the teacher cannot give meaningful embeddings."""
+    if not cfg.teacher.source:
+        raise ConfigError(
+            f"teacher.source: got ''; caption.teacher_embeddings=true needs {cfg.teacher.name!r}'s trained "
+            "weights (a .pt/.safetensors file, local-dir:PATH or an open_clip pretrained tag), not random ones"
+        )
     try:
         from siclip.models.inherit import build_teacher  # noqa: F401
     except ImportError as exc:
@@ -370,24 +531,43 @@ def _build_teacher_parts(cfg: SiclipCfg) -> tuple[Any, Any, Any]:
 
 # ------------------------------------------------------------------------------------------- driver
 def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
-    """Fail before starting when the actor pool can never be scheduled (Ray Data would wait silently)."""
+    """Fail before starting when the actor pools can never be scheduled (Ray Data would wait silently).
+
+    Every pool (captioner, and teacher when on) starts ``caption.min_actors`` actors, so those must fit
+    together, with a CPU left for a read task; pools that cannot all grow to ``caption.num_actors`` only
+    get a warning (they are elastic and grow as far as the cluster allows).
+    """
     import ray
 
     c = cfg.caption
+    pools = 2 if c.teacher_embeddings else 1
+    what = "captioner and teacher pools" if pools == 2 else "captioner pool"
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0))
-    if c.num_gpus_per_actor > 0 and gpus < c.num_gpus_per_actor:
+    need_gpus = pools * c.min_actors * c.num_gpus_per_actor
+    if need_gpus > gpus + 1e-9:
         raise RuntimeError(
-            f"caption.num_gpus_per_actor={c.num_gpus_per_actor:g} but the Ray cluster has {gpus:g} GPUs; "
-            "the captioner actors could never start. Set caption.num_gpus_per_actor=0 to caption on CPUs, "
-            "or connect to a cluster with GPUs (ray.address / RAY_ADDRESS)."
+            f"caption.num_gpus_per_actor={c.num_gpus_per_actor:g}: the {what} need at least {pools} x "
+            f"{c.min_actors} (caption.min_actors) x {c.num_gpus_per_actor:g} = {need_gpus:g} GPUs but the Ray "
+            f"cluster has {gpus:g}; lower caption.min_actors or caption.num_gpus_per_actor (0: caption on "
+            "CPUs), or connect to a cluster with more GPUs (ray.address / RAY_ADDRESS)."
         )
-    need = c.num_cpus_per_actor * (2 if c.teacher_embeddings else 1)
-    if need + prepare_cpus > cpus + 1e-9:
+    need_cpus = pools * c.min_actors * c.num_cpus_per_actor
+    if need_cpus + prepare_cpus > cpus + 1e-9:
         raise RuntimeError(
             f"caption.num_cpus_per_actor={c.num_cpus_per_actor:g} leaves no CPU for reading shards: the "
-            f"cluster has {cpus:g} CPUs, one captioner (and teacher) actor needs {need:g} and a read task "
-            f"{prepare_cpus:g}. Lower caption.num_cpus_per_actor."
+            f"cluster has {cpus:g} CPUs, the {what} need {pools} x {c.min_actors} x "
+            f"{c.num_cpus_per_actor:g} = {need_cpus:g} and a read task {prepare_cpus:g}. Lower "
+            "caption.num_cpus_per_actor or caption.min_actors."
+        )
+    full = pools * c.num_actors * c.num_gpus_per_actor
+    if full > gpus + 1e-9:
+        log.warning(
+            "the %s would need %g GPUs at caption.num_actors=%d but the cluster has %g: they stay smaller",
+            what,
+            full,
+            c.num_actors,
+            gpus,
         )
 
 
@@ -425,11 +605,19 @@ def _load_previous(out_dir: str, cfg: SiclipCfg) -> dict[str, dict[str, Any]]:
         return {}
     before = previous.config.get("caption", {})
     now = to_dict(cfg.caption)
-    changed = [k for k in (*_OUTPUT_KEYS, "teacher_embeddings") if k in before and before[k] != now[k]]
+    changed = [
+        f"caption.{k}" for k in (*_OUTPUT_KEYS, "teacher_embeddings") if k in before and before[k] != now[k]
+    ]
+    if cfg.caption.teacher_embeddings and "teacher" in previous.config:
+        teacher_before, teacher_now = previous.config["teacher"], to_dict(cfg.teacher)
+        changed += [f"teacher.{k}" for k in _TEACHER_KEYS if teacher_before.get(k) != teacher_now[k]]
     if changed:
         key = changed[0]
+        section, name = key.split(".")
+        was = (before if section == "caption" else previous.config["teacher"]).get(name)
+        value = to_dict(getattr(cfg, section))[name]
         raise ConfigError(
-            f"caption.{key}: got {now[key]!r} but {out_dir} was built with {before[key]!r}; "
+            f"{key}: got {value!r} but {out_dir} was built with {was!r}; "
             "use a new caption.output_dir (or delete the old one) rather than mixing two datasets"
         )
     return {s["name"]: s for s in previous.shards}
@@ -445,7 +633,7 @@ def _build_manifest(
     config = {"caption": to_dict(cfg.caption)}
     if cfg.caption.teacher_embeddings:
         config["teacher"] = to_dict(cfg.teacher)
-    return Manifest(
+    manifest = Manifest(
         kind="cc12m-syn",
         shards=shards,
         samples_in=sum(int(s.get("samples_in", s["samples"])) for s in shards),
@@ -455,36 +643,59 @@ def _build_manifest(
         producer=producer,
         config=config,
     )
+    if manifest.samples_in != manifest.samples_out + manifest.samples_skipped:
+        raise RuntimeError(
+            f"manifest totals do not add up: in {manifest.samples_in} != out {manifest.samples_out} + "
+            f"skipped {manifest.samples_skipped}"
+        )
+    return manifest
 
 
-def _write_shard(path: str, chunks: list[dict[str, Any]], *, with_npz: bool) -> int:
-    count = 0
-    with AtomicShardWriter(path) as writer:
-        for row in chunks:
-            for i, key in enumerate(row["keys"]):
-                sample: dict[str, Any] = {
-                    "__key__": key,
-                    "jpg": row["jpg"][i],
-                    "txt": row["txt"][i],
-                    "json": row["json"][i],
-                    "syn.json": row["syn"][i],
-                }
-                if with_npz:
-                    sample["npz"] = row["npz"][i]
-                writer.write(sample)
-                count += 1
-    return count
+def _try_write_manifest(out_dir: str, manifest: Manifest, *, attempts: int, delay_s: float) -> bool:
+    """Write the manifest, retrying; False (logged) when the store keeps failing."""
+    for attempt in range(attempts):
+        try:
+            write_manifest(out_dir, manifest)
+            return True
+        except Exception as exc:  # the store failed us; the shards stay unrecorded until a write succeeds
+            log.warning("%s: cannot write the manifest (%s: %s)", out_dir, type(exc).__name__, exc)
+            if attempt + 1 < attempts:
+                time.sleep(delay_s * 2**attempt)
+    return False
+
+
+def _unfinished_error(out_dir: str, failed: list[str], unrecorded: list[str]) -> ShardBuildError:
+    parts = []
+    if failed:
+        parts.append(
+            f"{len(failed)} shards could not be built ({', '.join(failed[:5])}{', ...' if len(failed) > 5 else ''})"
+        )
+    if unrecorded:
+        parts.append(
+            f"{len(unrecorded)} built shards could not be recorded in {out_dir}/manifest.json "
+            f"({', '.join(unrecorded[:5])}{', ...' if len(unrecorded) > 5 else ''})"
+        )
+    return ShardBuildError(
+        f"siclip data: {'; '.join(parts)}; see the errors above, then run the same command again to finish them"
+    )
 
 
 def run_pipeline(
-    cfg: SiclipCfg, *, progress: bool = True, center_crop: bool = False, chunk_size: int = 0
+    cfg: SiclipCfg,
+    *,
+    progress: bool = True,
+    center_crop: bool = False,
+    chunk_size: int = 0,
+    on_shard: Callable[[dict[str, Any]], None] | None = None,
 ) -> Manifest:
     """Caption ``caption.input_shards`` into ``caption.output_dir``; returns the written manifest.
 
-    Finished output shards (present under their final name and listed in the manifest) are not redone;
-    a half-written ``.tmp`` from a killed run is overwritten. ``chunk_size`` (default
-    ``caption.batch_size``) is how many samples one captioning call receives. Raises ConfigError when no
-    input matches, RuntimeError when the actors could never be scheduled, and Ray Data's
+    Finished output shards (listed in the manifest and present) are not redone; a half-written ``.tmp``
+    from a killed run is overwritten. ``chunk_size`` (default ``caption.batch_size``) is how many images
+    one captioning call receives. ``on_shard`` is called in the driver with each shard's manifest entry
+    once it is recorded (progress hooks, tests). Raises ConfigError when no input matches or the config
+    cannot work, RuntimeError when the actors could never be scheduled, :class:`ShardBuildError` naming
+    the shards that could not be built or recorded (the others are kept: rerun to finish), and Ray Data's
     ``ExecutionTimeoutError`` after ``ray.data_timeout_s`` seconds without progress.
     """
     import ray
@@ -494,12 +705,14 @@ def run_pipeline(
     started = time.perf_counter()
     c = cfg.caption
     inputs = _resolve_inputs(cfg)
+    if c.teacher_embeddings:
+        _check_teacher(cfg)
     out_dir = c.output_dir
     if not is_uri(out_dir):
         os.makedirs(out_dir, exist_ok=True)
     records = _load_previous(out_dir, cfg)
     order = [name for _, name in inputs]
-    # A shard on disk but not in the manifest was renamed just before a kill; redo it (same bytes).
+    # A shard on disk but not in the manifest was written just before a kill; redo it (same bytes).
     pending = [(u, n) for u, n in inputs if not (n in records and finished(_join(out_dir, n)))]
     records = {n: r for n, r in records.items() if n in order and finished(_join(out_dir, n))}
     producer = {
@@ -512,9 +725,11 @@ def run_pipeline(
         "tool": "siclip.data.pipeline",
     }
     done_before = len(inputs) - len(pending)
+    attempts = c.max_retries + 1
     if not pending:
         manifest = _build_manifest(cfg, order, records, producer)
-        write_manifest(out_dir, manifest)
+        if not _try_write_manifest(out_dir, manifest, attempts=attempts, delay_s=c.retry_delay_s):
+            raise _unfinished_error(out_dir, [], order)
         _summary(
             manifest,
             shards_done=0,
@@ -529,66 +744,83 @@ def run_pipeline(
     init_ray(cfg.ray)
     prepare_cpus = 1.0
     _check_resources(cfg, prepare_cpus)
-    if c.teacher_embeddings:
-        _check_teacher_available()
     cfg_dict = to_dict(cfg)
     chunk = chunk_size or c.batch_size
+    # Tasks and actors get ray.env_vars (e.g. AWS_ENDPOINT_URL for an S3-compatible store).
+    env: dict[str, Any] = {"runtime_env": {"env_vars": dict(cfg.ray.env_vars)}} if cfg.ray.env_vars else {}
 
     ds = ray.data.from_items(
         [{"url": u, "name": n} for u, n in pending], override_num_blocks=len(pending)
-    ).flat_map(
-        _prepare_rows,  # type: ignore[arg-type]
-        fn_kwargs={"image_size": c.image_size, "center_crop": center_crop, "chunk": chunk},
+    ).map(
+        _prepare_row,  # type: ignore[arg-type]
+        fn_kwargs={
+            "image_size": c.image_size,
+            "center_crop": center_crop,
+            "min_image_size": c.min_image_size,
+            "max_aspect_ratio": c.max_aspect_ratio,
+            "retry_delay_s": c.retry_delay_s,
+        },
         num_cpus=prepare_cpus,
         # A read task holds one shard in memory; the reservation also keeps Ray Data from fusing the read
         # tasks into the captioner actors, which would serialise decoding with captioning.
         memory=_PREPARE_MEMORY,
+        # Bounded retries of I/O failures only: bad data never raises, and a bug would fail every try.
+        max_retries=c.max_retries,
+        retry_exceptions=[ShardIOError],
+        **env,
     )
+    pool = {
+        "compute": ActorPoolStrategy(min_size=c.min_actors, max_size=c.num_actors),
+        "num_gpus": c.num_gpus_per_actor,
+        "num_cpus": c.num_cpus_per_actor,
+        # Ray restarts a lost actor (max_restarts=-1 by default) and reruns its task, this many times.
+        "max_task_retries": max(c.max_retries, 1),
+        **env,
+    }
+    last_out = "" if c.teacher_embeddings else out_dir
     ds = ds.map(
         CaptionerActor,  # type: ignore[arg-type]
-        fn_constructor_kwargs={"cfg": cfg_dict},
-        compute=ActorPoolStrategy(size=c.num_actors),
-        num_gpus=c.num_gpus_per_actor,
-        num_cpus=c.num_cpus_per_actor,
+        fn_constructor_kwargs={"cfg": cfg_dict, "out_dir": last_out, "chunk": chunk},
+        **pool,
     )
     if c.teacher_embeddings:
         ds = ds.map(
             TeacherActor,  # type: ignore[arg-type]
-            fn_constructor_kwargs={"cfg": cfg_dict},
-            compute=ActorPoolStrategy(size=c.num_actors),
-            num_gpus=c.num_gpus_per_actor,
-            num_cpus=c.num_cpus_per_actor,
+            fn_constructor_kwargs={"cfg": cfg_dict, "out_dir": out_dir, "chunk": chunk},
+            **pool,
         )
 
     # This dataset's own context: the process-wide one (and later datasets, e.g. training's) stay as they are.
     ds.context.execution_no_progress_timeout_s = float(cfg.ray.data_timeout_s)
     ds.context.enable_progress_bars = progress
+    # A shard whose task failed for good (its retries spent) is dropped from this run, not the whole
+    # build: the others finish, and the driver names the missing ones at the end.
+    ds.context.max_errored_blocks = -1
 
-    buffers: dict[str, dict[int, dict[str, Any]]] = {}
     written = 0
+    unrecorded: list[str] = []
     for row in ds.iter_rows():
-        name = row["shard"]
-        parts = buffers.setdefault(name, {})
-        parts[int(row["chunk"])] = row
-        if len(parts) < int(row["n_chunks"]):
-            continue
-        chunks = [parts[i] for i in sorted(parts)]
-        del buffers[name]
-        samples = _write_shard(_join(out_dir, name), chunks, with_npz=c.teacher_embeddings)
-        written += samples
-        stats = json.loads(chunks[0]["stats"])
-        records[name] = {
-            "name": name,
-            "samples": samples,
-            "samples_in": int(stats["samples_in"]),
-            "skipped": dict(sorted(stats["skipped"].items())),
-        }
-        # Rewritten after every shard, so a killed run still knows what it finished.
-        write_manifest(out_dir, _build_manifest(cfg, order, records, producer))
-    if buffers:
-        raise RuntimeError(f"incomplete shards after the pipeline ended: {sorted(buffers)}")
+        entry = json.loads(row["entry"])
+        name = entry["name"]
+        records[name] = entry
+        written += int(entry["samples"])
+        # Rewritten after every shard, so a killed run still knows what it finished; one try here (the
+        # next shard, or the end, tries again), so a flaky store does not stall the build.
+        if _try_write_manifest(
+            out_dir, _build_manifest(cfg, order, records, producer), attempts=1, delay_s=0
+        ):
+            unrecorded = []
+            if on_shard is not None:
+                on_shard(entry)
+        else:
+            unrecorded.append(name)
     manifest = _build_manifest(cfg, order, records, producer)
-    write_manifest(out_dir, manifest)
+    recorded = unrecorded == [] or _try_write_manifest(
+        out_dir, manifest, attempts=attempts, delay_s=c.retry_delay_s
+    )
+    failed = [n for _, n in pending if n not in records]
+    if failed or not recorded:
+        raise _unfinished_error(out_dir, failed, [] if recorded else unrecorded)
     seconds = time.perf_counter() - started
     _summary(manifest, shards_done=len(pending), shards_reused=done_before, written=written, seconds=seconds)
     return manifest

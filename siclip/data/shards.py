@@ -11,7 +11,11 @@ This module owns:
   rerun can skip finished shards and no reader ever sees a half-written one;
 - :func:`decode_sample` / :func:`iter_samples`: decoding that never unpickles (``.pkl``/``.pyd`` members
   are dropped; ``npz`` loads with ``allow_pickle=False``), safe to run with ``WDS_SECURE=1``;
-- :func:`open_url`: local paths, ``pipe:`` and webdataset's own schemes, and any fsspec URI (``s3://``...).
+- :func:`open_url`: local paths, ``pipe:`` and webdataset's own schemes, and any fsspec URI (``s3://``...);
+- the line between bad data and failed I/O: :func:`iter_tar_members` raises ``tarfile.TarError`` (or
+  ``EOFError``/``zlib.error``) only for damaged content and :class:`ShardIOError` for everything else (a
+  missing object, a refused connection, missing credentials, a stream cut short), so callers count the
+  first and retry the second; :func:`img2dataset_count` reads how many samples img2dataset put in a tar.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import logging
 import os
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,11 +41,13 @@ __all__ = [
     "AtomicShardWriter",
     "Manifest",
     "ManifestError",
+    "ShardIOError",
     "TruncatedMemberError",
     "decode_sample",
     "encode_sample",
     "finished",
     "image_of",
+    "img2dataset_count",
     "iter_raw_samples",
     "iter_samples",
     "iter_tar_members",
@@ -60,10 +67,22 @@ MANIFEST_NAME = "manifest.json"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Members whose decoding would run arbitrary code: never read, never written.
 _UNSAFE_EXTENSIONS = ("pkl", "pickle", "pyd", "pth", "pt")
+# Object stores whose objects appear only once complete: AtomicShardWriter writes their final key directly.
+_DIRECT_PUT_PROTOCOLS = {"s3", "s3a"}
+# Exceptions that mean the tar's bytes are damaged (anything else while reading is an I/O failure).
+_CONTENT_ERRORS = (tarfile.TarError, EOFError, zlib.error)
 
 
 class ManifestError(ValueError):
     """A manifest file is missing or malformed; the message names the file."""
+
+
+class ShardIOError(OSError):
+    """Reading or writing a shard failed for a reason other than its content (the message names the URL).
+
+    A missing file or object, a refused or dropped connection, missing credentials: trying again later may
+    succeed, so the work is retried and, failing that, reported as unfinished, never counted as bad data.
+    """
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -257,8 +276,13 @@ class AtomicShardWriter:
 
     Use as a context manager; an exception inside the block deletes the temporary file and leaves no
     final file, so a rerun that finds ``path`` can trust it is complete. ``mtime`` is fixed by default so
-    the same samples give the same bytes. Local paths use ``os.replace``; fsspec URIs write the temporary
-    object and move it.
+    the same samples give the same bytes. Local paths use ``os.replace``; other fsspec URIs write the
+    temporary object and move it.
+
+    S3 is the exception: an object only appears when its upload completes (one PUT, or the multipart
+    upload's final call), so the shard is written straight to its final key and an abort discards the
+    upload instead. A temporary key would cost a server-side copy and a delete per shard (S3 has no
+    rename), for no gain in safety; callers still record completion only afterwards (the manifest).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, mtime: int = 0) -> None:
@@ -267,11 +291,17 @@ class AtomicShardWriter:
         self.path = os.fspath(path)
         self.tmp_path = self.path + ".tmp"
         self._remote = "://" in self.path
+        self._direct = False
         if self._remote:
             import fsspec
 
             self._fs, self._fs_path = fsspec.core.url_to_fs(self.path)
-            self._stream: IO[bytes] = self._fs.open(self._fs_path + ".tmp", "wb")
+            protocols = self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,)
+            self._direct = bool(set(protocols) & _DIRECT_PUT_PROTOCOLS)
+            if self._direct:
+                self.tmp_path = self.path
+            target = self._fs_path if self._direct else self._fs_path + ".tmp"
+            self._stream: IO[bytes] = self._fs.open(target, "wb")
         else:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self._stream = open(self.tmp_path, "wb")  # noqa: SIM115 -- closed in close()/abort()
@@ -297,8 +327,15 @@ class AtomicShardWriter:
         if self._closed:
             return
         self._closed = True
-        self._writer.close()
-        self._stream.close()
+        try:
+            self._writer.close()
+            self._stream.close()
+        except BaseException:
+            self._closed = False
+            self.abort()
+            raise
+        if self._direct:
+            return
         if self._remote:
             self._fs.mv(self._fs_path + ".tmp", self._fs_path)
         else:
@@ -309,6 +346,12 @@ class AtomicShardWriter:
         if self._closed:
             return
         self._closed = True
+        if self._direct:
+            # Closing would complete the upload: throw it away instead (aborts a multipart upload).
+            with contextlib.suppress(Exception):
+                self._stream.discard()  # type: ignore[attr-defined]
+            self._stream.closed = True  # type: ignore[misc]  # nothing left to flush, even at exit
+            return
         try:
             # Close the tar first (it flushes into the doomed temp file) so nothing writes at exit.
             with contextlib.suppress(Exception):
@@ -416,29 +459,98 @@ class TruncatedMemberError(tarfile.ReadError):
         self.key = key
 
 
+class _CountingReader:
+    """A read-only stream that counts bytes and notes whether it reached the end of its data."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.position = 0
+        self.at_eof = False
+        self.size = _known_size(stream)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.position += len(data)
+        if not data or (n is not None and n > 0 and len(data) < n):
+            self.at_eof = True
+        return data
+
+
+def _known_size(stream: Any) -> int | None:
+    size = getattr(stream, "size", None)  # fsspec files know their object's size
+    if isinstance(size, int):
+        return size
+    try:
+        return os.fstat(stream.fileno()).st_size if os.path.isfile(getattr(stream, "name", "")) else None
+    except (OSError, AttributeError, ValueError, io.UnsupportedOperation):
+        return None
+
+
 def iter_tar_members(url: str) -> Iterator[tuple[str, str, bytes]]:
     """``(sample key, extension, bytes)`` for each file member of one tar, in file order.
 
     The key is the member name up to the first dot of its base name, like webdataset; members without an
-    extension are skipped. A member shorter than its header says raises :class:`TruncatedMemberError`.
+    extension are skipped. Damaged content raises ``tarfile.TarError``/``EOFError``/``zlib.error`` (a
+    member shorter than its header says: :class:`TruncatedMemberError`); any other failure, or a stream
+    that ends before the object's known size, raises :class:`ShardIOError`.
     """
-    with open_url(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            dirname, _, base = member.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            if not dot:
-                continue
-            key = f"{dirname}/{stem}" if dirname else stem
-            f = tar.extractfile(member)
-            try:
-                data = f.read() if f is not None else b""
-            except (tarfile.ReadError, EOFError, OSError) as exc:  # the stream ends inside this member
-                raise TruncatedMemberError(key, f"{member.name}: {exc}") from exc
-            if len(data) != member.size:
-                raise TruncatedMemberError(key, f"{member.name}: unexpected end of data")
-            yield key, ext, data
+    reader: _CountingReader | None = None
+    try:
+        with open_url(url, "rb") as stream:
+            reader = _CountingReader(stream)
+            with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    dirname, _, base = member.name.rpartition("/")
+                    stem, dot, ext = base.partition(".")
+                    if not dot:
+                        continue
+                    key = f"{dirname}/{stem}" if dirname else stem
+                    f = tar.extractfile(member)
+                    try:
+                        data = f.read() if f is not None else b""
+                    except _CONTENT_ERRORS as exc:  # the stream ends inside this member
+                        raise TruncatedMemberError(key, f"{member.name}: {exc}") from exc
+                    if len(data) != member.size:
+                        raise TruncatedMemberError(key, f"{member.name}: unexpected end of data")
+                    yield key, ext, data
+    except _CONTENT_ERRORS as exc:
+        if reader is not None and reader.at_eof and reader.size is not None and reader.position < reader.size:
+            # The bytes stopped coming before the object ended: the transport failed, not the tar.
+            raise ShardIOError(
+                f"{url}: the stream ended after {reader.position} of {reader.size} bytes ({exc})"
+            ) from exc
+        raise
+    except ShardIOError:
+        raise
+    except Exception as exc:  # missing object, connection, credentials, a failing pipe: not the data's fault
+        raise ShardIOError(f"{url}: cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+def img2dataset_count(url: str) -> int | None:
+    """How many samples img2dataset wrote into the tar at ``url``, from the ``<shard>_stats.json`` beside it.
+
+    img2dataset writes ``{"count": rows tried, "successes": samples written, ...}`` per shard; this returns
+    ``successes``, or None when there is no such file or it does not say. Raises :class:`ShardIOError` when
+    the file exists but cannot be read.
+    """
+    base = url[: -len(".tar")] if url.endswith(".tar") else url
+    path = base + "_stats.json"
+    if path.startswith("pipe:"):
+        return None
+    try:
+        with open_url(path, "rb") as f:
+            stats = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        log.warning("%s: not valid JSON; the samples lost in a damaged tar are counted as one", path)
+        return None
+    except Exception as exc:
+        raise ShardIOError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+    value = stats.get("successes") if isinstance(stats, dict) else None
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
@@ -474,5 +586,6 @@ def finished(path: str | os.PathLike[str]) -> bool:
         import fsspec
 
         fs, fs_path = fsspec.core.url_to_fs(p)
+        fs.invalidate_cache(fs_path)  # other processes (the actors) wrote it: no stale listing
         return bool(fs.exists(fs_path))
     return Path(p).is_file()

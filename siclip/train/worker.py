@@ -96,12 +96,13 @@ def build_batches(
     cfg: SiclipCfg, *, rank: int, world_size: int, epoch_offset: int, with_teacher: bool
 ) -> Any:
     """The per-rank infinite batch iterator (student inputs, plus teacher inputs if they differ)."""
-    from siclip.data.loader import build_train_loader
+    from siclip.data.loader import build_train_loader, shard_embeddings_usable
     from siclip.models.presets import build_tokenizer, build_transform
 
     teacher_inputs = with_teacher and not _same_preprocessing(cfg.model.name, cfg.teacher.name)
+    urls = expand_shards(cfg.data.train_shards)
     return build_train_loader(
-        urls=expand_shards(cfg.data.train_shards),
+        urls=urls,
         batch_size=cfg.data.batch_size // world_size,
         rank=rank,
         world_size=world_size,
@@ -115,6 +116,8 @@ def build_batches(
         shuffle_buffer=cfg.data.shuffle_buffer,
         seed=cfg.train.seed,
         epoch_offset=epoch_offset,
+        # Stored embeddings stand in for the teacher only when they are this teacher's (logged otherwise).
+        shard_embeddings=with_teacher and shard_embeddings_usable(urls, cfg.teacher),
     )
 
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from siclip.data.loader import build_train_loader, slot_shards
-from siclip.data.shards import AtomicShardWriter
+from siclip.config import TeacherCfg
+from siclip.data.loader import build_train_loader, shard_embeddings_usable, slot_shards
+from siclip.data.shards import AtomicShardWriter, Manifest, write_manifest
 
 K = 4  # synthetic captions per sample
 D = 3  # teacher embedding width
@@ -185,6 +186,41 @@ def test_npz_teacher_embeddings_follow_the_drawn_caption(tmp_path) -> None:
             b["teacher_text_emb"], (1000 * b["text"][:, 0] + row)[:, None].float().expand(4, D)
         )
         assert "teacher_syn_emb" not in b
+
+
+def test_stored_embeddings_off_are_not_passed_on(tmp_path) -> None:
+    url = _write(tmp_path / "emb-000000.tar", range(8), syn=True, npz=True)
+    b = next(_loader([url], shard_embeddings=False))
+    assert not any(k.startswith("teacher_") for k in b)
+
+
+def test_shard_embeddings_usable_only_for_the_configured_teacher(tmp_path, caplog) -> None:
+    url = _write(tmp_path / "emb-000000.tar", range(4), npz=True)
+    teacher = TeacherCfg(name="mobileclip-s0", source="/w/teacher.pt")
+    with caplog.at_level(logging.INFO, logger="siclip.data.loader"):
+        assert not shard_embeddings_usable([url], teacher)  # no manifest: cannot know whose they are
+    assert "manifest" in caplog.text
+
+    def made_by(name: str, source: str, embeddings: bool = True) -> None:
+        config = {"caption": {"teacher_embeddings": embeddings}, "teacher": {"name": name, "source": source}}
+        write_manifest(
+            tmp_path,
+            Manifest(kind="cc12m-syn", shards=[{"name": "emb-000000.tar", "samples": 4}], config=config),
+        )
+
+    made_by("mobileclip-s0", "/w/teacher.pt")
+    assert shard_embeddings_usable([url], teacher)
+    assert shard_embeddings_usable([str(tmp_path / "emb-*.tar")], teacher)  # patterns too
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="siclip.data.loader"):
+        assert not shard_embeddings_usable([url], TeacherCfg(name="mobileclip-s0", source="/w/other.pt"))
+        assert not shard_embeddings_usable(
+            [url], TeacherCfg(name="mobileclip-s0", source="/w/teacher.pt", use_shard_embeddings=False)
+        )
+    assert "/w/teacher.pt but teacher.* is mobileclip-s0:/w/other.pt" in caplog.text
+    assert "use_shard_embeddings=false" in caplog.text
+    made_by("mobileclip-s0", "/w/teacher.pt", embeddings=False)
+    assert not shard_embeddings_usable([url], teacher)
 
 
 def test_teacher_transform_and_tokenizer(tmp_path) -> None:
