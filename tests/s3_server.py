@@ -45,6 +45,9 @@ class S3Server:
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
+            # One try per request: a stopped server then fails in milliseconds, not after botocore's
+            # backoff (~9 s); siclip's own retries (caption.max_retries) are what the tests exercise.
+            "AWS_MAX_ATTEMPTS": "1",
         }
 
     @property

@@ -72,10 +72,23 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     whole.unlink()
     (root / "in-000002.tar").write_bytes(data[:cut])
     (root / "in-000003.tar").write_bytes(b"not a tar archive " * 64)
+    # The teacher's weights: a teacher without any is refused (its embeddings would mean nothing).
+    import torch
+
+    from siclip.models.presets import build_preset
+
+    torch.manual_seed(0)
+    torch.save(build_preset("tiny-teacher").state_dict(), root / "teacher.pt")
     return root
 
 
-def _cfg(inputs: Path, out: Path, **caption: object) -> object:
+def _cfg(
+    inputs: Path,
+    out: Path,
+    teacher_overrides: dict[str, str] | None = None,
+    ray: dict[str, object] | None = None,
+    **caption: object,
+) -> object:
     base = {
         "input_shards": [str(inputs / "in-{000000..000003}.tar")],
         "output_dir": str(out),
@@ -86,10 +99,13 @@ def _cfg(inputs: Path, out: Path, **caption: object) -> object:
         "batch_size": 3,
         "num_cpus_per_actor": 0.5,
         "image_size": IMAGE_SIZE,
+        "min_image_size": 8,
+        "retry_delay_s": 0.0,
     }
     base.update(caption)
-    teacher = {"name": "tiny-teacher", "source": ""}  # random weights: only shapes and norms are checked
-    return from_dict({"caption": base, "teacher": teacher, "ray": {"data_timeout_s": 120}})
+    teacher = {"name": "tiny-teacher", "source": str(inputs / "teacher.pt")}
+    teacher.update(teacher_overrides or {})
+    return from_dict({"caption": base, "teacher": teacher, "ray": {"data_timeout_s": 120, **(ray or {})}})
 
 
 def _shard_bytes(out: Path) -> dict[str, bytes]:
@@ -152,13 +168,80 @@ def test_build_counts_readback_and_resume(ray_session: None, inputs: Path, tmp_p
     # A rerun into the same folder with other caption settings would mix two datasets.
     with pytest.raises(ConfigError, match="num_captions"):
         run_pipeline(_cfg(inputs, out, teacher_embeddings=True, num_captions=3), progress=False)  # type: ignore[arg-type]
+    # ... and so would embeddings of another teacher.
+    other = {"source": str(inputs / "other-teacher.pt")}
+    with pytest.raises(ConfigError, match=r"teacher.source: got '.*other-teacher.pt' but"):
+        run_pipeline(_cfg(inputs, out, other, teacher_embeddings=True), progress=False)  # type: ignore[arg-type]
+    assert on_disk.config["teacher"]["source"] == str(inputs / "teacher.pt")
+
+
+def test_teacher_without_weights_is_refused(inputs: Path, tmp_path: Path) -> None:
+    from siclip.data.pipeline import run_pipeline
+
+    cfg = _cfg(inputs, tmp_path / "syn", {"source": ""}, teacher_embeddings=True)
+    with pytest.raises(ConfigError, match=r"^teacher.source: got ''; caption.teacher_embeddings=true needs"):
+        run_pipeline(cfg, progress=False)  # type: ignore[arg-type]
+    assert not (tmp_path / "syn" / "manifest.json").exists()
+
+
+FLAKY = """#!/bin/sh
+# Fails while the attempt counter is in FAIL (a store that is down), then streams the tar.
+echo x >> "$1.attempts"
+n=$(wc -l < "$1.attempts")
+case " $FAIL " in *" $n "*) echo "attempt $n: connection refused" >&2; exit 3;; esac
+cat "$1"
+"""
+
+
+def test_failed_read_is_retried_and_never_marked_finished(
+    ray_session: None, inputs: Path, tmp_path: Path
+) -> None:
+    from siclip.data.pipeline import ShardBuildError, run_pipeline
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "in-000001.tar").write_bytes((inputs / "in-000001.tar").read_bytes())
+    script = tmp_path / "flaky.sh"
+    script.write_text(FLAKY.replace("$FAIL", "1 2"))
+    flaky = f"pipe:sh {script} {src}/in-000001.tar"
+    good = str(inputs / "in-000000.tar")
+    out = tmp_path / "syn"
+
+    def cfg(retries: int) -> object:
+        # The pipe needs webdataset's pipes, which the test session turns off (WDS_SECURE=1).
+        return _cfg(
+            inputs,
+            out,
+            None,
+            {"env_vars": {"WDS_SECURE": "0"}},
+            input_shards=[good, flaky],
+            max_retries=retries,
+        )
+
+    # No retries: the failed read fails the shard; the other is kept; the build names the missing one.
+    with pytest.raises(ShardBuildError, match=r"1 shards could not be built \(in-000001.tar\)"):
+        run_pipeline(cfg(0), progress=False)  # type: ignore[arg-type]
+    partial = read_manifest(out)
+    assert [s["name"] for s in partial.shards] == ["in-000000.tar"]
+    assert not (out / "in-000001.tar").exists()
+    assert partial.samples_in == partial.samples_out + partial.samples_skipped
+
+    # One retry: attempt 2 fails too, attempt 3 (Ray's retry) reads the shard: the rerun completes it.
+    manifest = run_pipeline(cfg(1), progress=False)  # type: ignore[arg-type]
+    assert len((src / "in-000001.tar.attempts").read_text().split()) == 3
+    assert [s["name"] for s in manifest.shards] == ["in-000000.tar", "in-000001.tar"]
+    assert [s["samples"] for s in manifest.shards] == [3, 7]
+    assert manifest.samples_in == manifest.samples_out + manifest.samples_skipped
 
 
 def test_gpu_on_cpu_cluster_fails_fast(ray_session: None, inputs: Path, tmp_path: Path) -> None:
     from siclip.data.pipeline import run_pipeline
 
     started = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"num_gpus_per_actor=1 but the Ray cluster has 0 GPUs"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"need at least 1 x 1 \(caption.min_actors\) x 1 = 1 GPUs but the Ray cluster has 0",
+    ):
         run_pipeline(_cfg(inputs, tmp_path / "gpu", num_gpus_per_actor=1.0), progress=False)  # type: ignore[arg-type]
     assert time.perf_counter() - started < 10
     assert not list((tmp_path / "gpu").glob("*.tar"))

@@ -119,7 +119,7 @@ def test_defaults_skip_the_600x2_image_before_encoding(tmp_path: Path) -> None:
 
 
 def test_missing_shard_raises_instead_of_counting(tmp_path: Path) -> None:
-    with pytest.raises(ShardIOError, match="in-000009.tar"):
+    with pytest.raises(ShardIOError, match=r"in-000009\.tar"):
         prepare_shard(str(tmp_path / "in-000009.tar"), image_size=IMAGE_SIZE)
 
 
