@@ -747,7 +747,8 @@ def run_pipeline(
     cfg_dict = to_dict(cfg)
     chunk = chunk_size or c.batch_size
     # Tasks and actors get ray.env_vars (e.g. AWS_ENDPOINT_URL for an S3-compatible store).
-    env: dict[str, Any] = {"runtime_env": {"env_vars": dict(cfg.ray.env_vars)}} if cfg.ray.env_vars else {}
+    env_vars = {str(k): str(v) for k, v in cfg.ray.env_vars.items()}  # YAML may give numbers; Ray wants str
+    env: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
 
     ds = ray.data.from_items(
         [{"url": u, "name": n} for u, n in pending], override_num_blocks=len(pending)

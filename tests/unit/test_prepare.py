@@ -168,3 +168,19 @@ def test_img2dataset_count_without_stats(tmp_path: Path) -> None:
     assert img2dataset_count(str(tmp_path / "in-000000.tar")) is None
     (tmp_path / "in-000001_stats.json").write_text("{broken")
     assert img2dataset_count(str(tmp_path / "in-000001.tar")) is None
+
+
+def test_data_build_exits_1_naming_unfinished_shards(tmp_path: Path, monkeypatch, capsys) -> None:
+    from siclip import cli
+    from siclip.data import pipeline
+
+    url = _shard_with(tmp_path, _encode((48, 40)))
+    config = tmp_path / "build.yaml"
+    config.write_text(f"caption:\n  input_shards: [{url}]\n  output_dir: {tmp_path / 'out'}\n")
+
+    def unfinished(cfg: object) -> None:
+        raise pipeline.ShardBuildError("siclip data: 1 shards could not be built (in-000000.tar); run again")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", unfinished)
+    assert cli.main(["data", "build", "--config", str(config)]) == 1
+    assert "in-000000.tar" in capsys.readouterr().err
