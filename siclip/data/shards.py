@@ -347,7 +347,11 @@ class AtomicShardWriter:
             return
         self._closed = True
         if self._direct:
-            # Closing would complete the upload: throw it away instead (aborts a multipart upload).
+            # Closing the stream would complete the upload: throw it away instead (aborts a multipart
+            # upload; one the store cannot abort now stays invisible). The tar is closed first so nothing
+            # writes into the discarded stream at exit.
+            with contextlib.suppress(Exception):
+                self._writer.close()
             with contextlib.suppress(Exception):
                 self._stream.discard()  # type: ignore[attr-defined]
             self._stream.closed = True  # type: ignore[misc]  # nothing left to flush, even at exit

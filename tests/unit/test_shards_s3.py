@@ -1,0 +1,49 @@
+"""Shard I/O against a real S3 API (moto's server): direct uploads that never leave a partial object, and
+failed reads raised as I/O errors rather than counted as bad data. No Ray."""
+
+from __future__ import annotations
+
+import pytest
+
+from siclip.data.shards import AtomicShardWriter, ShardIOError, finished, iter_raw_samples, iter_tar_members
+from tests.s3_server import S3Server, s3_server  # noqa: F401  (the fixture)
+
+
+def _sample(i: int) -> dict[str, object]:
+    return {"__key__": f"k{i}", "txt": f"caption {i}", "json": {"i": i}}
+
+
+def test_direct_upload_commits_only_on_clean_close(s3_server: S3Server) -> None:  # noqa: F811
+    fs = s3_server.filesystem()
+    fs.mkdir("shards")
+    with AtomicShardWriter("s3://shards/a.tar") as w:
+        for i in range(3):
+            w.write(_sample(i))
+    assert [s["__key__"] for s in iter_raw_samples("s3://shards/a.tar")] == ["k0", "k1", "k2"]
+    assert fs.ls("shards") == ["shards/a.tar"]  # straight to the final key: no temporary object, no copy
+
+    with pytest.raises(RuntimeError, match="boom"), AtomicShardWriter("s3://shards/b.tar") as w:
+        w.write(_sample(0))
+        raise RuntimeError("boom")
+    assert not finished("s3://shards/b.tar")
+    assert fs.ls("shards", refresh=True) == ["shards/a.tar"]
+
+
+def test_upload_to_a_stopped_server_leaves_nothing(s3_server: S3Server) -> None:  # noqa: F811
+    s3_server.filesystem().mkdir("shards")
+    writer = AtomicShardWriter("s3://shards/c.tar")
+    writer.write(_sample(0))
+    s3_server.stop()
+    with pytest.raises(Exception):  # noqa: B017  (botocore's connection error)
+        writer.close()
+    s3_server.start()
+    assert not finished("s3://shards/c.tar")
+
+
+def test_missing_object_and_dead_server_are_io_errors(s3_server: S3Server) -> None:  # noqa: F811
+    s3_server.filesystem().mkdir("shards")
+    with pytest.raises(ShardIOError, match=r"nope\.tar"):
+        list(iter_tar_members("s3://shards/nope.tar"))
+    s3_server.stop()
+    with pytest.raises(ShardIOError, match="cannot read"):
+        list(iter_tar_members("s3://shards/a.tar"))
