@@ -1,0 +1,48 @@
+"""The data build's pre-flight checks, without a Ray cluster: GPUs and CPUs counted over every actor pool."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from siclip.config import from_dict
+from siclip.data.pipeline import _check_resources
+
+
+def _cfg(**caption: object) -> object:
+    return from_dict({"caption": {"num_gpus_per_actor": 1.0, "num_cpus_per_actor": 1.0, **caption}})
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    resources = {"CPU": 16.0, "GPU": 1.0}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    return resources
+
+
+def test_one_pool_fits_one_gpu(cluster: dict[str, float]) -> None:
+    _check_resources(_cfg(), 1.0)  # type: ignore[arg-type]
+
+
+def test_captioner_and_teacher_pools_need_their_gpus_together(cluster: dict[str, float]) -> None:
+    with pytest.raises(RuntimeError, match=r"captioner and teacher pools need at least 2 x 1 .* = 2 GPUs"):
+        _check_resources(_cfg(teacher_embeddings=True), 1.0)  # type: ignore[arg-type]
+    cluster["GPU"] = 2.0
+    _check_resources(_cfg(teacher_embeddings=True), 1.0)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match=r"2 x 2 \(caption.min_actors\) x 1 = 4 GPUs"):
+        _check_resources(_cfg(teacher_embeddings=True, min_actors=2, num_actors=4), 1.0)  # type: ignore[arg-type]
+
+
+def test_pools_leave_a_cpu_for_reading(cluster: dict[str, float]) -> None:
+    cluster.update(CPU=4.0, GPU=8.0)
+    with pytest.raises(RuntimeError, match="leaves no CPU for reading shards"):
+        _check_resources(_cfg(teacher_embeddings=True, num_cpus_per_actor=2.0), 1.0)  # type: ignore[arg-type]
+
+
+def test_min_actors_above_num_actors_is_a_config_error() -> None:
+    from siclip.config import ConfigError, load_config
+
+    with pytest.raises(
+        ConfigError, match=r"^caption.min_actors: got 3; allowed: at most caption.num_actors \(2\)$"
+    ):
+        load_config(None, ["caption.min_actors=3", "caption.num_actors=2"], check_files=False)
