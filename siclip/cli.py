@@ -37,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from siclip.train.launch import launch
 
     result = launch(cfg)
-    print(f"siclip: run {cfg.train.run_name!r} finished at step {result.max_steps}; folder {result.run_dir}")
+    print(f"siclip: run {cfg.train.run_name!r} finished at step {result.max_steps}; folder {result.location}")
     if result.metrics:
         _print_json({k: v for k, v in result.metrics.items() if k.startswith("val/")})
     return 0
