@@ -312,6 +312,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         allowed = typing.get_args(tp)
         if isinstance(value, bool) and ("off" if not value else "on") in allowed:
             value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
+        elif isinstance(value, bool) and ("no" if not value else "yes") in allowed:
+            value = "yes" if value else "no"  # ... and a bare yes/no (train.use_gpu: yes)
         if value not in allowed:
             raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
         return value

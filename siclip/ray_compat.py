@@ -128,24 +128,24 @@ def orphaned_train_placement_groups() -> list[Any]:
 
 
 def is_worker_start_timeout(error: BaseException) -> bool:
-    """Whether ``fit()`` failed because its worker group's resources were not granted in time."""
+    """Whether ``fit()`` failed because its worker group's resources were not granted in time.
+
+    ``fit()`` raises the public ``ray.train.ControllerError`` around the controller's exception, whose
+    class is private.
+    """
     check_ray_version()
+    from ray.train import ControllerError
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    e: BaseException | None = error
+    while e is not None:
         if isinstance(e, WorkerGroupStartupTimeoutError):
             return True
-        # TrainingFailedError / ControllerError keep the cause in attributes as well as __cause__
-        stack += [e.__cause__, e.__context__, getattr(e, "controller_failure", None)]
-        stack += (
-            [v for v in vars(e).values() if isinstance(v, BaseException)] if hasattr(e, "__dict__") else []
-        )
+        if isinstance(e, ControllerError) and isinstance(
+            e.controller_failure, WorkerGroupStartupTimeoutError
+        ):
+            return True
+        e = e.__cause__
     return False
 
 

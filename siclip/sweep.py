@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from siclip import storage
 from siclip.config import (
@@ -232,6 +232,20 @@ def _prepare(cfg: SiclipCfg) -> SiclipCfg:
         # stale (or no) metric, so trials evaluate at every checkpoint.
         print(f"siclip tune: train.eval_every {ev} -> {ck} (= train.ckpt_every) so every report is scored")
         cfg = replace(cfg, train=replace(cfg.train, eval_every=ck))
+    return cfg
+
+
+def _fix_device(cfg: SiclipCfg) -> SiclipCfg:
+    """``train.use_gpu`` decided once for the whole sweep: every trial gets the same 'yes' or 'no'.
+
+    Left at 'auto', trials started before and after an autoscaler adds a GPU node would disagree.
+    """
+    from siclip.train.launch import resolve_use_gpu
+
+    device: Literal["yes", "no"] = "yes" if resolve_use_gpu(cfg) else "no"
+    if cfg.train.use_gpu != device:
+        print(f"siclip tune: train.use_gpu {cfg.train.use_gpu} -> {device} for every trial")
+        cfg = replace(cfg, train=replace(cfg.train, use_gpu=device))
     return cfg
 
 
@@ -481,13 +495,7 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
     from siclip.ray_session import init_ray
 
     init_ray(cfg.ray)
-    from siclip.train.launch import resolve_use_gpu
-
-    # once for the whole sweep: trials started before and after an autoscaler adds a GPU node must agree
-    device = "yes" if resolve_use_gpu(cfg) else "no"
-    if cfg.train.use_gpu != device:
-        print(f"siclip tune: train.use_gpu {cfg.train.use_gpu} -> {device} for every trial")
-        cfg = replace(cfg, train=replace(cfg.train, use_gpu=device))
+    cfg = _fix_device(cfg)
     cfg = _fit_resources(cfg)
     base = to_dict(cfg)
     param_space = parse_space(cfg.tune.space, base=base)
