@@ -152,10 +152,10 @@ def is_worker_start_timeout(error: BaseException) -> bool:
 # ------------------------------------------------------------------------------------- jobs
 def job_working_dir() -> str | None:
     """The ``working_dir`` of the submitted job this driver runs in (its upload), or None outside a job."""
-    check_ray_version()
     raw = os.environ.get(_JOB_CONFIG_ENV)
-    if not raw:
+    if not raw:  # outside a job: answered without importing Ray (the CLI calls this before anything else)
         return None
+    check_ray_version()
     try:
         runtime_env = json.loads(raw).get("runtime_env") or {}
     except (ValueError, AttributeError):

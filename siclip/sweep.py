@@ -495,6 +495,9 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
     from siclip.ray_session import init_ray
 
     init_ray(cfg.ray)
+    from siclip.train.launch import check_cluster_storage
+
+    check_cluster_storage(cfg)
     cfg = _fix_device(cfg)
     cfg = _fit_resources(cfg)
     base = to_dict(cfg)

@@ -36,7 +36,7 @@ from siclip.config import (
 from siclip.ray_session import init_ray
 from siclip.train.worker import run_location, train_worker
 
-__all__ = ["TrainResult", "init_ray", "launch", "resolve_max_steps", "resolve_use_gpu"]
+__all__ = ["TrainResult", "check_cluster_storage", "init_ray", "launch", "resolve_max_steps", "resolve_use_gpu"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,14 @@ def resolve_use_gpu(cfg: SiclipCfg) -> bool:
     return ray_compat.max_cluster_resources().get("GPU", 0) > 0
 
 
+def check_cluster_storage(cfg: SiclipCfg) -> None:
+    """On a cluster of several nodes (or one an autoscaler can grow), ``train.runs_dir`` must be shared."""
+    from siclip.preflight import check_shared_run_folder
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    check_shared_run_folder(cfg, nodes=nodes, can_add_nodes=bool(ray_compat.max_cluster_resources()))
+
+
 def _worker_resources(cfg: SiclipCfg, use_gpu: bool) -> dict[str, float]:
     return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
 
@@ -202,6 +210,7 @@ def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult
     run_dir = run_location(cfg)
     check_resume_compatible(cfg, run_dir)
     init_ray(cfg.ray)
+    check_cluster_storage(cfg)
     use_gpu = resolve_use_gpu(cfg)
     if not use_gpu and cfg.train.precision in ("bf16", "fp16"):
         cfg = replace(cfg, train=replace(cfg.train, precision="fp32"))
