@@ -261,7 +261,10 @@ def train_worker(config: dict[str, Any]) -> None:
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+        # Each rank downloads into its own folder: as_directory() shares one deterministic temp folder per
+        # checkpoint among the processes of a machine, and one rank's clean-up can cut another's read short.
+        with tempfile.TemporaryDirectory(prefix="siclip-resume-") as folder:
+            checkpoint.to_directory(folder)
             counters = load_checkpoint(
                 folder, task=task, optimizer=optimizer, scheduler=scheduler, scaler=scaler
             )

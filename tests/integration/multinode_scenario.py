@@ -72,16 +72,16 @@ def main(config: str, work: str) -> None:
     while thread.is_alive() and not reached.exists():
         time.sleep(0.1)
     if reached.exists():
-        nodes_before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
         for node in workers:
             cluster.remove_node(node)
         fresh = [cluster.add_node(**NODE) for _ in range(2)]
         cluster.wait_for_nodes()
         outcome["paused_at"] = int(reached.read_text())
-        outcome["fresh_nodes"] = [n.unique_id for n in fresh]
-        outcome["old_nodes_gone"] = [w.unique_id for w in workers if w.unique_id not in nodes_before] == []
+        outcome["removed_nodes"] = [w.node_id for w in workers]
+        outcome["fresh_nodes"] = [n.node_id for n in fresh]
         go.touch()
     thread.join()
+    outcome["alive_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     print("RESULT " + json.dumps(outcome), flush=True)
     ray.shutdown()
     cluster.shutdown()

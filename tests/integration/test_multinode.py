@@ -66,7 +66,9 @@ def test_node_loss_on_a_two_node_cluster_resumes_from_s3_and_logs_each_step_once
         (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         outcome = json.loads(line[len("RESULT ") :])
         assert "error" not in outcome, out[-5000:]
-        assert outcome["paused_at"] == 4 and outcome["old_nodes_gone"], outcome
+        assert outcome["paused_at"] == 4, outcome
+        assert not set(outcome["removed_nodes"]) & set(outcome["alive_nodes"]), outcome
+        assert set(outcome["fresh_nodes"]) <= set(outcome["alive_nodes"]), outcome
         assert outcome["step"] == MAX_STEPS and outcome["location"] == f"{runs}/two-nodes"
         assert "resumed run 'two-nodes' from step 4" in out, out[-5000:]
 

@@ -42,7 +42,7 @@ def test_an_unknown_ray_fails_loudly_before_any_internal_is_read(monkeypatch: py
         ray_compat.job_working_dir,
         lambda: ray_compat.is_worker_start_timeout(RuntimeError()),
     ):
-        with pytest.raises(ray_compat.RayVersionError, match="2.99.1"):
+        with pytest.raises(ray_compat.RayVersionError, match=r"2\.99\.1"):
             call()
 
 
