@@ -85,3 +85,18 @@ def test_a_config_written_to_s3_is_a_config(s3_env: dict[str, str], tmp_path: Pa
     save_config(SiclipCfg(), uri)
     local = storage.download(uri, tmp_path / "best_config.yaml")
     assert load_config(local, check_files=False) == SiclipCfg()
+
+
+def test_sweep_tables_go_to_the_location(root: str) -> None:
+    import csv
+    import io
+
+    from siclip.sweep import SweepResult, TrialRow, _write_tables, format_table
+
+    row = TrialRow("t_00000", {"loss.fd_weight": 800.0}, 0.61, "TERMINATED", 4, 40, "exp-t_00000")
+    folder = storage.join(root, "exp")
+    result = SweepResult(folder, "val/zeroshot_top1", "max", (row,), row, None, ("loss.fd_weight",))
+    _write_tables(result)
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(folder, "trials.csv")))))
+    assert [(r["trial_id"], float(r["loss.fd_weight"])) for r in rows] == [("t_00000", 800.0)]
+    assert storage.read_text(storage.join(folder, "trials.md")) == format_table(result) + "\n"
