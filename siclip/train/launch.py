@@ -36,7 +36,14 @@ from siclip.config import (
 from siclip.ray_session import init_ray
 from siclip.train.worker import run_location, train_worker
 
-__all__ = ["TrainResult", "check_cluster_storage", "init_ray", "launch", "resolve_max_steps", "resolve_use_gpu"]
+__all__ = [
+    "TrainResult",
+    "check_cluster_storage",
+    "init_ray",
+    "launch",
+    "resolve_max_steps",
+    "resolve_use_gpu",
+]
 
 
 @dataclass(frozen=True)

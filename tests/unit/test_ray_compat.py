@@ -35,7 +35,9 @@ def test_an_unknown_ray_fails_loudly_before_any_internal_is_read(monkeypatch: py
     with pytest.raises(ray_compat.RayVersionError, match=r"^ray 2\.61\.0 is installed .*ray==2\.60\.0"):
         ray_compat.check_ray_version("2.61.0")
     monkeypatch.setattr(ray, "__version__", "2.99.1")
-    monkeypatch.setenv(ray_compat._JOB_CONFIG_ENV, '{"runtime_env": {}}')  # inside a job: it reads Ray's format
+    monkeypatch.setenv(
+        ray_compat._JOB_CONFIG_ENV, '{"runtime_env": {}}'
+    )  # inside a job: it reads Ray's format
     for call in (
         lambda: ray_compat.registered_checkpoint_names("{}"),
         ray_compat.max_cluster_resources,
