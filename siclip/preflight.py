@@ -15,25 +15,14 @@ from pathlib import Path
 
 from siclip.config import ConfigError, SiclipCfg, _walk, expand_shards, is_uri
 
-__all__ = ["SHARED_FS_TYPES", "check_job_paths", "check_shared_run_folder", "filesystem_type"]
+__all__ = ["LOCAL_FS_TYPES", "check_job_paths", "check_shared_run_folder", "filesystem_type"]
 
 OUTPUT_KEYS = ("train.runs_dir", "caption.output_dir")
 """Folders a run writes: relative ones would land in the job's temporary copy of the working dir."""
 
-SHARED_FS_TYPES = (
-    "nfs",
-    "nfs4",
-    "efs",
-    "cifs",
-    "smb3",
-    "lustre",
-    "ceph",
-    "glusterfs",
-    "fuse",
-    "gcsfuse",
-    "9p",
-)
-"""Filesystem types (``/proc/mounts``; prefixes, e.g. ``fuse.s3fs``) that other nodes can mount too."""
+LOCAL_FS_TYPES = ("ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "vfat", "overlay", "tmpfs", "ramfs")
+"""Filesystem types (``/proc/mounts``) that live on one machine; anything else (nfs, cifs, lustre, ceph,
+fuse.*, ...) is taken to be storage other nodes can mount too."""
 
 _SHARED_HINT = "a path every node mounts (e.g. /data/... on KubeRay, /mnt/efs/... on AWS) or s3://BUCKET/..."
 
@@ -122,14 +111,14 @@ def check_shared_run_folder(
 ) -> None:
     """On a cluster of several nodes (or one that can grow), ``train.runs_dir`` must be shared storage.
 
-    A URI always is. A local path must be on a network filesystem (NFS, EFS, Lustre, a FUSE mount ...):
-    Ray Train's workers on other nodes write checkpoints there, and a resume after a node loss reads them.
+    A URI always is. A path on a machine-local filesystem (ext4, xfs, overlay, tmpfs, ...) is refused: Ray
+    Train's workers on other nodes write checkpoints there, and a resume after a node loss reads them.
     """
     runs_dir = cfg.train.runs_dir
     if is_uri(runs_dir) or (nodes <= 1 and not can_add_nodes):
         return
     kind = filesystem_type(runs_dir, mounts)
-    if not kind or kind.startswith(SHARED_FS_TYPES):
+    if kind not in LOCAL_FS_TYPES:
         return
     raise ConfigError(
         f"train.runs_dir: got {runs_dir!r}, on a node-local {kind} disk of a cluster with "
