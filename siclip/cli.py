@@ -24,7 +24,15 @@ def _config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 
 def _load(args: argparse.Namespace, sections: tuple[str, ...] | None = None) -> SiclipCfg:
-    return load_config(args.config, args.overrides, check_files=sections or True)
+    from siclip.config import check_paths
+    from siclip.preflight import check_job_paths
+    from siclip.ray_compat import job_working_dir
+
+    cfg = load_config(args.config, args.overrides, check_files=False)
+    # inside `ray job submit`: paths the cluster cannot see fail first, with what to set instead
+    check_job_paths(cfg, job_working_dir=job_working_dir(), sections=sections)
+    check_paths(cfg, sections=sections)
+    return cfg
 
 
 def _print_json(obj: Any) -> None:
@@ -33,11 +41,11 @@ def _print_json(obj: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ commands
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _load(args, ("data", "model", "teacher", "eval"))
+    cfg = _load(args, ("data", "model", "teacher", "eval", "train"))
     from siclip.train.launch import launch
 
     result = launch(cfg)
-    print(f"siclip: run {cfg.train.run_name!r} finished at step {result.max_steps}; folder {result.run_dir}")
+    print(f"siclip: run {cfg.train.run_name!r} finished at step {result.max_steps}; folder {result.location}")
     if result.metrics:
         _print_json({k: v for k, v in result.metrics.items() if k.startswith("val/")})
     return 0
@@ -101,7 +109,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    cfg = _load(args, ("data", "model", "teacher", "eval", "tune"))
+    cfg = _load(args, ("data", "model", "teacher", "eval", "tune", "train"))
     from siclip.sweep import format_table, run_sweep
 
     result = run_sweep(cfg, resume=args.resume)

@@ -173,6 +173,11 @@ class TrainCfg:
     cpus_per_worker: float = field(default=1.0, metadata=_rng(0.0, lo_open=True))
     """CPUs Ray reserves per worker; on CPU the worker also uses that many torch threads (at least 1)."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
+    """yes: every worker asks Ray for a GPU and waits (an autoscaler launches GPU nodes); auto: yes when the
+    cluster has GPUs or its autoscaler can launch GPU nodes, else no; no: CPU only."""
+    worker_start_timeout_s: int = field(default=900, metadata=_rng(1))
+    """How long the workers may wait for their resources (a GPU node's boot and image pull) before the run
+    fails; Ray Train's own default is 60 s."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on GPUs that support it, fp16 with a grad scaler on older ones, fp32 on CPU."""
     seed: int = 0
@@ -320,6 +325,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         allowed = typing.get_args(tp)
         if isinstance(value, bool) and ("off" if not value else "on") in allowed:
             value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as a boolean
+        elif isinstance(value, bool) and ("no" if not value else "yes") in allowed:
+            value = "yes" if value else "no"  # ... and a bare yes/no (train.use_gpu: yes)
         if value not in allowed:
             raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
         return value
@@ -622,11 +629,10 @@ def load_config(
 
 
 def save_config(cfg: SiclipCfg, path: str | os.PathLike[str]) -> None:
-    """Write the resolved config as YAML that ``load_config`` reads back unchanged."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the resolved config as YAML that ``load_config`` reads back unchanged (a path or a URI)."""
+    from siclip.storage import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -9,12 +9,13 @@ from typing import Any
 import ray
 
 from siclip.config import RayCfg
+from siclip.ray_compat import PG_CLEANER_LOGGER
 
 __all__ = ["init_ray", "quiet_without_dashboard"]
 
 # Ray Train's PlacementGroupCleaner asks the dashboard's State API every second whether the controller is
 # alive; with no dashboard each ask fails with a warning, for the whole run. It can never act then anyway.
-_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_PG_CLEANER_LOGGER = PG_CLEANER_LOGGER
 
 
 def quiet_without_dashboard() -> None:

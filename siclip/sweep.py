@@ -5,20 +5,23 @@ distribution. Every trial applies its sampled values to the base config, trains 
 as ``siclip train`` does (Train V2 inside a Tune function, metrics forwarded by ``TuneReportCallback``), and
 gets its own run folder ``<train.runs_dir>/<tune.experiment_name>-<trial id>`` with TensorBoard events.
 The sweep writes ``trials.csv``, ``trials.md`` and the best trial's full config ``best_config.yaml`` into
-``<train.runs_dir>/<tune.experiment_name>/``. Every bad search space is rejected before a trial starts.
+``<train.runs_dir>/<tune.experiment_name>/`` (a folder or a URI such as ``s3://``). Every bad search space
+is rejected before a trial starts. The device (``train.use_gpu``) is decided once, before the first trial,
+so a sweep never mixes CPU and GPU trials.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from siclip import storage
 from siclip.config import (
     ConfigError,
     SiclipCfg,
@@ -232,6 +235,20 @@ def _prepare(cfg: SiclipCfg) -> SiclipCfg:
     return cfg
 
 
+def _fix_device(cfg: SiclipCfg) -> SiclipCfg:
+    """``train.use_gpu`` decided once for the whole sweep: every trial gets the same 'yes' or 'no'.
+
+    Left at 'auto', trials started before and after an autoscaler adds a GPU node would disagree.
+    """
+    from siclip.train.launch import resolve_use_gpu
+
+    device: Literal["yes", "no"] = "yes" if resolve_use_gpu(cfg) else "no"
+    if cfg.train.use_gpu != device:
+        print(f"siclip tune: train.use_gpu {cfg.train.use_gpu} -> {device} for every trial")
+        cfg = replace(cfg, train=replace(cfg.train, use_gpu=device))
+    return cfg
+
+
 def _fit_resources(cfg: SiclipCfg) -> SiclipCfg:
     """A trial's driver plus its Train workers must fit the cluster, or Tune would wait for ever.
 
@@ -272,24 +289,14 @@ def _release_orphaned_train_groups() -> int:
     stopped trial's CPUs stay reserved and the next trials wait for ever. Only groups created by an actor
     of this job that is now dead are touched.
     """
-    import ray
-    from ray._private import state as ray_state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.placement_group import remove_placement_group
 
-    job = ray.get_runtime_context().get_job_id()
-    removed = 0
-    for raw in ray_state.state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)  # type: ignore[attr-defined]
-        if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:  # type: ignore[attr-defined]
-            continue
-        # A group made by the driver itself (Tune's trial groups) has no creator actor and counts as
-        # "creator dead" in the GCS; only groups made by an actor (a Train controller) qualify.
-        by_actor = bool(pg.creator_actor_id) and not ray.ActorID(pg.creator_actor_id).is_nil()
-        if by_actor and pg.creator_actor_dead and pg.creator_job_id.hex() == job:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            removed += 1
-    return removed
+    from siclip.ray_compat import orphaned_train_placement_groups
+
+    groups = orphaned_train_placement_groups()
+    for pg in groups:
+        remove_placement_group(pg)
+    return len(groups)
 
 
 def _build_callbacks() -> list[Any]:
@@ -347,13 +354,14 @@ class TrialRow:
 
 @dataclass(frozen=True)
 class SweepResult:
-    experiment_dir: Path
+    experiment_dir: Path | str
+    """The sweep's folder (a local path) or URI."""
     metric: str
     mode: str
     rows: tuple[TrialRow, ...]
     """Best first."""
     best: TrialRow | None
-    best_config: Path | None
+    best_config: Path | str | None
     """``best_config.yaml``: the best trial's full config, trainable with ``siclip train --config``."""
     param_keys: tuple[str, ...] = field(default=())
 
@@ -396,14 +404,15 @@ def format_table(result: SweepResult) -> str:
 
 def _write_tables(result: SweepResult) -> None:
     folder = result.experiment_dir
-    with open(folder / "trials.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(_columns(result))
-        for row in result.rows:
-            params = [row.params.get(k, "") for k in result.param_keys]
-            metric = "" if row.metric is None else row.metric
-            writer.writerow([row.trial_id, *params, metric, row.status, row.iterations, row.step])
-    (folder / "trials.md").write_text(format_table(result) + "\n")
+    f = io.StringIO(newline="")
+    writer = csv.writer(f)
+    writer.writerow(_columns(result))
+    for row in result.rows:
+        params = [row.params.get(k, "") for k in result.param_keys]
+        metric = "" if row.metric is None else row.metric
+        writer.writerow([row.trial_id, *params, metric, row.status, row.iterations, row.step])
+    storage.write_text(storage.join(folder, "trials.csv"), f.getvalue())
+    storage.write_text(storage.join(folder, "trials.md"), format_table(result) + "\n")
 
 
 def _rank_key(row: TrialRow, mode: str) -> tuple[int, int, float]:
@@ -415,7 +424,12 @@ def _rank_key(row: TrialRow, mode: str) -> tuple[int, int, float]:
 
 
 def _collect(
-    grid: Any, cfg: SiclipCfg, *, base: dict[str, Any], experiment_dir: Path, param_keys: tuple[str, ...]
+    grid: Any,
+    cfg: SiclipCfg,
+    *,
+    base: dict[str, Any],
+    experiment_dir: Path | str,
+    param_keys: tuple[str, ...],
 ) -> SweepResult:
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
@@ -446,10 +460,11 @@ def _collect(
         )
     rows.sort(key=lambda r: _rank_key(r, mode))
     best = rows[0] if rows and rows[0].metric is not None and rows[0].status != "ERROR" else None
-    best_path = None
+    best_path: Path | str | None = None
     if best is not None:
         best_cfg = trial_config(base, best.params, run_name=f"{cfg.tune.experiment_name}-best")
-        best_path = experiment_dir / "best_config.yaml"
+        best_path = storage.join(experiment_dir, "best_config.yaml")
+        best_path = best_path if storage.is_remote(best_path) else Path(best_path)
         save_config(best_cfg, best_path)
     return SweepResult(
         experiment_dir=experiment_dir,
@@ -480,6 +495,10 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
     from siclip.ray_session import init_ray
 
     init_ray(cfg.ray)
+    from siclip.train.launch import check_cluster_storage
+
+    check_cluster_storage(cfg)
+    cfg = _fix_device(cfg)
     cfg = _fit_resources(cfg)
     base = to_dict(cfg)
     param_space = parse_space(cfg.tune.space, base=base)
@@ -521,8 +540,7 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
     for _ in range(10):  # the last stopped trial's controller may take a moment to be declared dead
         if _release_orphaned_train_groups() == 0:
             time.sleep(0.5)
-    local_dir = Path(experiment_path) if not is_uri(experiment_path) else Path("runs") / experiment
-    os.makedirs(local_dir, exist_ok=True)
-    result = _collect(grid, cfg, base=base, experiment_dir=local_dir, param_keys=param_keys)
+    folder: Path | str = experiment_path if is_uri(experiment_path) else Path(experiment_path)
+    result = _collect(grid, cfg, base=base, experiment_dir=folder, param_keys=param_keys)
     _write_tables(result)
     return result

@@ -126,6 +126,14 @@ def load_source_state_dict(source: str) -> dict[str, torch.Tensor]:
             return _load_file(folder / found[0])
         raise FileNotFoundError(f"{source}: no (single) weights file in {folder}; found {found}")
     path = Path(source)
+    if "://" in source and path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        # a weights file in object storage (s3://...): every node reads it from there, none from its disk
+        import tempfile
+
+        from siclip import storage
+
+        with tempfile.TemporaryDirectory(prefix="siclip-source-") as tmp:
+            return _load_file(storage.download(source, Path(tmp) / path.name))
     if path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
         if not path.is_file():
             raise FileNotFoundError(f"{source}: no such checkpoint file")

@@ -25,6 +25,7 @@ from torch import nn
 __all__ = [
     "MODEL_FILE",
     "STATE_FILE",
+    "fetch_model_file",
     "find_model_file",
     "load_checkpoint",
     "load_student_weights",
@@ -142,8 +143,38 @@ def find_model_file(path: str | os.PathLike[str]) -> Path:
     )
 
 
+def fetch_model_file(location: str, folder: str | os.PathLike[str]) -> Path:
+    """``find_model_file`` for a URI (``s3://...``): download only the one weights file it names.
+
+    Tries, in ``find_model_file``'s order, the URI itself, its ``model.safetensors``, its ``final/`` and
+    its latest ``checkpoint_*`` folder; the file lands in ``folder``.
+    """
+    from siclip import storage
+
+    candidates = [location, storage.join(location, MODEL_FILE), storage.join(location, "final", MODEL_FILE)]
+    ckpts = [n for n in storage.list_dirs(location) if n.startswith("checkpoint_")]
+    candidates += [storage.join(location, name, MODEL_FILE) for name in sorted(ckpts, reverse=True)]
+    for candidate in candidates:
+        if candidate.endswith((".safetensors", ".pt", ".pth", ".bin")) and storage.exists(candidate):
+            return storage.download(candidate, Path(folder) / candidate.rsplit("/", 1)[-1])
+    raise FileNotFoundError(
+        f"--checkpoint: got {location!r}; no {MODEL_FILE} in it, in final/ or in checkpoint_*/"
+    )
+
+
 def load_student_weights(student: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Load student weights from a student export or a full task checkpoint (``student.`` prefix)."""
+    """Load student weights from a student export or a full task checkpoint (``student.`` prefix).
+
+    ``path`` may be a URI (``s3://BUCKET/runs/NAME``): the weights file is downloaded to a temporary folder.
+    """
+    from siclip.config import is_uri
+
+    if is_uri(str(path)):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="siclip-ckpt-") as tmp:
+            load_student_weights(student, fetch_model_file(str(path), tmp))
+        return Path(str(path))
     file = find_model_file(path)
     if file.suffix != ".safetensors":
         from siclip.models.inherit import load_source_state_dict

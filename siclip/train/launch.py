@@ -1,15 +1,18 @@
 """The driver side of training: ``launch(cfg)`` builds a Train V2 ``TorchTrainer`` and fits it.
 
 ``siclip train`` and every Ray Tune trial call this same function. A run is named by ``train.run_name``
-under ``train.runs_dir`` (Ray Train's ``storage_path``); fitting again under the same name resumes from the
-latest checkpoint, and ``train.max_failures`` lets Ray restart failed workers from it.
+under ``train.runs_dir`` (Ray Train's ``storage_path``: a folder every node sees, or a URI such as
+``s3://``); fitting again under the same name resumes from the latest checkpoint, and
+``train.max_failures`` lets Ray restart failed workers from it.
+
+``train.use_gpu: yes`` asks Ray for one GPU per worker and waits up to ``train.worker_start_timeout_s`` for
+it, so an autoscaler can launch GPU nodes; ``auto`` is yes when the cluster has GPUs or can launch them.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import ray.train
 import yaml
 from ray.train.torch import TorchTrainer
 
+from siclip import ray_compat, storage
 from siclip.config import (
     ConfigError,
     SiclipCfg,
@@ -30,17 +34,32 @@ from siclip.config import (
     to_dict,
 )
 from siclip.ray_session import init_ray
-from siclip.train.worker import run_dir_of, train_worker
+from siclip.train.worker import run_location, train_worker
 
-__all__ = ["TrainResult", "init_ray", "launch", "resolve_max_steps"]
+__all__ = [
+    "TrainResult",
+    "check_cluster_storage",
+    "init_ray",
+    "launch",
+    "resolve_max_steps",
+    "resolve_use_gpu",
+]
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    run_dir: Path
+    location: str
+    """The run folder: a local path or a URI (``s3://...``)."""
     checkpoint: str | None
     metrics: dict[str, Any]
     max_steps: int
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder on this machine's filesystem (an error for a run kept at a URI)."""
+        if storage.is_remote(self.location):
+            raise ValueError(f"run folder {self.location} is not on a local filesystem; use .location")
+        return Path(self.location)
 
 
 def resolve_max_steps(cfg: SiclipCfg) -> int:
@@ -60,29 +79,29 @@ def resolve_max_steps(cfg: SiclipCfg) -> int:
     return max(1, math.ceil(cfg.train.epochs * samples / cfg.data.batch_size))
 
 
-def registered_checkpoints(run_dir: Path) -> set[str] | None:
-    """Folder names of the checkpoints Ray Train registered for a local run; None when it has no snapshot."""
+def registered_checkpoints(run_dir: str | Path) -> set[str] | None:
+    """Folder names of the checkpoints Ray Train registered for a run; None when it has no snapshot."""
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        text = storage.read_text(storage.join(run_dir, ray_compat.CHECKPOINT_SNAPSHOT_FILE))
     except (OSError, ValueError):
         return None
-    return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    return ray_compat.registered_checkpoint_names(text)
 
 
-def drop_unregistered_checkpoints(run_dir: Path) -> list[str]:
+def drop_unregistered_checkpoints(run_dir: str | Path) -> list[str]:
     """Remove ``checkpoint_*`` folders Ray Train never registered (a driver killed mid-upload leaves them).
 
-    Ray resumes only from checkpoints listed in ``checkpoint_manager_snapshot.json`` and never deletes the
-    others, so without this a crashed run accumulates stale copies beyond ``train.keep_checkpoints``.
+    Ray resumes only from checkpoints listed in its snapshot and never deletes the others, so without this
+    a crashed run accumulates stale copies beyond ``train.keep_checkpoints``.
     """
     registered = registered_checkpoints(run_dir)
     if registered is None:
         return []
     dropped = []
-    for folder in run_dir.glob("checkpoint_*"):
-        if folder.is_dir() and folder.name not in registered:
-            shutil.rmtree(folder, ignore_errors=True)
-            dropped.append(folder.name)
+    for name in storage.list_dirs(run_dir):
+        if name.startswith("checkpoint_") and name not in registered:
+            storage.remove_dir(storage.join(run_dir, name))
+            dropped.append(name)
     return dropped
 
 
@@ -97,17 +116,19 @@ def _flat(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
-def check_resume_compatible(cfg: SiclipCfg, run_dir: Path) -> None:
+def check_resume_compatible(cfg: SiclipCfg, run_dir: str | Path) -> None:
     """Refuse to resume a run that has checkpoints under a different model, loss or teacher.
 
-    Compares with the run's saved ``config.yaml`` (local runs; with URI storage the checkpoints are remote
-    and this check is skipped). Keys only one side knows (an older schema) are skipped.
-    Everything else (steps, logging, workers, data loading, optimiser) may change between resumes.
+    Compares with the run's saved ``config.yaml`` (in a folder or at a URI). Keys only one side knows (an
+    older schema) are skipped. Everything else (steps, logging, workers, data loading, optimiser) may
+    change between resumes.
     """
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file() or not registered_checkpoints(run_dir):
+    if not registered_checkpoints(run_dir):
         return
-    saved = yaml.safe_load(saved_file.read_text()) or {}
+    try:
+        saved = yaml.safe_load(storage.read_text(storage.join(run_dir, "config.yaml"))) or {}
+    except FileNotFoundError:
+        return
     now = to_dict(cfg)
     diffs = []
     for section in RESUME_SECTIONS:
@@ -124,17 +145,67 @@ def check_resume_compatible(cfg: SiclipCfg, run_dir: Path) -> None:
         )
 
 
-def _tidy_checkpoints(cfg: SiclipCfg, run_dir: Path) -> None:
-    if is_uri(cfg.train.runs_dir):
-        return
+def _tidy_checkpoints(run_dir: str) -> None:
     for name in drop_unregistered_checkpoints(run_dir):
         print(f"siclip: removed {name}: written by an interrupted run, never registered by Ray Train")
 
 
-def _use_gpu(cfg: SiclipCfg) -> bool:
-    if cfg.train.use_gpu == "auto":
-        return bool(ray.cluster_resources().get("GPU", 0))
-    return cfg.train.use_gpu == "yes"
+def resolve_use_gpu(cfg: SiclipCfg) -> bool:
+    """``train.use_gpu`` for the connected cluster: auto is yes when it has GPUs or can launch GPU nodes.
+
+    Call once per run (a sweep: once for all its trials), after Ray is up.
+    """
+    if cfg.train.use_gpu != "auto":
+        return cfg.train.use_gpu == "yes"
+    if ray.cluster_resources().get("GPU", 0):
+        return True
+    return ray_compat.max_cluster_resources().get("GPU", 0) > 0
+
+
+def check_cluster_storage(cfg: SiclipCfg) -> None:
+    """On a cluster of several nodes (or one an autoscaler can grow), ``train.runs_dir`` must be shared."""
+    from siclip.preflight import check_shared_run_folder
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    check_shared_run_folder(cfg, nodes=nodes, can_add_nodes=bool(ray_compat.max_cluster_resources()))
+
+
+def _worker_resources(cfg: SiclipCfg, use_gpu: bool) -> dict[str, float]:
+    return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+
+
+def _announce_wait(cfg: SiclipCfg, resources: dict[str, float]) -> None:
+    """Say so when the workers will wait: the cluster does not have what they ask for right now."""
+    have = ray.available_resources()
+    if all(have.get(k, 0) >= v * cfg.train.num_workers for k, v in resources.items()):
+        return
+    print(
+        f"siclip: waiting up to {cfg.train.worker_start_timeout_s} s (train.worker_start_timeout_s) for "
+        f"{cfg.train.num_workers} worker(s) with {resources}; the cluster has {dict(have)} free now, "
+        "an autoscaler can launch the rest"
+    )
+
+
+def _fit(trainer: TorchTrainer, cfg: SiclipCfg, resources: dict[str, float]) -> Any:
+    """``trainer.fit()`` with the worker group's start bounded by ``train.worker_start_timeout_s``."""
+    previous = os.environ.get(ray_compat.WORKER_START_TIMEOUT_ENV)
+    os.environ[ray_compat.WORKER_START_TIMEOUT_ENV] = str(cfg.train.worker_start_timeout_s)
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        if ray_compat.is_worker_start_timeout(exc):
+            raise ConfigError(
+                f"train.worker_start_timeout_s: {cfg.train.worker_start_timeout_s} s passed and Ray never "
+                f"granted {cfg.train.num_workers} worker(s) with {resources}; allowed: a cluster that has or "
+                "can launch such nodes, a longer timeout, or fewer/smaller workers (train.num_workers, "
+                "train.cpus_per_worker, train.use_gpu)"
+            ) from exc
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop(ray_compat.WORKER_START_TIMEOUT_ENV, None)
+        else:
+            os.environ[ray_compat.WORKER_START_TIMEOUT_ENV] = previous
 
 
 def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult:
@@ -143,21 +214,20 @@ def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult
         raise ConfigError("data.train_shards: got []; allowed: one or more shard paths or patterns")
     cfg = absolutize(cfg)
     max_steps = resolve_max_steps(cfg)
-    run_dir = run_dir_of(cfg)
+    run_dir = run_location(cfg)
     check_resume_compatible(cfg, run_dir)
     init_ray(cfg.ray)
-    use_gpu = _use_gpu(cfg)
-    if use_gpu and not ray.cluster_resources().get("GPU", 0):
-        raise ConfigError(
-            "train.use_gpu: got 'yes'; the Ray cluster has no GPU (allowed here: 'auto' or 'no')"
-        )
+    check_cluster_storage(cfg)
+    use_gpu = resolve_use_gpu(cfg)
     if not use_gpu and cfg.train.precision in ("bf16", "fp16"):
         cfg = replace(cfg, train=replace(cfg.train, precision="fp32"))
+    resources = _worker_resources(cfg, use_gpu)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _tidy_checkpoints(cfg, run_dir)
-    save_config(cfg, run_dir / "config.yaml")
-    storage = cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
+    _tidy_checkpoints(run_dir)
+    save_config(cfg, storage.join(run_dir, "config.yaml"))
+    storage_path = (
+        cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
+    )
 
     trainer = TorchTrainer(
         train_worker,
@@ -165,21 +235,27 @@ def launch(cfg: SiclipCfg, *, callbacks: list[Any] | None = None) -> TrainResult
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name,
-            storage_path=storage,
+            storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            # controller_failure_limit 0: a worker group that did not start within the timeout fails the
+            # run with a clear error instead of Ray retrying it for ever (its default, -1)
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.train.max_failures,
+                controller_failure_limit=0,  # type: ignore[call-arg]  # Train V2 field; mypy sees V1
+            ),
             callbacks=callbacks or None,
         ),
     )
+    _announce_wait(cfg, resources)
     try:
-        result = trainer.fit()
+        result = _fit(trainer, cfg, resources)
     finally:  # a worker killed mid-upload (then restarted by FailureConfig) leaves its folder behind too
-        _tidy_checkpoints(cfg, run_dir)
+        _tidy_checkpoints(run_dir)
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     return TrainResult(
-        run_dir=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}), max_steps=max_steps
+        location=run_dir, checkpoint=checkpoint, metrics=dict(result.metrics or {}), max_steps=max_steps
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +23,8 @@ import torch
 import yaml
 from torch import nn
 
-from siclip.config import SiclipCfg, expand_shards, from_dict, is_uri, to_dict
+from siclip import storage
+from siclip.config import SiclipCfg, expand_shards, from_dict, to_dict
 from siclip.task import SiclipTask
 from siclip.train.checkpoint import load_checkpoint, save_checkpoint, save_student
 from siclip.train.grad_share import GradShare
@@ -36,19 +37,16 @@ from siclip.train.loop import (
     run_loop,
 )
 
-__all__ = ["build_task", "run_dir_of", "train_worker"]
+__all__ = ["build_task", "run_location", "train_worker"]
 
 # Ray Train V2 tees print() to stdout and its logger (each line twice); a logger prints once.
 LOG = logging.getLogger("siclip.train")
 KD_TERMS = ("fd_weight", "crd_weight", "icl_weight")
 
 
-def run_dir_of(cfg: SiclipCfg) -> Path:
-    """The local folder for TensorBoard, metrics and the final export (``runs_dir/run_name``)."""
-    root = cfg.train.runs_dir
-    if is_uri(root):  # remote storage holds the checkpoints; logs stay on the node
-        root = os.path.join("runs", "_local")
-    return Path(root) / cfg.train.run_name
+def run_location(cfg: SiclipCfg) -> str:
+    """Where a run keeps everything: ``runs_dir/run_name``, a folder or a URI (Ray Train's run folder)."""
+    return storage.join(cfg.train.runs_dir, cfg.train.run_name)
 
 
 def _teacher_needed(cfg: SiclipCfg) -> bool:
@@ -130,9 +128,12 @@ METRICS_TABLE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics table, oldest first ([] when the run has logged nothing)."""
-    path = Path(run_dir) / METRICS_TABLE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    """The rows of a run's metrics table (a folder or a URI), oldest first ([] when it has logged nothing)."""
+    try:
+        text = storage.read_text(storage.join(run_dir, METRICS_TABLE))
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines()]
 
 
 def last_grad_shares(run_dir: str | Path) -> tuple[int, dict[str, float]]:
@@ -144,16 +145,33 @@ def last_grad_shares(run_dir: str | Path) -> tuple[int, dict[str, float]]:
     return 0, {}
 
 
+SYNC_EVERY_S = 60.0
+"""With URI storage, logs are uploaded at every checkpoint, at the end, and at most this often in between."""
+
+
 class _RankZeroLog:
-    """TensorBoard events, a metrics.jsonl table and a progress line, written by rank 0 only."""
+    """TensorBoard events, a metrics.jsonl table and a progress line, written by rank 0 only.
+
+    With a URI ``runs_dir`` (``s3://...``) they are written to a local staging folder and uploaded to the
+    run folder by :meth:`sync`: TensorBoard's ``SummaryWriter`` writes local files only (remote paths need
+    tensorflow's filesystems, which siclip does not install), and object stores cannot append to the
+    table. On resume the table is downloaded first and cut back to the checkpoint's step, so a step
+    logged before a node was lost is not logged twice; TensorBoard's ``purge_step`` does the same for
+    events already uploaded.
+    """
 
     def __init__(self, cfg: SiclipCfg, *, max_steps: int, start_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir = run_dir_of(cfg)
+        self.location = run_location(cfg)
+        self.remote = storage.is_remote(self.location)
+        self.dir = Path(tempfile.mkdtemp(prefix="siclip-log-")) if self.remote else Path(self.location)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.remote and storage.exists(storage.join(self.location, METRICS_TABLE)):
+            storage.download(storage.join(self.location, METRICS_TABLE), self.dir / METRICS_TABLE)
         self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=start_step or None)
         self._truncate_table(start_step)
+        self.last_sync = time.monotonic()
         self.writer.add_text(
             "config", "```\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```", start_step
         )
@@ -167,9 +185,7 @@ class _RankZeroLog:
         if not table.is_file():
             return
         kept = [row for row in read_metrics(self.dir) if row["step"] <= start_step]
-        tmp = table.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, table)
+        storage.write_text(table, "".join(json.dumps(row) + "\n" for row in kept))
 
     def scalars(self, step: int, metrics: dict[str, float]) -> None:
         for k, v in metrics.items():
@@ -177,6 +193,30 @@ class _RankZeroLog:
         self.writer.flush()
         with open(self.dir / METRICS_TABLE, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.remote and time.monotonic() - self.last_sync >= SYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        """Upload the table and the event files to the run folder (nothing to do for a local folder)."""
+        if not self.remote:
+            return
+        self.writer.flush()
+        if (self.dir / METRICS_TABLE).is_file():
+            storage.upload(self.dir / METRICS_TABLE, storage.join(self.location, METRICS_TABLE))
+        storage.upload(self.dir / "tb", storage.join(self.location, "tb"))
+        self.last_sync = time.monotonic()
+
+    def save_final(self, student: nn.Module) -> None:
+        """The student export, ``final/`` in the run folder."""
+        save_student(student, self.dir / "final")
+        if self.remote:
+            storage.upload(self.dir / "final", storage.join(self.location, "final"))
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sync()
+        if self.remote:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
         done = step - self.start_step
@@ -224,7 +264,10 @@ def train_worker(config: dict[str, Any]) -> None:
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
+        # Each rank downloads into its own folder: as_directory() shares one deterministic temp folder per
+        # checkpoint among the processes of a machine, and one rank's clean-up can cut another's read short.
+        with tempfile.TemporaryDirectory(prefix="siclip-resume-") as folder:
+            checkpoint.to_directory(folder)
             counters = load_checkpoint(
                 folder, task=task, optimizer=optimizer, scheduler=scheduler, scaler=scaler
             )
@@ -267,6 +310,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
     def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
         counters = {"step": step, "bad_steps": state.bad_steps, "samples_seen": state.samples_seen}
+        if log is not None:
+            log.sync()  # the logs up to this checkpoint, before it becomes the one a resume starts from
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -314,10 +359,9 @@ def train_worker(config: dict[str, Any]) -> None:
         grad_share=grad_share,
     )
     drift = _replica_drift(_unwrap(model), world_size)
-    if rank == 0:
-        if log is not None and world_size > 1:
+    if log is not None:
+        if world_size > 1:
             log.scalars(state.step, {"dist/param_max_abs_diff": drift})
             LOG.info(f"siclip: parameters across {world_size} ranks differ by at most {drift:.3g}")
-        save_student(_unwrap(model).student, run_dir_of(cfg) / "final")
-        if log is not None:
-            log.writer.close()
+        log.save_final(_unwrap(model).student)
+        log.close()

@@ -49,6 +49,7 @@ def test_paper_recipe_starts_on_cpu_with_tiny_shapes(
         "data.augment=false",
         "train.max_steps=3",
         "train.cpus_per_worker=1",
+        "train.use_gpu=no",  # the recipe says yes (a cluster's GPU node may still be booting); here is a CPU
         "train.log_every=1",
         "train.ckpt_every=3",
         f"train.runs_dir={tmp_path}/runs",

@@ -264,3 +264,59 @@ def test_readme_submits_to_loopback_with_the_runtime_env() -> None:
         assert address == "http://127.0.0.1:8265"
     assert "--runtime-env cluster/runtime_env.yaml" in text
     assert "RAY_AUTH_MODE=token" in text
+
+
+# ------------------------------------------------------------------------------------------ issue 11: hardening
+def _pod_labels(spec: dict[str, Any]) -> list[dict[str, str]]:
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [g["template"]["metadata"]["labels"] for g in groups]
+
+
+def test_kuberay_networkpolicy_admits_ray_ports_only_from_the_cluster_s_pods() -> None:
+    (policy,) = _docs("kuberay_networkpolicy.yaml")
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for spec in _cluster_specs().values():  # the policy covers every Ray pod of both recipes
+        for labels in _pod_labels(spec):
+            assert selector.items() <= labels.items(), labels
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    own, job_api = policy["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": selector}}]}  # Ray's ports: own pods only
+    assert job_api["ports"] == [{"protocol": "TCP", "port": 8265}]  # everything else only the job API
+    peers = job_api["from"]
+    assert any("namespaceSelector" in p and "podSelector" not in p for p in peers)  # the operator
+    job_name = _one("kuberay_rayjob.yaml")["metadata"]["name"]
+    submitter = [p["podSelector"]["matchLabels"] for p in peers if "podSelector" in p]
+    assert submitter == [{"batch.kubernetes.io/job-name": job_name}]  # K8sJobMode's submitter Job
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+def test_kuberay_lists_no_ray_client_port_and_says_what_kuberay_binds(kind: str) -> None:
+    spec = _cluster_specs()[kind]
+    ports = [p["containerPort"] for _, c in _containers(spec) for p in c.get("ports", [])]
+    assert 10001 not in ports and {6379, 8265} <= set(ports)
+    text = (
+        CLUSTER / ("kuberay_raycluster.yaml" if kind == "RayCluster" else "kuberay_rayjob.yaml")
+    ).read_text()
+    assert "--dashboard-host=0.0.0.0" in text or "on 0.0.0.0 inside the pod" in text  # the truth, in comments
+    assert "binds it to the pod IP" not in text and "binds the dashboard to the pod IP" not in text
+
+
+def test_rayjob_frees_its_gpu_pod_soon_after_the_job_and_asks_for_gpus() -> None:
+    job = _one("kuberay_rayjob.yaml")["spec"]
+    assert job["shutdownAfterJobFinishes"] is True and 0 < job["ttlSecondsAfterFinished"] <= 600
+    assert "train.use_gpu=yes" in shlex.split(job["entrypoint"])
+    recipe = load_config(REPO / "configs" / "siclip_s0_cc12m.yaml", check_files=False)
+    assert recipe.train.use_gpu == "yes" and recipe.train.worker_start_timeout_s >= 600
+
+
+def test_aws_workers_share_one_zone_and_have_an_s3_instance_profile() -> None:
+    cfg = _one("aws_gpu.yaml")
+    zones = [z.strip() for z in str(cfg["provider"]["availability_zone"]).split(",")]
+    assert len(zones) == 1 and zones[0].startswith(cfg["provider"]["region"])
+    worker = cfg["available_node_types"]["worker.gpu"]["node_config"]
+    profile = worker["IamInstanceProfile"]
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", profile["Arn"])
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(Requirement(d).name == "s3fs" for d in deps)
+    assert "s3fs" in {Requirement(p).name for p in _one("runtime_env.yaml")["pip"]["packages"]}

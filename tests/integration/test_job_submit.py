@@ -256,3 +256,25 @@ def test_submit_siclip_train_demo(head_node: HeadNode, tmp_path: Path) -> None:
     checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
     assert checkpoints and any(p.is_file() for p in checkpoints[-1].rglob("*"))
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_a_job_writing_into_its_uploaded_copy_fails_before_any_work(
+    head_node: HeadNode, tmp_path: Path
+) -> None:
+    root = tmp_path / "demo"
+    _tiny_demo_inputs(root)
+    overrides = [o for o in demo_overrides(root, run_name="lost") if not o.startswith("train.runs_dir=")]
+    entry = ["siclip", "train", "--config", "configs/demo.yaml", *overrides, "train.runs_dir=runs"]
+    job_id = f"badpath-{secrets.token_hex(3)}"
+    submit = ["job", "submit", "--address", head_node.address, "--submission-id", job_id]
+    _ray(head_node, *submit, "--working-dir", str(REPO), "--", *entry, timeout=300)
+    status = _ray(head_node, "job", "status", "--address", head_node.address, job_id, timeout=60)
+    logs = _ray(head_node, "job", "logs", "--address", head_node.address, job_id, timeout=60).stdout
+    assert "failed" in (status.stdout + status.stderr).lower(), status.stdout + logs[-3000:]
+    errors = [line for line in logs.splitlines() if line.startswith("siclip: error:")]
+    assert errors == [
+        "siclip: error: train.runs_dir: got 'runs', a folder inside this job's temporary copy of the working "
+        "dir (lost when the job ends, unseen by other nodes); allowed: a path every node mounts (e.g. /data/... "
+        "on KubeRay, /mnt/efs/... on AWS) or s3://BUCKET/..."
+    ], logs[-3000:]
+    assert "worker group" not in logs  # refused before Ray Train started anything
