@@ -144,6 +144,11 @@ class LossCfg:
     gather_with_grad: bool = True
     """Gradients flow through every rank's gathered features, so N workers match 1 worker exactly after DDP's
     averaging (false: only the local slice, as open_clip's default; gradients then scale by 1/N)."""
+    local: bool = False
+    """Each rank computes only its own rows of the gathered similarity matrices (its images against every
+    text, its texts against every image; open_clip's ``local_loss``): memory ``B/N x B`` instead of ``B x B``
+    per rank, the same gradients as the global form (after DDP's averaging) for either ``gather_with_grad``.
+    Logged loss values are then averaged over ranks. Needs ``gather``."""
 
 
 @dataclass(frozen=True)
@@ -564,6 +569,10 @@ def _check_semantics(cfg: SiclipCfg) -> None:
         raise ConfigError(
             f"data.batch_size: got {cfg.data.batch_size}; allowed: a multiple of "
             f"train.num_workers ({cfg.train.num_workers}), since it is the global batch"
+        )
+    if cfg.loss.local and not cfg.loss.gather:
+        raise ConfigError(
+            "loss.local: got true; allowed: false when loss.gather is false (nothing is gathered)"
         )
     for i, t in enumerate(cfg.eval.templates):
         if "{}" not in t:
