@@ -193,6 +193,10 @@ class TrainCfg:
     grad_share_every: int = field(default=0, metadata=_rng(0))
     """Every N steps log each loss term's gradient norm and share on the student (0: off; costs one forward
     and one backward per term on rank 0)."""
+    find_unused_parameters: Literal["auto", "yes", "no"] = "auto"
+    """DDP's ``find_unused_parameters`` (a graph walk every step). auto: on only when a probe forward of the
+    first batch leaves a trainable parameter without gradient on some rank (e.g. the logit scale with
+    ``loss.clip_weight: 0``)."""
     progress: bool = True
 
 

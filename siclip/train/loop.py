@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from siclip.config import OptimCfg
-from siclip.train.grad_share import GradShare, term_gradient_norms
+from siclip.train.grad_share import GradShare, side_effects_undone, term_gradient_norms
 
 __all__ = [
     "LoopHooks",
@@ -32,6 +32,7 @@ __all__ = [
     "run_loop",
     "to_host",
     "train_step",
+    "unused_parameters",
 ]
 
 
@@ -182,6 +183,33 @@ def _metric_name(key: str) -> str:
     if key.endswith("_loss"):
         return "loss/" + key[: -len("_loss")]
     return key
+
+
+def unused_parameters(
+    task: nn.Module,
+    batch: dict[str, Tensor],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[str]:
+    """Trainable parameters that no rank's loss reaches on ``batch`` (DDP then needs
+    ``find_unused_parameters``, which costs a graph traversal every step, so it is only turned on for them).
+
+    One forward and ``autograd.grad`` on the unwrapped task, a collective when ``world_size > 1``: no
+    ``.grad`` is touched, and buffers (BatchNorm statistics) and the RNG are restored, so the run continues
+    as if the probe never ran.
+    """
+    named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
+    with side_effects_undone(task):
+        with autocast_context(precision, device):
+            out = task(_to_device(batch, device), rank=rank, world_size=world_size)
+        grads = torch.autograd.grad(out["loss"], [p for _, p in named], allow_unused=True)
+    unused = torch.tensor([float(g is None) for g in grads], device=device)
+    if world_size > 1 and dist.is_initialized():
+        dist.all_reduce(unused, op=dist.ReduceOp.MAX)
+    return [n for (n, _), flag in zip(named, unused.tolist(), strict=True) if flag > 0]
 
 
 def train_step(

@@ -8,6 +8,7 @@ checkpoints to Ray Train every ``train.ckpt_every`` steps (every rank reports th
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from siclip.train.loop import (
     build_scheduler,
     resolve_precision,
     run_loop,
+    unused_parameters,
 )
 
 __all__ = ["build_task", "run_dir_of", "train_worker"]
@@ -234,11 +236,22 @@ def train_worker(config: dict[str, Any]) -> None:
             LOG.info(f"siclip: resumed run {cfg.train.run_name!r} from step {state.step}")
     torch.manual_seed(cfg.train.seed + 1000 * rank + state.step)  # per-rank sampling (PM negatives)
 
-    model = ray.train.torch.prepare_model(
-        task, parallel_strategy_kwargs={"find_unused_parameters": True} if world_size > 1 else None
-    )
     batches = build_batches(
         cfg, rank=rank, world_size=world_size, epoch_offset=state.step, with_teacher=task.teacher is not None
+    )
+    find_unused = world_size > 1 and cfg.train.find_unused_parameters == "yes"
+    if world_size > 1 and cfg.train.find_unused_parameters == "auto":
+        first = next(batches)
+        batches = itertools.chain([first], batches)  # the probe's batch is still the first step's
+        task.train()
+        unused = unused_parameters(
+            task, first, device=device, precision=precision, rank=rank, world_size=world_size
+        )
+        find_unused = bool(unused)
+        if rank == 0 and unused:
+            LOG.info(f"siclip: DDP find_unused_parameters on; no gradient reaches {', '.join(unused)}")
+    model = ray.train.torch.prepare_model(
+        task, parallel_strategy_kwargs={"find_unused_parameters": find_unused} if world_size > 1 else None
     )
     log = _RankZeroLog(cfg, max_steps=max_steps, start_step=state.step) if rank == 0 else None
     if log is not None and info["inherit_report"] and state.step == 0:

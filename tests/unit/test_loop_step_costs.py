@@ -1,4 +1,5 @@
-"""The step loop's device -> host transfers: at most one per non-logging step, one batch per logging step.
+"""What a step costs beyond its math: device -> host transfers (at most one per non-logging step, one batch
+per logging step) and DDP's unused-parameter search (only when a parameter really gets no gradient).
 
 Every ``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()`` and ``float()/int()/bool()`` of a tensor is a host
 sync on a GPU (the CPU waits for the queue to drain). On CPU nothing waits, so the test counts the calls
@@ -20,7 +21,14 @@ from torch import Tensor, nn
 from siclip.config import LossCfg, OptimCfg
 from siclip.losses.total import build_loss
 from siclip.task import SiclipTask
-from siclip.train.loop import LoopHooks, LoopState, build_optimizer, build_scheduler, run_loop
+from siclip.train.loop import (
+    LoopHooks,
+    LoopState,
+    build_optimizer,
+    build_scheduler,
+    run_loop,
+    unused_parameters,
+)
 
 D_IN, D, DT, B = 6, 8, 12, 8
 SYNCING = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
@@ -109,4 +117,44 @@ def test_at_most_one_host_sync_per_non_logging_step(syncs: list[str]) -> None:
     assert len(per_log) == 3 and all(len(c) <= 1 for c in per_log), per_log
     assert not syncs, syncs
     assert len(logged) == 3 and all(isinstance(v, float) for m in logged for v in m.values())
-    assert {"loss/total", "loss/clip", "loss/pm", "loss/syn", "optim/grad_norm", "temp/icl"} <= set(logged[-1])
+    assert {"loss/total", "loss/clip", "loss/pm", "loss/syn", "optim/grad_norm", "temp/icl"} <= set(
+        logged[-1]
+    )
+
+
+def _task(**loss: Any) -> SiclipTask:
+    torch.manual_seed(0)
+    return SiclipTask(ToyClip(), build_loss(LossCfg(pm_hidden=4, **loss), student_dim=D, teacher_dim=DT))
+
+
+@pytest.mark.parametrize(
+    ("loss", "expected"),
+    [
+        ({}, []),
+        # PM uses the logit scale detached: without the CLIP term nothing trains it
+        ({"clip_weight": 0.0}, ["student.logit_scale"]),
+        # no teacher terms: the CRD and ICL temperatures and the projector are never built, so never unused
+        ({"fd_weight": 0.0, "crd_weight": 0.0, "icl_weight": 0.0}, []),
+    ],
+)
+def test_unused_parameters_are_found_without_side_effects(
+    loss: dict[str, float], expected: list[str]
+) -> None:
+    task = _task(**loss)
+    task.train()
+    bn = nn.BatchNorm1d(D_IN)  # a buffer the probe's forward would move
+    task.student.img = nn.Sequential(bn, task.student.img)  # type: ignore[assignment]
+    batch = next(batches())
+    running = bn.running_mean.clone()
+    rng = torch.get_rng_state()
+    assert unused_parameters(task, batch, device=torch.device("cpu")) == expected
+    assert all(p.grad is None for p in task.parameters())
+    assert torch.equal(bn.running_mean, running) and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_an_added_dead_parameter_is_reported() -> None:
+    task = _task()
+    task.student.dead = nn.Parameter(torch.zeros(3))  # type: ignore[assignment]
+    assert unused_parameters(task, next(batches()), device=torch.device("cpu")) == ["student.dead"]
+    task.student.dead.requires_grad_(False)  # frozen parameters are DDP's business no more
+    assert unused_parameters(task, next(batches()), device=torch.device("cpu")) == []
