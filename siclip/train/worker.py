@@ -2,8 +2,8 @@
 
 It rebuilds the typed config from the dict Ray hands over, builds the task (the student inherits and
 freezes, the teacher is frozen), streams the shards, restores the latest checkpoint if Ray has one, and runs
-the Ray-free loop with hooks that log to TensorBoard (rank 0), evaluate (rank 0), and report metrics with
-checkpoints to Ray Train every ``train.ckpt_every`` steps (every rank reports the same number of times).
+the Ray-free loop with hooks that log to TensorBoard (rank 0), evaluate (sharded over every rank), and report
+metrics with checkpoints to Ray Train every ``train.ckpt_every`` steps (every rank reports the same number of times).
 """
 
 from __future__ import annotations
@@ -264,11 +264,13 @@ def train_worker(config: dict[str, Any]) -> None:
                 log.progress(step, metrics)
 
     def on_eval(step: int) -> dict[str, float]:
+        from siclip.eval.shard import Shard
         from siclip.eval.suite import evaluate_cfg
 
-        if rank != 0 or not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
+        if not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
             return {}
-        metrics = evaluate_cfg(_unwrap(model).student, cfg, device=device)
+        # every rank evaluates its slice (a collective): 1/N of the work, nobody idles in a collective
+        metrics = evaluate_cfg(_unwrap(model).student, cfg, device=device, shard=Shard(rank, world_size))
         named = {f"val/{k}": v for k, v in metrics.items()}
         if log is not None:
             log.scalars(step, named)
