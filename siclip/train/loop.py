@@ -341,5 +341,7 @@ def run_loop(
             last_eval = hooks.on_eval(state.step)
             task.train()
         if hooks.on_checkpoint and ((ckpt_every and state.step % ckpt_every == 0) or final):
-            hooks.on_checkpoint(state.step, {"step": float(state.step), **to_host(metrics), **last_eval})
+            # averaged over ranks like the logs (every rank checkpoints at the same steps)
+            step_metrics = to_host(metrics, world_size=world_size)
+            hooks.on_checkpoint(state.step, {"step": float(state.step), **step_metrics, **last_eval})
     return state
