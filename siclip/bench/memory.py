@@ -121,9 +121,11 @@ def measure_loss_memory(
     teacher_dim: int = 64,
     rank: int = 0,
     device: torch.device,
+    track_rss: bool = False,
 ) -> dict[str, float]:
     """One rank's memory for the full WIKD + PM loss (default weights, real + teacher embeddings) forward and
-    backward: tensors saved for backward (bytes, one count per storage), and on CUDA the allocator's peak."""
+    backward: tensors saved for backward (bytes, one count per storage), on CUDA the allocator's peak, and
+    with ``track_rss`` (CPU, Linux) the peak rise of the resident memory, temporaries included."""
     from siclip.losses.total import build_loss
 
     torch.manual_seed(0)
@@ -145,14 +147,19 @@ def measure_loss_memory(
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    with _one_rank_of(world_size, rank), _saved_storages() as seen:
-        out = loss_fn(s_img, s_txt, logit_scale, t_img, t_txt, rank=rank, world_size=world_size)
-    out["loss"].backward()
+    with contextlib.ExitStack() as stack:
+        rise = stack.enter_context(_peak_rss_rise()) if track_rss else None
+        with _one_rank_of(world_size, rank), _saved_storages() as seen:
+            out = loss_fn(s_img, s_txt, logit_scale, t_img, t_txt, rank=rank, world_size=world_size)
+        out["loss"].backward()
+        del out
     row = {
         "local_batch": float(n),
         "matrix_mb": (n if local else global_batch) * global_batch * 4 / MB,
         "saved_for_backward_mb": sum(seen.values()) / MB,
     }
+    if rise is not None:
+        row["peak_rss_rise_mb"] = rise[0]
     if device.type == "cuda":
         row["cuda_peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / MB
     return row
@@ -210,15 +217,57 @@ def run_bench_memory(
     return result, table
 
 
+@contextlib.contextmanager
+def _peak_rss_rise() -> Iterator[list[float]]:
+    """Rise of the resident memory over the block (MiB, in ``[0]`` afterwards): a thread samples
+    ``/proc/self/statm`` every millisecond, so temporaries (softmax, sampling probabilities) count too."""
+    import os
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base = rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss())
+            stop.wait(0.001)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    result = [0.0]
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+        result[0] = (max(peak[0], rss()) - base) / MB
+
+
+def _loss_row_in_fresh_process(kw: dict[str, Any]) -> dict[str, float]:
+    return measure_loss_memory(**kw, device=torch.device("cpu"), track_rss=True)
+
+
 def _loss_rows(*, global_batch: int, world_size: int, device: torch.device) -> dict[str, Any]:
+    import multiprocessing
+
     rows = {}
     for label, local in (("global (loss.local: false)", False), ("local (loss.local: true)", True)):
-        rows[label] = measure_loss_memory(
-            global_batch=global_batch, world_size=world_size, local=local, device=device
-        )
+        kw: dict[str, Any] = {"global_batch": global_batch, "world_size": world_size, "local": local}
+        if device.type == "cuda":
+            rows[label] = measure_loss_memory(**kw, device=device)
+        else:  # a fresh process each: memory the allocator kept from an earlier run would hide the rise
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                rows[label] = pool.apply(_loss_row_in_fresh_process, (kw,))
         gc.collect()
     glob, loc = rows.values()
-    key = "cuda_peak_mb" if "cuda_peak_mb" in loc else "saved_for_backward_mb"
+    key = next(k for k in ("cuda_peak_mb", "peak_rss_rise_mb", "saved_for_backward_mb") if k in loc)
     return {
         "global_batch": global_batch,
         "world_size": world_size,
@@ -269,14 +318,15 @@ def format_table(result: dict[str, Any]) -> str:
 
 def format_loss_table(loss: dict[str, Any], device: str) -> list[str]:
     """The global-vs-local loss rows as Markdown lines."""
-    cols = ["local_batch", "matrix_mb", "saved_for_backward_mb", "cuda_peak_mb"]
+    cols = ["local_batch", "matrix_mb", "saved_for_backward_mb", "peak_rss_rise_mb", "cuda_peak_mb"]
     cols = [c for c in cols if all(c in row for row in loss["rows"].values())]
     lines = [
         f"## WIKD + PM loss per rank: global batch {loss['global_batch']}, {loss['world_size']} ranks, {device}",
         "",
         "CLIP + FD + CRD + ICL + PM (default weights), student dim 32, teacher dim 64, forward + backward, one "
         "rank simulated in one process (its live rows among constant rows from the other ranks). matrix_mb: "
-        "one similarity matrix (B_local x B_global local, B_global x B_global global), fp32.",
+        "one similarity matrix (B_local x B_global local, B_global x B_global global), fp32. peak_rss_rise_mb "
+        "(CPU): peak rise of the resident memory during forward + backward (sampled every ms), temporaries included.",
         "",
         "| loss form | " + " | ".join(cols) + " |",
         "|---|" + "---:|" * len(cols),
