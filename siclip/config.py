@@ -144,6 +144,11 @@ class LossCfg:
     gather_with_grad: bool = True
     """Gradients flow through every rank's gathered features, so N workers match 1 worker exactly after DDP's
     averaging (false: only the local slice, as open_clip's default; gradients then scale by 1/N)."""
+    local: bool = False
+    """Each rank computes only its own rows of the gathered similarity matrices (its images against every
+    text, its texts against every image; open_clip's ``local_loss``): memory ``B/N x B`` instead of ``B x B``
+    per rank, the same gradients as the global form (after DDP's averaging) for either ``gather_with_grad``.
+    Logged loss values are then averaged over ranks. Needs ``gather``."""
 
 
 @dataclass(frozen=True)
@@ -193,6 +198,10 @@ class TrainCfg:
     grad_share_every: int = field(default=0, metadata=_rng(0))
     """Every N steps log each loss term's gradient norm and share on the student (0: off; costs one forward
     and one backward per term on rank 0)."""
+    find_unused_parameters: Literal["auto", "yes", "no"] = "auto"
+    """DDP's ``find_unused_parameters`` (a graph walk every step). auto: on only when a probe forward of the
+    first batch leaves a trainable parameter without gradient on some rank (e.g. the logit scale with
+    ``loss.clip_weight: 0``)."""
     progress: bool = True
 
 
@@ -589,6 +598,10 @@ def _check_semantics(cfg: SiclipCfg) -> None:
         raise ConfigError(
             f"caption.min_actors: got {cfg.caption.min_actors}; allowed: at most caption.num_actors "
             f"({cfg.caption.num_actors})"
+        )
+    if cfg.loss.local and not cfg.loss.gather:
+        raise ConfigError(
+            "loss.local: got true; allowed: false when loss.gather is false (nothing is gathered)"
         )
     for i, t in enumerate(cfg.eval.templates):
         if "{}" not in t:

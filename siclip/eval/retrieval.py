@@ -14,6 +14,7 @@ import torch
 
 from siclip.data.shards import image_of, iter_samples
 from siclip.eval.metrics import eval_mode, retrieval_recall
+from siclip.eval.shard import Shard
 
 __all__ = ["evaluate_retrieval", "sample_captions"]
 
@@ -48,18 +49,23 @@ def evaluate_retrieval(
     recall_at: Sequence[int] = (1, 5, 10),
     batch_size: int = 128,
     device: str | torch.device = "cpu",
+    shard: Shard | None = None,
 ) -> dict[str, float]:
     """``i2t_r@K`` and ``t2i_r@K`` (fractions) of ``model`` on the shards ``urls``.
 
     ``model`` offers ``encode_image(x, normalize=True)`` and ``encode_text(tokens, normalize=True)``; it
-    runs under ``torch.no_grad()`` in eval mode, and its train/eval mode is restored afterwards.
+    runs under ``torch.no_grad()`` in eval mode, and its train/eval mode is restored afterwards. With a
+    ``shard`` of several ranks (a collective) each rank embeds every N-th sample and its captions; the
+    embeddings are gathered and every rank ranks the whole set.
     """
+    shard = shard or Shard()
     image_embs: list[torch.Tensor] = []
     captions: list[str] = []
     text_to_image: list[int] = []
     with eval_mode(model):
         n_images = 0
-        for batch in _batched(iter_samples(urls), batch_size):
+        mine = (s for i, s in enumerate(iter_samples(urls)) if shard.owns(i))
+        for batch in _batched(mine, batch_size):
             images = torch.stack([transform(image_of(s)) for s in batch]).to(device)
             image_embs.append(model.encode_image(images, normalize=True).float())
             for s in batch:
@@ -67,12 +73,15 @@ def evaluate_retrieval(
                 captions.extend(caps)
                 text_to_image.extend([n_images] * len(caps))
                 n_images += 1
-        if n_images == 0:
-            raise ValueError(f"no samples in retrieval shards {urls!r}")
         text_embs = [
             model.encode_text(tokenizer(chunk).to(device), normalize=True).float()
             for chunk in _batched(captions, batch_size)
         ]
-        return retrieval_recall(
-            torch.cat(image_embs), torch.cat(text_embs), torch.tensor(text_to_image), list(recall_at)
-        )
+    # this rank's caption -> image indices become global ones: the gathered images come in rank order
+    n_before = shard.gather_rows(torch.tensor([n_images], device=device))[: shard.rank].sum()
+    img = shard.gather_rows(torch.cat(image_embs) if image_embs else torch.empty(0, 0, device=device))
+    txt = shard.gather_rows(torch.cat(text_embs) if text_embs else torch.empty(0, 0, device=device))
+    owner = shard.gather_rows(torch.tensor(text_to_image, dtype=torch.long, device=device) + n_before)
+    if img.shape[0] == 0:
+        raise ValueError(f"no samples in retrieval shards {urls!r}")
+    return retrieval_recall(img, txt, owner, list(recall_at))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from siclip.config import SiclipCfg, expand_shards
+from siclip.eval.shard import Shard
 
 __all__ = ["evaluate_cfg", "evaluate_model"]
 
@@ -22,10 +23,12 @@ def evaluate_model(
     recall_at: tuple[int, ...] = (1, 5, 10),
     image_size: int = 0,
     device: torch.device | str = "cpu",
+    shard: Shard | None = None,
 ) -> dict[str, float]:
     """Zero-shot top-1/top-5 on an ImageFolder directory and recall@K on retrieval shards.
 
-    Either part is skipped when its data is not configured. Keys: ``zeroshot_top1``, ``zeroshot_top5``,
+    Either part is skipped when its data is not configured. ``shard``: this rank's part of an evaluation
+    split across ranks (every rank must call; all get the same metrics). Keys: ``zeroshot_top1``, ``zeroshot_top5``,
     ``i2t_r@K``, ``t2i_r@K``; values are fractions in [0, 1].
     """
     from siclip.eval.retrieval import evaluate_retrieval
@@ -47,6 +50,7 @@ def evaluate_model(
                 templates=list(templates),
                 batch_size=batch_size,
                 device=device,
+                shard=shard,
             )
         )
     if retrieval_shards:
@@ -59,13 +63,19 @@ def evaluate_model(
                 recall_at=tuple(recall_at),
                 batch_size=batch_size,
                 device=device,
+                shard=shard,
             )
         )
     return {k: float(v) for k, v in metrics.items()}
 
 
 def evaluate_cfg(
-    model: nn.Module, cfg: SiclipCfg, *, device: torch.device | str = "cpu", recall_at: tuple[int, ...] = ()
+    model: nn.Module,
+    cfg: SiclipCfg,
+    *,
+    device: torch.device | str = "cpu",
+    recall_at: tuple[int, ...] = (),
+    shard: Shard | None = None,
 ) -> dict[str, float]:
     """:func:`evaluate_model` with everything taken from a config's ``eval`` and ``model`` sections."""
     return evaluate_model(
@@ -79,4 +89,5 @@ def evaluate_cfg(
         recall_at=recall_at or cfg.eval.recall_at,
         image_size=cfg.model.image_size,
         device=device,
+        shard=shard,
     )

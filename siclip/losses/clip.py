@@ -12,11 +12,20 @@ def scale_from_log(log_scale: Tensor, max_logit_scale: float) -> Tensor:
     return log_scale.exp().clamp(max=max_logit_scale)
 
 
-def symmetric_infonce(a: Tensor, b: Tensor, scale: Tensor) -> Tensor:
-    """Mean of the cross-entropies ``a -> b`` and ``b -> a``, where row i of ``a`` matches row i of ``b``."""
-    logits = scale * a @ b.T
-    labels = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+def symmetric_infonce(a: Tensor, b: Tensor, scale: Tensor, rows: slice | None = None) -> Tensor:
+    """Mean of the cross-entropies ``a -> b`` and ``b -> a``, where row i of ``a`` matches row i of ``b``.
+
+    ``rows`` (the local loss, see :func:`siclip.losses.gather.local_rows`): only those anchors of each
+    direction, against every candidate; the mean over ranks of the result is the value over all rows.
+    """
+    if rows is None:
+        logits = scale * a @ b.T
+        labels = torch.arange(a.shape[0], device=a.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    labels = torch.arange(rows.start, rows.stop, device=a.device)
+    return 0.5 * (
+        F.cross_entropy(scale * a[rows] @ b.T, labels) + F.cross_entropy(scale * b[rows] @ a.T, labels)
+    )
 
 
 class ClipLoss(nn.Module):
@@ -30,5 +39,5 @@ class ClipLoss(nn.Module):
         super().__init__()
         self.max_logit_scale = max_logit_scale
 
-    def forward(self, img: Tensor, txt: Tensor, logit_scale: Tensor) -> Tensor:
-        return symmetric_infonce(img, txt, scale_from_log(logit_scale, self.max_logit_scale))
+    def forward(self, img: Tensor, txt: Tensor, logit_scale: Tensor, *, rows: slice | None = None) -> Tensor:
+        return symmetric_infonce(img, txt, scale_from_log(logit_scale, self.max_logit_scale), rows)

@@ -49,8 +49,19 @@ class CRDLoss(nn.Module):
         """The student's current inverse temperature (clamped)."""
         return scale_from_log(self.student_log_scale, self.max_logit_scale)
 
-    def forward(self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor) -> Tensor:
-        s_logits = self.student_scale() * s_img @ s_txt.T
+    def forward(
+        self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor, *, rows: slice | None = None
+    ) -> Tensor:
+        """``rows``: only those rows of each direction's similarity matrix (the local loss)."""
+        if rows is None:
+            s_logits = self.student_scale() * s_img @ s_txt.T
+            with torch.no_grad():
+                t_logits = self.teacher_scale * t_img @ t_txt.T
+            return 0.5 * (_kl_rows(s_logits, t_logits) + _kl_rows(s_logits.T, t_logits.T))
+        scale = self.student_scale()
         with torch.no_grad():
-            t_logits = self.teacher_scale * t_img @ t_txt.T
-        return 0.5 * (_kl_rows(s_logits, t_logits) + _kl_rows(s_logits.T, t_logits.T))
+            t_i2t = self.teacher_scale * t_img[rows] @ t_txt.T
+            t_t2i = self.teacher_scale * t_txt[rows] @ t_img.T
+        return 0.5 * (
+            _kl_rows(scale * s_img[rows] @ s_txt.T, t_i2t) + _kl_rows(scale * s_txt[rows] @ s_img.T, t_t2i)
+        )

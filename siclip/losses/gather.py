@@ -1,4 +1,5 @@
-"""Cross-worker collectives the losses need: gathering embeddings into the global batch, syncing samples.
+"""Cross-worker collectives the losses need: gathering embeddings into the global batch, syncing samples,
+and the local-loss view (``loss.local``: each rank's rows of the global matrices, not all of them).
 
 Pure torch.distributed (no Ray): the same code runs under Ray Train's DDP, torchrun, or a single process.
 """
@@ -55,3 +56,29 @@ def broadcast_from_rank0(x: Tensor, *, world_size: int) -> Tensor:
     x = x.contiguous()
     dist.broadcast(x, src=0)
     return x
+
+
+def local_rows(rank: int, local_batch: int) -> slice:
+    """The rows of the global batch that ``rank`` holds (ranks hold equal, consecutive slices).
+
+    With ``loss.local`` each contrastive term computes only these rows of its global similarity matrices, in
+    both directions (this rank's images against every text, this rank's texts against every image): memory
+    ``B_local x B_global`` per rank instead of ``B_global x B_global``; labels are the global indices.
+    """
+    return slice(rank * local_batch, (rank + 1) * local_batch)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.factor, None  # type: ignore[attr-defined]
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """``x`` unchanged in the forward pass; its gradient multiplied by ``factor`` in the backward pass."""
+    return x if factor == 1.0 else _ScaleGrad.apply(x, factor)

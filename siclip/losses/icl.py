@@ -35,9 +35,13 @@ class ICLLoss(nn.Module):
         """The current inverse temperature (clamped)."""
         return scale_from_log(self.log_scale, self.max_logit_scale)
 
-    def forward(self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor) -> Tensor:
+    def forward(
+        self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor, *, rows: slice | None = None
+    ) -> Tensor:
+        """``rows``: only those student anchors, against every teacher candidate (the local loss)."""
         scale = self.scale()
-        labels = torch.arange(s_img.shape[0], device=s_img.device)
-        i2t = F.cross_entropy(scale * s_img @ t_txt.detach().T, labels)
-        t2i = F.cross_entropy(scale * s_txt @ t_img.detach().T, labels)
+        rows = rows if rows is not None else slice(0, s_img.shape[0])
+        labels = torch.arange(rows.start, rows.stop, device=s_img.device)
+        i2t = F.cross_entropy(scale * s_img[rows] @ t_txt.detach().T, labels)
+        t2i = F.cross_entropy(scale * s_txt[rows] @ t_img.detach().T, labels)
         return 0.5 * (i2t + t2i)

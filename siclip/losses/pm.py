@@ -36,20 +36,25 @@ def sample_negatives(
     mode: Negatives,
     scale: float | Tensor = 1.0,
     generator: torch.Generator | None = None,
+    offset: int = 0,
 ) -> Tensor:
-    """For each row i of the square similarity ``sim``, ``k`` distinct column indices other than i.
+    """For each row i of the similarity ``sim`` ``[n, m]``, ``k`` distinct column indices other than
+    ``offset + i`` (the row's own item: ``sim`` is square with ``offset=0``, or one rank's rows of the global
+    matrix under the local loss).
 
     "hard": drawn without replacement with probability ``softmax(scale * sim[i])`` renormalised over the
-    columns j != i (more similar wrong items are likelier); "random": uniform over j != i. Draws come from
-    ``generator`` (on any device) or, when None, torch's global RNG, so a seed reproduces them. Returns
-    ``[n, k]`` int64 on ``sim``'s device.
+    other columns (more similar wrong items are likelier); "random": uniform over them. Rows are drawn
+    independently, so drawing a rank's rows on that rank gives the same distribution as drawing all rows at
+    once. Draws come from ``generator`` (on any device) or, when None, torch's global RNG, so a seed
+    reproduces them. Returns ``[n, k]`` int64 on ``sim``'s device.
     """
-    n = sim.shape[0]
-    if sim.shape != (n, n):
-        raise ValueError(f"sim must be square, got {tuple(sim.shape)}")
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"need 1 <= k <= n - 1 negatives per anchor (k={k}, n={n})")
-    eye = torch.eye(n, dtype=torch.bool, device=sim.device)
+    n, m = sim.shape[0], sim.shape[-1]
+    if sim.dim() != 2 or not 0 <= offset <= m - n:
+        raise ValueError(f"sim must be [n, m] with offset + n <= m, got {tuple(sim.shape)}, offset {offset}")
+    if not 1 <= k <= m - 1:
+        raise ValueError(f"need 1 <= k <= m - 1 negatives per anchor (k={k}, m={m})")
+    rows = torch.arange(offset, offset + n, device=sim.device)
+    eye = rows[:, None] == torch.arange(m, device=sim.device)[None, :]  # each row's own column
     with torch.no_grad():
         if mode == "hard":
             logits = (scale * sim.detach().float()).masked_fill(eye, float("-inf"))
@@ -110,23 +115,32 @@ class PMLoss(nn.Module):
         scale: float | Tensor = 1.0,
         generator: torch.Generator | None = None,
         world_size: int = 1,
+        rows: slice | None = None,
     ) -> Tensor:
         """``scale`` sharpens the hard-negative softmax (the CLIP logit scale is the natural choice).
 
         With ``world_size > 1`` the inputs must be the gathered global batch; rank 0's draw is broadcast so
-        every rank computes the same loss.
+        every rank computes the same loss. With ``rows`` (the local loss) only those anchors get their
+        positive and negatives, drawn from every column with this rank's generator (no broadcast): the same
+        per-row distribution, and the mean over ranks is the mean over all pairs (equal pairs per rank).
         """
         n = img.shape[0]
         k = min(self.per_anchor, n - 1)
-        pos = self.pair_logits(img, txt)
+        own = rows if rows is not None else slice(0, n)
+        pos = self.pair_logits(img[own], txt[own])
         if k < 1:  # a batch of one has no negatives
             return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
-        sim = img.detach() @ txt.detach().T
-        neg_txt = sample_negatives(sim, k=k, mode=self.negatives, scale=scale, generator=generator)
-        neg_img = sample_negatives(sim.T, k=k, mode=self.negatives, scale=scale, generator=generator)
-        idx = broadcast_from_rank0(torch.stack([neg_txt, neg_img]), world_size=world_size)
+        sim = img[own].detach() @ txt.detach().T
+        sim_t = sim.T if rows is None else txt[own].detach() @ img.detach().T
+        neg_txt, neg_img = (
+            sample_negatives(m, k=k, mode=self.negatives, scale=scale, generator=generator, offset=own.start)
+            for m in (sim, sim_t)
+        )
+        idx = torch.stack([neg_txt, neg_img])
+        if rows is None:
+            idx = broadcast_from_rank0(idx, world_size=world_size)
         neg_txt, neg_img = idx[0].reshape(-1), idx[1].reshape(-1)
-        anchors = torch.arange(n, device=img.device).repeat_interleave(k)
+        anchors = torch.arange(own.start, own.stop, device=img.device).repeat_interleave(k)
         neg = torch.cat(
             [self.pair_logits(img[anchors], txt[neg_txt]), self.pair_logits(img[neg_img], txt[anchors])]
         )

@@ -13,7 +13,7 @@ from siclip.config import LossCfg
 from siclip.losses.clip import ClipLoss, scale_from_log
 from siclip.losses.crd import CRDLoss
 from siclip.losses.fd import EmbedProjector, FDLoss
-from siclip.losses.gather import gather_features
+from siclip.losses.gather import gather_features, local_rows, scale_grad
 from siclip.losses.icl import ICLLoss
 from siclip.losses.pm import PMLoss
 
@@ -35,6 +35,12 @@ class WIKDLoss(nn.Module):
     gather, so after DDP's average the student's gradient from the gathered terms is ``1/world_size`` of the
     one-worker gradient while FD's is exact; ``gather_with_grad=True`` sums over ranks in backward instead,
     which makes every term exact after the average.
+
+    ``cfg.local`` computes only this rank's rows of each gathered matrix (their mean over ranks is the global
+    value). Its columns must carry gradient back to their ranks (other ranks' rows score this rank's items),
+    so the gather is always with gradient; without ``gather_with_grad`` the student's gradient is then scaled
+    by ``1/world_size``, which gives each rank exactly the gradient of the detached global form. The loss's own
+    parameters get this rank's share, whose DDP average is the global gradient.
     """
 
     def __init__(
@@ -147,9 +153,11 @@ class WIKDLoss(nn.Module):
                 f"teacher dim {t_img.shape[-1]} != teacher_dim {self.teacher_dim} the loss was built for"
             )
         ws = world_size if self.cfg.gather else 1
+        local = self.cfg.local and ws > 1
+        rows = local_rows(rank, s_img.shape[0]) if local else None
 
         def glob(x: Tensor) -> Tensor:
-            return gather_features(x, rank=rank, world_size=ws, with_grad=self.gather_with_grad)
+            return gather_features(x, rank=rank, world_size=ws, with_grad=self.gather_with_grad or local)
 
         clip_scale = scale_from_log(logit_scale, self.cfg.max_logit_scale)
         out: dict[str, Tensor] = {"temp/clip": (1.0 / clip_scale).detach()}
@@ -157,11 +165,22 @@ class WIKDLoss(nn.Module):
         needs_global = any(m is not None for m in (self.clip, self.pm)) or (
             t_img is not None and (self.crd is not None or self.icl is not None)
         )
-        g_img, g_txt = (glob(s_img), glob(s_txt)) if needs_global else (s_img, s_txt)
+        # FD keeps s_img/s_txt: it is local, and its gradient must not be rescaled
+        c_img, c_txt = (
+            (s_img, s_txt)
+            if not local or self.gather_with_grad
+            else (
+                scale_grad(s_img, 1.0 / ws),
+                scale_grad(s_txt, 1.0 / ws),
+            )
+        )
+        g_img, g_txt = (glob(c_img), glob(c_txt)) if needs_global else (s_img, s_txt)
         if self.clip is not None:
-            terms["clip"] = self.clip(g_img, g_txt, logit_scale)
+            terms["clip"] = self.clip(g_img, g_txt, logit_scale, rows=rows)
         if self.pm is not None:
-            terms["pm"] = self.pm(g_img, g_txt, scale=clip_scale.detach(), generator=generator, world_size=ws)
+            terms["pm"] = self.pm(
+                g_img, g_txt, scale=clip_scale.detach(), generator=generator, world_size=ws, rows=rows
+            )
         if self.crd is not None:
             out["temp/crd_student"] = (1.0 / self.crd.student_scale()).detach()
         if self.icl is not None:
@@ -174,11 +193,11 @@ class WIKDLoss(nn.Module):
                 terms["fd"] = self.fd(p_img, p_txt, t_img, t_txt)
             gt_img, gt_txt = (glob(t_img), glob(t_txt)) if kd_global else (t_img, t_txt)
             if self.crd is not None:
-                terms["crd"] = self.crd(g_img, g_txt, gt_img, gt_txt)
+                terms["crd"] = self.crd(g_img, g_txt, gt_img, gt_txt, rows=rows)
             if self.icl is not None:
                 # projecting after the gather gives the projector the whole global ICL gradient on every rank,
                 # like the loss's other parameters (projecting before would leave each rank only its slice)
-                terms["icl"] = self.icl(*self._project(g_img, g_txt), gt_img, gt_txt)
+                terms["icl"] = self.icl(*self._project(g_img, g_txt), gt_img, gt_txt, rows=rows)
         if not terms:
             raise ValueError("no loss term is active: every weight is 0 (or only KD terms and no teacher)")
         weighted = {name: self.weights[name] * value for name, value in terms.items()}

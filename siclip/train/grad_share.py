@@ -37,7 +37,8 @@ class GradShare:
 
 
 @contextlib.contextmanager
-def _side_effects_undone(model: nn.Module) -> Iterator[None]:
+def side_effects_undone(model: nn.Module) -> Iterator[None]:
+    """Restore ``model``'s buffers (BatchNorm statistics) and the CPU/CUDA RNG after the block."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -81,7 +82,7 @@ def term_gradient_norms(
     keep_terms=True)``, over ``params``. A term with no path to ``params`` has norm 0."""
     if not params:
         raise ValueError("no parameters to measure gradients over")
-    with _side_effects_undone(model):
+    with side_effects_undone(model):
         with autocast():
             out = model(batch, keep_terms=True)
         terms = {k[len(TERM_PREFIX) :]: v for k, v in out.items() if k.startswith(TERM_PREFIX)}

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from siclip.config import OptimCfg
-from siclip.train.grad_share import GradShare, term_gradient_norms
+from siclip.train.grad_share import GradShare, side_effects_undone, term_gradient_norms
 
 __all__ = [
     "LoopHooks",
@@ -30,7 +30,9 @@ __all__ = [
     "build_scheduler",
     "resolve_precision",
     "run_loop",
+    "to_host",
     "train_step",
+    "unused_parameters",
 ]
 
 
@@ -106,6 +108,9 @@ class LoopHooks:
     ``on_log(step, metrics)`` every ``log_every`` steps; ``on_eval(step) -> metrics``;
     ``on_checkpoint(step, metrics)`` every ``ckpt_every`` steps and at the end (metrics include the latest
     eval); ``on_step(step)`` after every optimizer step (progress bars).
+
+    Under torch.distributed every rank must get the same hooks: the logged means are averaged over ranks
+    (one all-reduce per log), and ``on_eval`` is a collective when the evaluation is sharded.
     """
 
     on_log: Callable[[int, dict[str, float]], None] | None = None
@@ -114,22 +119,38 @@ class LoopHooks:
     on_step: Callable[[int], None] | None = None
 
 
+def to_host(values: dict[str, Tensor | float], *, world_size: int = 1) -> dict[str, float]:
+    """Device scalars as floats in ONE transfer; with ``world_size > 1`` (a collective) averaged over ranks,
+    so local loss terms (FD, ``loss.local``) are logged as their global means."""
+    keys = [k for k, v in values.items() if isinstance(v, Tensor)]
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
+    if keys:
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])  # type: ignore[union-attr]
+        if world_size > 1 and dist.is_initialized():
+            dist.all_reduce(stacked)
+            stacked /= world_size
+        out.update(zip(keys, stacked.tolist(), strict=True))
+    return out
+
+
 @dataclass
 class _Meter:
-    sums: dict[str, float] = field(default_factory=dict)
+    """Running sums of the step metrics, kept on the device until a log step reads them."""
+
+    sums: dict[str, Tensor | float] = field(default_factory=dict)
     count: int = 0
     samples: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, values: dict[str, float], samples: int) -> None:
+    def add(self, values: dict[str, Tensor | float], samples: int) -> None:
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
         self.count += 1
         self.samples += samples
 
-    def flush(self) -> dict[str, float]:
+    def flush(self, world_size: int = 1) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+        out = {k: v / max(self.count, 1) for k, v in to_host(self.sums, world_size=world_size).items()}
         out["perf/samples_per_s"] = self.samples / elapsed
         out["perf/step_time_s"] = elapsed / max(self.count, 1)
         self.sums, self.count, self.samples, self.started = {}, 0, 0, time.perf_counter()
@@ -148,12 +169,11 @@ def _to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tens
     return out
 
 
-def _any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
-    """True when ``flag`` is true on any rank, so every rank takes the same branch."""
-    if world_size == 1 or not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+def _any_rank(flag: Tensor, world_size: int) -> bool:
+    """True when the device flag is true on any rank, so every rank takes the same branch (one host sync)."""
+    t = flag.detach().float().reshape(1)
+    if world_size > 1 and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
@@ -163,6 +183,33 @@ def _metric_name(key: str) -> str:
     if key.endswith("_loss"):
         return "loss/" + key[: -len("_loss")]
     return key
+
+
+def unused_parameters(
+    task: nn.Module,
+    batch: dict[str, Tensor],
+    *,
+    device: torch.device,
+    precision: str = "fp32",
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[str]:
+    """Trainable parameters that no rank's loss reaches on ``batch`` (DDP then needs
+    ``find_unused_parameters``, which costs a graph traversal every step, so it is only turned on for them).
+
+    One forward and ``autograd.grad`` on the unwrapped task, a collective when ``world_size > 1``: no
+    ``.grad`` is touched, and buffers (BatchNorm statistics) and the RNG are restored, so the run continues
+    as if the probe never ran.
+    """
+    named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
+    with side_effects_undone(task):
+        with autocast_context(precision, device):
+            out = task(_to_device(batch, device), rank=rank, world_size=world_size)
+        grads = torch.autograd.grad(out["loss"], [p for _, p in named], allow_unused=True)
+    unused = torch.tensor([float(g is None) for g in grads], device=device)
+    if world_size > 1 and dist.is_initialized():
+        dist.all_reduce(unused, op=dist.ReduceOp.MAX)
+    return [n for (n, _), flag in zip(named, unused.tolist(), strict=True) if flag > 0]
 
 
 def train_step(
@@ -177,9 +224,12 @@ def train_step(
     grad_clip: float,
     rank: int = 0,
     world_size: int = 1,
-) -> tuple[bool, dict[str, float]]:
+) -> tuple[bool, dict[str, Tensor | float]]:
     """One optimizer step. Returns (ok, metrics); ok is False (and nothing is updated) on a NaN/inf loss
-    or gradient, decided identically on every rank."""
+    or gradient, decided identically on every rank.
+
+    The metrics stay device scalars (:func:`to_host` reads them): the step's only host sync is the
+    finiteness flag, which must reach the host because it decides whether the optimizer steps."""
     batch = _to_device(batch, device)
     with autocast_context(precision, device):
         out = task(batch, rank=rank, world_size=world_size)
@@ -191,8 +241,10 @@ def train_step(
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     # fp16: an inf gradient is the scaler's business (it skips and lowers the scale); a bad loss is ours.
-    local_bad = not math.isfinite(loss.item()) or (scaler is None and not math.isfinite(grad_norm.item()))
-    if _any_rank(local_bad, world_size, device):
+    finite = torch.isfinite(loss.detach())
+    if scaler is None:
+        finite = finite & torch.isfinite(grad_norm)
+    if _any_rank(~finite, world_size):
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()
@@ -203,9 +255,11 @@ def train_step(
     else:
         optimizer.step()
     scheduler.step()
-    metrics = {_metric_name(k): float(v.detach().float().item()) for k, v in out.items() if v.numel() == 1}
-    metrics["optim/grad_norm"] = float(grad_norm.item())
-    metrics["optim/lr"] = optimizer.param_groups[0]["lr"]
+    metrics: dict[str, Tensor | float] = {
+        _metric_name(k): v.detach().float() for k, v in out.items() if v.numel() == 1
+    }
+    metrics["optim/grad_norm"] = grad_norm.detach()
+    metrics["optim/lr"] = float(optimizer.param_groups[0]["lr"])
     return True, metrics
 
 
@@ -278,7 +332,7 @@ def run_loop(
             hooks.on_step(state.step)
         final = state.step == max_steps
         if hooks.on_log and (state.step % log_every == 0 or final):
-            logged = meter.flush()
+            logged = meter.flush(world_size)
             logged["optim/bad_steps"] = float(state.bad_steps)
             logged.update(shares)
             shares = {}
@@ -287,5 +341,7 @@ def run_loop(
             last_eval = hooks.on_eval(state.step)
             task.train()
         if hooks.on_checkpoint and ((ckpt_every and state.step % ckpt_every == 0) or final):
-            hooks.on_checkpoint(state.step, {"step": float(state.step), **metrics, **last_eval})
+            # averaged over ranks like the logs (every rank checkpoints at the same steps)
+            step_metrics = to_host(metrics, world_size=world_size)
+            hooks.on_checkpoint(state.step, {"step": float(state.step), **step_metrics, **last_eval})
     return state

@@ -2,12 +2,13 @@
 
 It rebuilds the typed config from the dict Ray hands over, builds the task (the student inherits and
 freezes, the teacher is frozen), streams the shards, restores the latest checkpoint if Ray has one, and runs
-the Ray-free loop with hooks that log to TensorBoard (rank 0), evaluate (rank 0), and report metrics with
-checkpoints to Ray Train every ``train.ckpt_every`` steps (every rank reports the same number of times).
+the Ray-free loop with hooks that log to TensorBoard (rank 0), evaluate (sharded over every rank), and report
+metrics with checkpoints to Ray Train every ``train.ckpt_every`` steps (every rank reports the same number of times).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from siclip.train.loop import (
     build_scheduler,
     resolve_precision,
     run_loop,
+    unused_parameters,
 )
 
 __all__ = ["build_task", "run_location", "train_worker"]
@@ -280,11 +282,22 @@ def train_worker(config: dict[str, Any]) -> None:
             LOG.info(f"siclip: resumed run {cfg.train.run_name!r} from step {state.step}")
     torch.manual_seed(cfg.train.seed + 1000 * rank + state.step)  # per-rank sampling (PM negatives)
 
-    model = ray.train.torch.prepare_model(
-        task, parallel_strategy_kwargs={"find_unused_parameters": True} if world_size > 1 else None
-    )
     batches = build_batches(
         cfg, rank=rank, world_size=world_size, epoch_offset=state.step, with_teacher=task.teacher is not None
+    )
+    find_unused = world_size > 1 and cfg.train.find_unused_parameters == "yes"
+    if world_size > 1 and cfg.train.find_unused_parameters == "auto":
+        first = next(batches)
+        batches = itertools.chain([first], batches)  # the probe's batch is still the first step's
+        task.train()
+        unused = unused_parameters(
+            task, first, device=device, precision=precision, rank=rank, world_size=world_size
+        )
+        find_unused = bool(unused)
+        if rank == 0 and unused:
+            LOG.info(f"siclip: DDP find_unused_parameters on; no gradient reaches {', '.join(unused)}")
+    model = ray.train.torch.prepare_model(
+        task, parallel_strategy_kwargs={"find_unused_parameters": find_unused} if world_size > 1 else None
     )
     log = _RankZeroLog(cfg, max_steps=max_steps, start_step=state.step) if rank == 0 else None
     if log is not None and info["inherit_report"] and state.step == 0:
@@ -297,11 +310,13 @@ def train_worker(config: dict[str, Any]) -> None:
                 log.progress(step, metrics)
 
     def on_eval(step: int) -> dict[str, float]:
+        from siclip.eval.shard import Shard
         from siclip.eval.suite import evaluate_cfg
 
-        if rank != 0 or not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
+        if not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
             return {}
-        metrics = evaluate_cfg(_unwrap(model).student, cfg, device=device)
+        # every rank evaluates its slice (a collective): 1/N of the work, nobody idles in a collective
+        metrics = evaluate_cfg(_unwrap(model).student, cfg, device=device, shard=Shard(rank, world_size))
         named = {f"val/{k}": v for k, v in metrics.items()}
         if log is not None:
             log.scalars(step, named)

@@ -64,6 +64,11 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
         (["optim.lr.x=1"], "optim.lr: is a value"),
         (["data.batch_size=3", "train.num_workers=2"], "data.batch_size: got 3; allowed: a multiple"),
         (["eval.templates=[nothing]"], "eval.templates[0]: got 'nothing'"),
+        (["loss.local=true", "loss.gather=false"], "loss.local: got true; allowed: false when loss.gather"),
+        (
+            ["train.find_unused_parameters=maybe"],
+            "train.find_unused_parameters: got 'maybe'; allowed: 'auto'",
+        ),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], needle: str) -> None:

@@ -31,6 +31,20 @@ CASES: dict[str, dict[str, Any]] = {
         "with_grad": False,
     },
 }
+# loss.local vs the global form, one gathered term at a time, for both gather modes. PM draws every other
+# column as a negative (k = B - 1), so the drawn *set* is fixed and local and global must agree exactly.
+GATHERED_TERMS = ("clip", "crd", "icl", "pm")
+for _term in GATHERED_TERMS:
+    for _with_grad in (False, True):
+        for _local in (False, True):
+            CASES[f"{_term}/{'local' if _local else 'global'}/{_with_grad}"] = {
+                "cfg": {
+                    **{f"{t}_weight": 0.0 for t in ("clip", "fd", *GATHERED_TERMS) if t != _term},
+                    "pm_negatives_per_anchor": WORLD * LOCAL_B - 1,
+                    "local": _local,
+                },
+                "with_grad": _with_grad,
+            }
 
 
 def _data() -> dict[str, torch.Tensor]:
@@ -56,10 +70,11 @@ def _run(
     )
     s_img = data["s_img"][lo:hi].clone().requires_grad_()
     s_txt = data["s_txt"][lo:hi].clone().requires_grad_()
+    logit_scale = data["logit_scale"].clone().requires_grad_()
     out = loss(
         s_img,
         s_txt,
-        data["logit_scale"],
+        logit_scale,
         data["t_img"][lo:hi],
         data["t_txt"][lo:hi],
         rank=rank,
@@ -72,6 +87,7 @@ def _run(
         "grad_img": s_img.grad,
         "grad_txt": s_txt.grad,
         "param_grads": {n: p.grad for n, p in loss.named_parameters()},
+        "logit_scale_grad": logit_scale.grad,
     }
 
 
@@ -152,3 +168,36 @@ def test_fd_is_local_and_its_rank_average_is_the_one_worker_value(ranks: list[di
         torch.testing.assert_close(
             ranks[r]["fd_only"]["grad_img"], WORLD * ref["grad_img"][sl], rtol=1e-4, atol=1e-7
         )
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+@pytest.mark.parametrize("term", GATHERED_TERMS)
+def test_local_loss_matches_the_global_form(ranks: list[dict[str, Any]], term: str, with_grad: bool) -> None:
+    """Each rank's rows only: the rank-mean of the values is the global value, every rank's student gradient
+    is the global form's, and the rank-mean of the loss's own (and the logit scale's) gradients is the global
+    one, which is what DDP's averaging applies."""
+    glob = [ranks[r][f"{term}/global/{with_grad}"] for r in range(WORLD)]
+    loc = [ranks[r][f"{term}/local/{with_grad}"] for r in range(WORLD)]
+    key = f"{term}_loss"
+    assert set(loc[0]["terms"]) == set(glob[0]["terms"]) and key in loc[0]["terms"]
+    for name in loc[0]["terms"]:
+        mean = sum(loc[r]["terms"][name] for r in range(WORLD)) / WORLD
+        torch.testing.assert_close(mean, glob[0]["terms"][name], rtol=1e-5, atol=1e-6, msg=name)
+    # the local value really is this rank's share, not a copy of the global value
+    assert not torch.allclose(loc[0]["terms"][key], loc[1]["terms"][key])
+    for r in range(WORLD):
+        for grad in ("grad_img", "grad_txt"):
+            torch.testing.assert_close(loc[r][grad], glob[r][grad], rtol=1e-4, atol=1e-6, msg=f"{r} {grad}")
+
+    def rank_mean(grads: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if all(g is None for g in grads) else sum(g for g in grads if g is not None) / WORLD
+
+    averaged = {name: rank_mean([x["param_grads"][name] for x in loc]) for name in glob[0]["param_grads"]}
+    averaged["logit_scale"] = rank_mean([x["logit_scale_grad"] for x in loc])
+    expected = {**glob[0]["param_grads"], "logit_scale": glob[0]["logit_scale_grad"]}
+    assert set(averaged) == set(expected)
+    for name, grad in expected.items():
+        if grad is None:  # the logit scale in CRD/ICL: unused by the term in either form
+            assert averaged[name] is None, name
+            continue
+        torch.testing.assert_close(averaged[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -218,7 +218,9 @@ def test_hard_negatives_pick_the_most_similar_wrong_item_when_peaked() -> None:
     assert idx2[:, 0].tolist() == hardest
 
 
-def test_hard_negative_frequencies_follow_the_softmax_similarity() -> None:
+@pytest.mark.parametrize("lo", [0, 2], ids=["all_rows", "local_rows"])
+def test_hard_negative_frequencies_follow_the_softmax_similarity(lo: int) -> None:
+    """Also for one rank's rows of the global matrix (``loss.local``, offset ``lo``): same distribution per row."""
     sim = torch.tensor(
         [[1.0, 0.5, 0.0, -0.5], [0.2, 1.0, 0.0, 0.4], [0.0, 0.3, 1.0, -0.3], [0.1, 0.0, 0.2, 1.0]]
     )
@@ -227,9 +229,9 @@ def test_hard_negative_frequencies_follow_the_softmax_similarity() -> None:
     draws = 4000
     counts = torch.zeros(4, 4)
     for _ in range(draws):
-        idx = sample_negatives(sim, k=1, mode="hard", scale=scale, generator=g)
-        counts[torch.arange(4), idx[:, 0]] += 1
-    for i in range(4):
+        idx = sample_negatives(sim[lo:], k=1, mode="hard", scale=scale, generator=g, offset=lo)
+        counts[torch.arange(lo, 4), idx[:, 0]] += 1
+    for i in range(lo, 4):
         others = [j for j in range(4) if j != i]
         expected = ref_softmax([scale * float(sim[i, j]) for j in others])
         for j, p in zip(others, expected, strict=True):
