@@ -24,8 +24,11 @@ def _kl_rows(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 class CRDLoss(nn.Module):
     """Mean of KL(teacher || student) for image->text and text->image similarity rows.
 
-    Each model has its own temperature. The teacher's is fixed; the student's is a log inverse temperature
-    (exponentiated and clamped like the CLIP logit scale), learnable when ``learnable``. The teacher is detached.
+    Each model has its own temperature. The teacher's is fixed (``1 / teacher_temperature``) unless the call
+    passes ``teacher_scale`` (the teacher's own ``logit_scale.exp()``, as CLIP-KD's and the authors' code do).
+    The student's is a log inverse temperature (exponentiated and clamped like the CLIP logit scale),
+    learnable when ``learnable``, unless the call passes ``student_scale`` (the student's CLIP logit scale,
+    as in that code). The teacher is detached.
     """
 
     def __init__(
@@ -49,8 +52,19 @@ class CRDLoss(nn.Module):
         """The student's current inverse temperature (clamped)."""
         return scale_from_log(self.student_log_scale, self.max_logit_scale)
 
-    def forward(self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor) -> Tensor:
-        s_logits = self.student_scale() * s_img @ s_txt.T
+    def forward(
+        self,
+        s_img: Tensor,
+        s_txt: Tensor,
+        t_img: Tensor,
+        t_txt: Tensor,
+        *,
+        student_scale: Tensor | None = None,
+        teacher_scale: Tensor | float | None = None,
+    ) -> Tensor:
+        s_scale = self.student_scale() if student_scale is None else student_scale
+        s_logits = s_scale * s_img @ s_txt.T
         with torch.no_grad():
-            t_logits = self.teacher_scale * t_img @ t_txt.T
+            t_scale = self.teacher_scale if teacher_scale is None else teacher_scale
+            t_logits = t_scale * t_img @ t_txt.T
         return 0.5 * (_kl_rows(s_logits, t_logits) + _kl_rows(s_logits.T, t_logits.T))
