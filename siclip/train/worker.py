@@ -52,7 +52,10 @@ def run_dir_of(cfg: SiclipCfg) -> Path:
 
 
 def _teacher_needed(cfg: SiclipCfg) -> bool:
-    return cfg.teacher.enabled and any(getattr(cfg.loss, k) > 0 for k in KD_TERMS)
+    from siclip.losses.schedule import max_weights
+
+    # a KD term that is on in any loss.schedule stage needs the teacher from the start
+    return cfg.teacher.enabled and any(max_weights(cfg.loss)[k.removesuffix("_weight")] > 0 for k in KD_TERMS)
 
 
 def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:

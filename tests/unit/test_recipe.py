@@ -299,3 +299,24 @@ def test_grad_clip_zero_means_no_clipping() -> None:
         assert ok and metrics["optim/grad_norm"] == pytest.approx(100 * math.sqrt(3))
         moves[clip] = float(task.w.detach().norm())
     assert moves[0.0] == pytest.approx(0.1 * 100 * math.sqrt(3)) and moves[1.0] == pytest.approx(0.1)
+
+
+def test_paper_blocks_survive_export_and_reload(tmp_path: Path) -> None:
+    from siclip.models.export import export_open_clip, load_exported
+
+    torch.manual_seed(0)
+    model: Any = build_preset("tiny-student", sasp=from_dict({"profile": "paper"}).model.sasp)
+    with torch.no_grad():  # as after training: gains and W_Q no longer at their init
+        for name, p in model.named_parameters():
+            if name.startswith(LAST):
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    reloaded: Any
+    reloaded, _ = load_exported(export_open_clip(model, "tiny-student", tmp_path / "export"))
+    reloaded.eval()
+    a: Any = reloaded.get_submodule(f"{LAST}.0")
+    b: Any = reloaded.get_submodule(f"{LAST}.1")
+    assert a.attn is b.attn and a.attn_gain.shape == model.get_submodule(f"{LAST}.0").attn_gain.shape
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(reloaded.encode_image(images), model.encode_image(images))
