@@ -320,3 +320,24 @@ def test_paper_blocks_survive_export_and_reload(tmp_path: Path) -> None:
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(reloaded.encode_image(images), model.encode_image(images))
+
+
+@pytest.mark.parametrize("profile", ["paper", "siclip"])
+def test_paper_restarts_the_logit_scale_at_the_init_temperature(
+    teacher_file: tuple[Path, dict[str, Tensor]], profile: str
+) -> None:
+    from siclip.train.worker import build_task  # imports Ray's modules, starts nothing
+
+    path, sd = teacher_file
+    cfg = from_dict(
+        {
+            "profile": profile,
+            "model": {"name": "tiny-student", "source": str(path)},
+            "teacher": {"enabled": False},
+            "loss": {"init_temperature": 0.05},
+        }
+    )
+    task, _ = build_task(cfg)
+    scale: Any = task.student.logit_scale
+    want = math.log(1 / 0.05) if profile == "paper" else float(sd["logit_scale"])
+    assert float(scale.detach()) == pytest.approx(want) and scale.requires_grad is (profile == "siclip")
