@@ -26,10 +26,9 @@ class WIKDLoss(nn.Module):
     """Weighted sum of the CLIP, FD, CRD, ICL and PM terms (METHOD.md sections 3-4).
 
     A term whose weight is 0 for the whole run (every ``loss.schedule`` stage included) is never built; a term
-    whose weight is 0 at the current step (:meth:`set_step`) is not computed; both are absent from the output;
-    so are the KD terms
-    (FD, CRD, ICL) when the loss was built without a teacher (``teacher_dim=None``) or the call passes no
-    teacher embeddings. With ``gather`` and ``world_size > 1``, CLIP, CRD, ICL and PM see the global batch
+    whose weight is 0 at the current step (:meth:`set_step`) is not computed; both are absent from the output,
+    and so are the KD terms (FD, CRD, ICL) when the loss was built without a teacher (``teacher_dim=None``)
+    or the call passes no teacher embeddings. With ``gather`` and ``world_size > 1``, CLIP, CRD, ICL and PM see the global batch
     (every rank computes the same value as one worker would on the concatenated batch); FD stays local.
 
     Gradients under DDP: the loss's own parameters (temperatures, PM head, projector) get the whole
@@ -187,7 +186,7 @@ class WIKDLoss(nn.Module):
             terms["pm"] = self.pm(g_img, g_txt, scale=clip_scale.detach(), generator=generator, world_size=ws)
         crd_student = clip_scale if self.cfg.crd_student_scale == "clip" else None
         crd_teacher: Tensor | None = None
-        if self.cfg.crd_teacher_scale == "teacher" and t_img is not None:
+        if self.cfg.crd_teacher_scale == "teacher" and t_img is not None and crd_on:
             if t_logit_scale is None:
                 raise ValueError("loss.crd_teacher_scale is 'teacher' but no teacher logit scale was passed")
             crd_teacher = scale_from_log(t_logit_scale.detach(), self.cfg.max_logit_scale)
