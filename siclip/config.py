@@ -25,6 +25,7 @@ __all__ = [
     "DataCfg",
     "EvalCfg",
     "LossCfg",
+    "LossStageCfg",
     "ModelCfg",
     "OptimCfg",
     "RayCfg",
@@ -34,6 +35,7 @@ __all__ = [
     "TrainCfg",
     "TuneCfg",
     "apply_overrides",
+    "apply_profile",
     "expand_shards",
     "from_dict",
     "load_config",
@@ -79,8 +81,9 @@ class SaspCfg:
     """Which transformer blocks become SAS-P blocks, and how they share weights."""
 
     replace: Literal["image", "text", "both", "none"] = "image"
-    share: Literal["qk", "block", "none"] = "qk"
-    """qk: one Q/K projection for all replaced blocks of a tower; block: one whole block; none."""
+    share: Literal["qk", "block", "none", "mixer"] = "qk"
+    """qk: one Q/K projection for all replaced blocks of a tower; mixer: one whole token mixer (Q/K and the
+    per-head alpha/beta/gamma, as the authors' ``ws_light_mobileclip_s0``); block: one whole block; none."""
     qk_init: Literal["inherit", "zero"] = "inherit"
     """inherit Q/K from the replaced attention block's qkv weights, or W_Q = 0 (identity at init)."""
     first_value: bool = False
@@ -89,6 +92,9 @@ class SaspCfg:
     mlp_gain: float = 0.1
     inherit_mlp: bool = True
     """Initialise the SAS-P MLP (and norm) from the replaced block's MLP."""
+    layer_scale: float = field(default=0.0, metadata=_rng(0.0))
+    """>0: per-channel gains on both branches, initialised to this (MCi0's layer-scale init 1e-5 in the
+    authors' code) instead of the scalar ``attn_gain`` / ``mlp_gain``; 0: the scalar gains."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,13 @@ class ModelCfg:
     """Weights to inherit: open_clip tag ``MODEL:TAG``, a .pt/.safetensors file, or ``local-dir:PATH``."""
     inherit: bool = True
     freeze_inherited: bool = True
+    freeze_bn_stats: bool = True
+    """Frozen (inherited) modules stay in eval mode, so their BatchNorm statistics never move; false: they
+    follow the run's train/eval mode and only ``requires_grad`` is off (the authors' code)."""
+    freeze_logit_scale: bool = False
+    """Keep the student's CLIP logit scale fixed (the authors' code trains only the new blocks)."""
+    reset_logit_scale: bool = False
+    """Start the logit scale at ``1 / loss.init_temperature`` even when it is inherited."""
     sasp: SaspCfg = SaspCfg()
     image_size: int = field(default=0, metadata=_rng(0))
     """0 keeps the preset's image size."""
@@ -115,6 +128,15 @@ class TeacherCfg:
     enabled: bool = True
     use_shard_embeddings: bool = True
     """Read teacher embeddings from the shards' ``npz`` when every sample has them."""
+
+
+@dataclass(frozen=True)
+class LossStageCfg:
+    """One stage of ``loss.schedule``: from this optimizer step on, these weights replace the ``*_weight``s."""
+
+    from_step: int = field(default=0, metadata=_rng(0))
+    weights: dict[str, Any] = field(default_factory=dict)
+    """Term name (clip, fd, crd, icl, pm) -> weight >= 0; terms not named keep their ``*_weight``."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +155,19 @@ class LossCfg:
     icl_temperature: float = field(default=0.07, metadata=_rng(0.0, 1.0, lo_open=True))
     """Initial value of ICL's learnable temperature."""
     learn_temperatures: bool = True
+    """The CRD student temperature (``crd_student_scale: own``) and ICL's scale are trained."""
+    crd_teacher_scale: Literal["fixed", "teacher"] = "fixed"
+    """fixed: teacher logits at ``1 / crd_teacher_temperature``; teacher: at the teacher's own
+    ``logit_scale.exp()`` (clamped at ``max_logit_scale``)."""
+    crd_student_scale: Literal["own", "clip"] = "own"
+    """own: CRD's own student temperature; clip: the student's CLIP logit scale (the authors' code)."""
+    icl_scale: Literal["exp", "raw"] = "exp"
+    """exp: ICL logits at ``exp(log_scale)`` (clamped); raw: at the stored value itself, no exp (CLIP-KD's and
+    the authors' code: about 2.66 at init)."""
     max_logit_scale: float = field(default=100.0, metadata=_rng(1.0))
+    pm_head: Literal["cosine", "linear"] = "cosine"
+    """cosine: the pair's cosine similarity times the (detached) CLIP logit scale plus a learnable bias, so PM
+    acts on the embeddings; linear: a head on the fused pair feature (``pm_fusion``, ``pm_hidden``)."""
     pm_fusion: Literal["prod_absdiff", "concat", "prod"] = "prod_absdiff"
     pm_negatives: Literal["hard", "random"] = "hard"
     pm_negatives_per_anchor: int = field(default=1, metadata=_rng(1))
@@ -141,6 +175,11 @@ class LossCfg:
     """0: a linear head (the paper's hyperplane); >0: one hidden layer of this width."""
     gather: bool = True
     """Contrastive, relational and matching terms see the global batch across workers."""
+    caption_sets: Literal["sum", "mean"] = "sum"
+    """How the losses of the real-caption and synthetic-caption batches combine."""
+    schedule: tuple[LossStageCfg, ...] = ()
+    """Loss weights by step range: each stage ``{from_step: N, weights: {fd: .., crd: .., icl: .., pm: ..,
+    clip: ..}}`` overrides the ``*_weight`` keys from optimizer step N (0-based) until the next stage."""
     gather_with_grad: bool = True
     """Gradients flow through every rank's gathered features, so N workers match 1 worker exactly after DDP's
     averaging (false: only the local slice, as open_clip's default; gradients then scale by 1/N)."""
@@ -298,6 +337,8 @@ class RayCfg:
 
 @dataclass(frozen=True)
 class SiclipCfg:
+    profile: Literal["siclip", "paper"] = "siclip"
+    """Sets the defaults of the recipe switches (docs/RECIPE.md); keys given explicitly still win."""
     data: DataCfg = DataCfg()
     caption: CaptionCfg = CaptionCfg()
     model: ModelCfg = ModelCfg()
@@ -403,9 +444,51 @@ def _build(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+PROFILES: dict[str, dict[str, Any]] = {
+    # today's choices: the dataclass defaults
+    "siclip": {},
+    # the authors' code (Alexios-hub/LightClip, ws_light_mobileclip_s0) where the paper's text is silent;
+    # docs/RECIPE.md gives each switch's source file and why
+    "paper": {
+        "model.sasp.qk_init": "zero",
+        "model.sasp.inherit_mlp": False,
+        "model.sasp.layer_scale": 1e-5,
+        "model.sasp.share": "mixer",
+        "model.freeze_bn_stats": False,
+        "model.freeze_logit_scale": True,
+        "model.reset_logit_scale": True,
+        "loss.crd_teacher_scale": "teacher",
+        "loss.crd_student_scale": "clip",
+        "loss.icl_scale": "raw",
+        "optim.grad_clip": 0.0,
+    },
+}
+"""Per profile, the dotted keys it sets; a key the config gives explicitly is left alone."""
+
+
+def _has_dotted(data: dict[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def apply_profile(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its profile's switch values filled in wherever ``data`` does not set the key itself."""
+    data = dict(data or {})
+    profile = _coerce("profile", data.get("profile", "siclip"), typing.get_type_hints(SiclipCfg)["profile"])
+    out = apply_overrides(data, [])
+    for dotted, value in PROFILES[profile].items():
+        if not _has_dotted(data, dotted):
+            _set_dotted(out, dotted, value)
+    return out
+
+
 def from_dict(data: dict[str, Any]) -> SiclipCfg:
-    """Build (and type-check) a config from a nested dict; does not touch the file system."""
-    return _build(SiclipCfg, data or {})
+    """Build (and type-check) a config from a nested dict, its profile applied; does not touch the file system."""
+    return _build(SiclipCfg, apply_profile(data or {}))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -588,7 +671,27 @@ def check_paths(cfg: SiclipCfg, *, sections: tuple[str, ...] | None = None) -> N
             raise ConfigError(f"{key}: got {value!r}; no such directory")
 
 
+LOSS_TERMS = ("clip", "fd", "crd", "icl", "pm")
+
+
+def _check_schedule(stages: tuple[LossStageCfg, ...]) -> None:
+    previous = -1
+    for i, stage in enumerate(stages):
+        key = f"loss.schedule[{i}]"
+        if stage.from_step <= previous:
+            raise ConfigError(
+                f"{key}.from_step: got {stage.from_step}; allowed: an integer > {previous} (stages ascend)"
+            )
+        previous = stage.from_step
+        for name, w in stage.weights.items():
+            if name not in LOSS_TERMS:
+                raise ConfigError(f"{key}.weights.{name}: unknown term; allowed: {', '.join(LOSS_TERMS)}")
+            if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
+                raise ConfigError(f"{key}.weights.{name}: got {w!r}; allowed: a number >= 0")
+
+
 def _check_semantics(cfg: SiclipCfg) -> None:
+    _check_schedule(cfg.loss.schedule)
     if cfg.data.batch_size % max(cfg.train.num_workers, 1):
         raise ConfigError(
             f"data.batch_size: got {cfg.data.batch_size}; allowed: a multiple of "

@@ -23,12 +23,23 @@ class SiclipTask(nn.Module):
     ``teacher_image``/``teacher_text``/``teacher_syn_text`` (teacher inputs when its preprocessing or
     tokenizer differ from the student's) and ``teacher_image_emb``/``teacher_text_emb``/``teacher_syn_emb``
     (precomputed teacher embeddings from the shards, used instead of a teacher forward pass).
+    ``caption_sets``: the caption sets' losses are summed, or averaged (``"mean"``).
     """
 
-    def __init__(self, student: nn.Module, loss: nn.Module, teacher: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        loss: nn.Module,
+        teacher: nn.Module | None = None,
+        *,
+        caption_sets: str = "sum",
+    ) -> None:
         super().__init__()
+        if caption_sets not in ("sum", "mean"):
+            raise ValueError(f"caption_sets: got {caption_sets!r}; allowed: 'sum', 'mean'")
         self.student = student
         self.loss = loss
+        self.caption_sets = caption_sets
         # A plain attribute, not a submodule: DDP, .parameters(), state_dict() and optimizers skip it.
         self.__dict__["teacher"] = teacher
         if teacher is not None:
@@ -87,6 +98,10 @@ class SiclipTask(nn.Module):
         s_txt = student.encode_text(torch.cat(texts), normalize=True).float()
         teacher = self._teacher_embeddings(batch, len(texts))
         logit_scale = student.logit_scale
+        t_model: Any = self.teacher
+        t_logit_scale = getattr(
+            t_model, "logit_scale", None
+        )  # a teacher without one: CRD says so if it needs it
 
         out: dict[str, Tensor] = {}
         for i in range(len(texts)):
@@ -102,6 +117,7 @@ class SiclipTask(nn.Module):
                 rank=rank,
                 world_size=world_size,
                 keep_terms=keep_terms,
+                t_logit_scale=None if t_logit_scale is None else t_logit_scale.detach(),
             )
             for key, value in terms.items():
                 if key.endswith("loss") or key.startswith("term/"):  # summed over the caption sets
@@ -110,4 +126,8 @@ class SiclipTask(nn.Module):
                     out.setdefault(key, value)  # temperatures: the same for both caption sets
             if i == 1:
                 out["syn_loss"] = terms["loss"].detach()
+        if self.caption_sets == "mean" and len(texts) > 1:
+            for key in out:
+                if (key.endswith("loss") and key != "syn_loss") or key.startswith("term/"):
+                    out[key] = out[key] / len(texts)
         return out

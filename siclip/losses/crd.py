@@ -24,8 +24,11 @@ def _kl_rows(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 class CRDLoss(nn.Module):
     """Mean of KL(teacher || student) for image->text and text->image similarity rows.
 
-    Each model has its own temperature. The teacher's is fixed; the student's is a log inverse temperature
-    (exponentiated and clamped like the CLIP logit scale), learnable when ``learnable``. The teacher is detached.
+    Each model has its own temperature. The teacher's is fixed (``1 / teacher_temperature``) unless the call
+    passes ``teacher_scale`` (the teacher's own ``logit_scale.exp()``, as CLIP-KD's and the authors' code do).
+    The student's is a log inverse temperature (exponentiated and clamped like the CLIP logit scale),
+    learnable when ``learnable``, unless the call passes ``student_scale`` (the student's CLIP logit scale,
+    as in that code). The teacher is detached.
     """
 
     def __init__(
@@ -50,18 +53,28 @@ class CRDLoss(nn.Module):
         return scale_from_log(self.student_log_scale, self.max_logit_scale)
 
     def forward(
-        self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor, *, rows: slice | None = None
+        self,
+        s_img: Tensor,
+        s_txt: Tensor,
+        t_img: Tensor,
+        t_txt: Tensor,
+        *,
+        student_scale: Tensor | None = None,
+        teacher_scale: Tensor | float | None = None,
+        rows: slice | None = None,
     ) -> Tensor:
         """``rows``: only those rows of each direction's similarity matrix (the local loss)."""
+        s_scale = self.student_scale() if student_scale is None else student_scale
+        t_scale = self.teacher_scale if teacher_scale is None else teacher_scale
         if rows is None:
-            s_logits = self.student_scale() * s_img @ s_txt.T
+            s_logits = s_scale * s_img @ s_txt.T
             with torch.no_grad():
-                t_logits = self.teacher_scale * t_img @ t_txt.T
+                t_logits = t_scale * t_img @ t_txt.T
             return 0.5 * (_kl_rows(s_logits, t_logits) + _kl_rows(s_logits.T, t_logits.T))
-        scale = self.student_scale()
         with torch.no_grad():
-            t_i2t = self.teacher_scale * t_img[rows] @ t_txt.T
-            t_t2i = self.teacher_scale * t_txt[rows] @ t_img.T
+            t_i2t = t_scale * t_img[rows] @ t_txt.T
+            t_t2i = t_scale * t_txt[rows] @ t_img.T
         return 0.5 * (
-            _kl_rows(scale * s_img[rows] @ s_txt.T, t_i2t) + _kl_rows(scale * s_txt[rows] @ s_img.T, t_t2i)
+            _kl_rows(s_scale * s_img[rows] @ s_txt.T, t_i2t)
+            + _kl_rows(s_scale * s_txt[rows] @ s_img.T, t_t2i)
         )

@@ -16,12 +16,18 @@ class ICLLoss(nn.Module):
 
     The student embedding is the anchor and the teacher's embeddings of the other modality are the candidates
     (CLIP-KD's ICL: each direction is one cross-entropy over rows). The temperature is a log
-    inverse temperature, exponentiated and clamped at ``max_logit_scale`` (CLIP-KD's code multiplies by the
-    raw log scale; we do not). Student embeddings must be in the teacher's dimension (see ``EmbedProjector``).
+    inverse temperature, exponentiated and clamped at ``max_logit_scale``; with ``raw=True`` the stored value
+    itself multiplies the logits, as CLIP-KD's and the authors' code do (``log(1/0.07) = 2.66`` at init: a much
+    softer distribution). Student embeddings must be in the teacher's dimension (see ``EmbedProjector``).
     """
 
     def __init__(
-        self, *, temperature: float = 0.07, learnable: bool = True, max_logit_scale: float = 100.0
+        self,
+        *,
+        temperature: float = 0.07,
+        learnable: bool = True,
+        max_logit_scale: float = 100.0,
+        raw: bool = False,
     ) -> None:
         super().__init__()
         log_scale = torch.tensor(math.log(1.0 / temperature))
@@ -30,10 +36,11 @@ class ICLLoss(nn.Module):
         else:
             self.register_buffer("log_scale", log_scale)
         self.max_logit_scale = max_logit_scale
+        self.raw = raw
 
     def scale(self) -> Tensor:
-        """The current inverse temperature (clamped)."""
-        return scale_from_log(self.log_scale, self.max_logit_scale)
+        """The current inverse temperature (clamped), or the raw stored value."""
+        return self.log_scale if self.raw else scale_from_log(self.log_scale, self.max_logit_scale)
 
     def forward(
         self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor, *, rows: slice | None = None

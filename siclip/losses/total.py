@@ -16,6 +16,7 @@ from siclip.losses.fd import EmbedProjector, FDLoss
 from siclip.losses.gather import gather_features, local_rows, scale_grad
 from siclip.losses.icl import ICLLoss
 from siclip.losses.pm import PMLoss
+from siclip.losses.schedule import max_weights, weights_at
 
 TERMS = ("clip", "fd", "crd", "icl", "pm")
 KD_TERMS = ("fd", "crd", "icl")
@@ -24,9 +25,10 @@ KD_TERMS = ("fd", "crd", "icl")
 class WIKDLoss(nn.Module):
     """Weighted sum of the CLIP, FD, CRD, ICL and PM terms (METHOD.md sections 3-4).
 
-    A term with weight 0 is never built nor computed and is absent from the output; so are the KD terms
-    (FD, CRD, ICL) when the loss was built without a teacher (``teacher_dim=None``) or the call passes no
-    teacher embeddings. With ``gather`` and ``world_size > 1``, CLIP, CRD, ICL and PM see the global batch
+    A term whose weight is 0 for the whole run (every ``loss.schedule`` stage included) is never built; a term
+    whose weight is 0 at the current step (:meth:`set_step`) is not computed; both are absent from the output,
+    and so are the KD terms (FD, CRD, ICL) when the loss was built without a teacher (``teacher_dim=None``)
+    or the call passes no teacher embeddings. With ``gather`` and ``world_size > 1``, CLIP, CRD, ICL and PM see the global batch
     (every rank computes the same value as one worker would on the concatenated batch); FD stays local.
 
     Gradients under DDP: the loss's own parameters (temperatures, PM head, projector) get the whole
@@ -54,31 +56,32 @@ class WIKDLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gather_with_grad = gather_with_grad
-        self.weights = {
-            "clip": cfg.clip_weight,
-            "fd": cfg.fd_weight,
-            "crd": cfg.crd_weight,
-            "icl": cfg.icl_weight,
-            "pm": cfg.pm_weight,
-        }
+        self.weights = weights_at(cfg, 0)
+        built = max_weights(cfg)
         self.teacher_dim = teacher_dim
         has_teacher = teacher_dim is not None
         learn = cfg.learn_temperatures
-        self.clip = ClipLoss(max_logit_scale=cfg.max_logit_scale) if self.weights["clip"] > 0 else None
-        self.fd = FDLoss() if has_teacher and self.weights["fd"] > 0 else None
+        self.clip = ClipLoss(max_logit_scale=cfg.max_logit_scale) if built["clip"] > 0 else None
+        self.fd = FDLoss() if has_teacher and built["fd"] > 0 else None
         self.crd = (
             CRDLoss(
                 student_temperature=cfg.crd_student_temperature,
                 teacher_temperature=cfg.crd_teacher_temperature,
-                learnable=learn,
+                # with the CLIP logit scale as the student's, CRD's own temperature would be an unused parameter
+                learnable=learn and cfg.crd_student_scale == "own",
                 max_logit_scale=cfg.max_logit_scale,
             )
-            if has_teacher and self.weights["crd"] > 0
+            if has_teacher and built["crd"] > 0
             else None
         )
         self.icl = (
-            ICLLoss(temperature=cfg.icl_temperature, learnable=learn, max_logit_scale=cfg.max_logit_scale)
-            if has_teacher and self.weights["icl"] > 0
+            ICLLoss(
+                temperature=cfg.icl_temperature,
+                learnable=learn,
+                max_logit_scale=cfg.max_logit_scale,
+                raw=cfg.icl_scale == "raw",
+            )
+            if has_teacher and built["icl"] > 0
             else None
         )
         needs_proj = (self.fd is not None or self.icl is not None) and teacher_dim != student_dim
@@ -86,14 +89,26 @@ class WIKDLoss(nn.Module):
         self.pm = (
             PMLoss(
                 student_dim,
+                head=cfg.pm_head,
                 fusion=cfg.pm_fusion,
                 negatives=cfg.pm_negatives,
                 per_anchor=cfg.pm_negatives_per_anchor,
                 hidden=cfg.pm_hidden,
             )
-            if self.weights["pm"] > 0
+            if built["pm"] > 0
             else None
         )
+
+    def set_step(self, step: int) -> dict[str, float] | None:
+        """Use the ``loss.schedule`` weights of optimizer step ``step``; returns them when they changed."""
+        weights = weights_at(self.cfg, step)
+        if weights == self.weights:
+            return None
+        self.weights = weights
+        return dict(weights)
+
+    def _on(self, name: str, module: nn.Module | None) -> bool:
+        return module is not None and self.weights[name] > 0
 
     def _project(self, s_img: Tensor, s_txt: Tensor) -> tuple[Tensor, Tensor]:
         return self.projector(s_img, s_txt) if self.projector is not None else (s_img, s_txt)
@@ -110,9 +125,11 @@ class WIKDLoss(nn.Module):
         world_size: int = 1,
         generator: torch.Generator | None = None,
         keep_terms: bool = False,
+        t_logit_scale: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """``loss`` (with gradient), each computed term as ``<name>_loss`` (detached) and ``temp/*`` (0-d).
 
+        ``t_logit_scale`` is the teacher's log logit scale, which CRD uses with ``crd_teacher_scale: teacher``.
         ``keep_terms`` adds ``term/<name>``: each weighted term with its graph, for per-term gradients.
 
         Runs in fp32 even inside an autocast region: bf16 logits at scale 100 would be coarser than the
@@ -129,6 +146,7 @@ class WIKDLoss(nn.Module):
                 world_size=world_size,
                 generator=generator,
                 keep_terms=keep_terms,
+                t_logit_scale=None if t_logit_scale is None else t_logit_scale.float(),
             )
 
     def _forward(
@@ -143,6 +161,7 @@ class WIKDLoss(nn.Module):
         world_size: int,
         generator: torch.Generator | None,
         keep_terms: bool,
+        t_logit_scale: Tensor | None,
     ) -> dict[str, Tensor]:
         if (t_img is None) != (t_txt is None):
             raise ValueError("pass both teacher embeddings or neither")
@@ -162,8 +181,11 @@ class WIKDLoss(nn.Module):
         clip_scale = scale_from_log(logit_scale, self.cfg.max_logit_scale)
         out: dict[str, Tensor] = {"temp/clip": (1.0 / clip_scale).detach()}
         terms: dict[str, Tensor] = {}
-        needs_global = any(m is not None for m in (self.clip, self.pm)) or (
-            t_img is not None and (self.crd is not None or self.icl is not None)
+        crd_on, icl_on = self._on("crd", self.crd), self._on("icl", self.icl)
+        needs_global = (
+            self._on("clip", self.clip)
+            or self._on("pm", self.pm)
+            or (t_img is not None and (crd_on or icl_on))
         )
         # FD keeps s_img/s_txt: it is local, and its gradient must not be rescaled
         c_img, c_txt = (
@@ -175,31 +197,48 @@ class WIKDLoss(nn.Module):
             )
         )
         g_img, g_txt = (glob(c_img), glob(c_txt)) if needs_global else (s_img, s_txt)
-        if self.clip is not None:
+        if self.clip is not None and self._on("clip", self.clip):
             terms["clip"] = self.clip(g_img, g_txt, logit_scale, rows=rows)
-        if self.pm is not None:
+        if self.pm is not None and self._on("pm", self.pm):
             terms["pm"] = self.pm(
                 g_img, g_txt, scale=clip_scale.detach(), generator=generator, world_size=ws, rows=rows
             )
+        crd_student = clip_scale if self.cfg.crd_student_scale == "clip" else None
+        crd_teacher: Tensor | None = None
+        if self.cfg.crd_teacher_scale == "teacher" and t_img is not None and crd_on:
+            if t_logit_scale is None:
+                raise ValueError("loss.crd_teacher_scale is 'teacher' but no teacher logit scale was passed")
+            crd_teacher = scale_from_log(t_logit_scale.detach(), self.cfg.max_logit_scale)
         if self.crd is not None:
-            out["temp/crd_student"] = (1.0 / self.crd.student_scale()).detach()
+            shown = self.crd.student_scale() if crd_student is None else crd_student
+            out["temp/crd_student"] = (1.0 / shown).detach()
         if self.icl is not None:
             out["temp/icl"] = (1.0 / self.icl.scale()).detach()
         if t_img is not None and t_txt is not None:
             t_img, t_txt = t_img.detach(), t_txt.detach()
-            kd_global = self.crd is not None or self.icl is not None
-            if self.fd is not None:
+            kd_global = crd_on or icl_on
+            if self.fd is not None and self._on("fd", self.fd):
                 p_img, p_txt = self._project(s_img, s_txt)
                 terms["fd"] = self.fd(p_img, p_txt, t_img, t_txt)
             gt_img, gt_txt = (glob(t_img), glob(t_txt)) if kd_global else (t_img, t_txt)
-            if self.crd is not None:
-                terms["crd"] = self.crd(g_img, g_txt, gt_img, gt_txt, rows=rows)
-            if self.icl is not None:
+            if self.crd is not None and crd_on:
+                terms["crd"] = self.crd(
+                    g_img,
+                    g_txt,
+                    gt_img,
+                    gt_txt,
+                    student_scale=crd_student,
+                    teacher_scale=crd_teacher,
+                    rows=rows,
+                )
+            if self.icl is not None and icl_on:
                 # projecting after the gather gives the projector the whole global ICL gradient on every rank,
                 # like the loss's other parameters (projecting before would leave each rank only its slice)
                 terms["icl"] = self.icl(*self._project(g_img, g_txt), gt_img, gt_txt, rows=rows)
         if not terms:
-            raise ValueError("no loss term is active: every weight is 0 (or only KD terms and no teacher)")
+            raise ValueError(
+                "no loss term is active at this step: every weight is 0 (or only KD terms and no teacher)"
+            )
         weighted = {name: self.weights[name] * value for name, value in terms.items()}
         out["loss"] = torch.stack(list(weighted.values())).sum()
         out.update({f"{name}_loss": value.detach() for name, value in terms.items()})

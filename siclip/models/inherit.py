@@ -215,11 +215,12 @@ def inherit_weights(
 
 
 # ----------------------------------------------------------------------------------------- freezing
-def freeze_inherited(model: nn.Module) -> list[str]:
+def freeze_inherited(model: nn.Module, *, freeze_bn_stats: bool = True) -> list[str]:
     """Freeze every module outside the SAS-P blocks; returns the frozen top-most module names.
 
-    Frozen: ``requires_grad_(False)``, ``eval()`` and a marker so :func:`set_train_mode` keeps them in eval.
-    Trainable: SAS-P blocks, ``logit_scale`` and ``logit_bias``.
+    Frozen: ``requires_grad_(False)`` and, with ``freeze_bn_stats``, ``eval()`` and a marker so
+    :func:`set_train_mode` keeps them in eval (BatchNorm statistics never move). Without it they follow the
+    model's train/eval mode, as in the authors' code. Trainable: SAS-P blocks, ``logit_scale``, ``logit_bias``.
     """
     sasp_names = [n for n, m in model.named_modules() if is_sasp(m)]
 
@@ -242,8 +243,9 @@ def freeze_inherited(model: nn.Module) -> list[str]:
             continue
         if any(f == "" or name.startswith(f + ".") for f in frozen):
             continue
-        setattr(m, _FROZEN_ATTR, True)
-        m.eval()
+        if freeze_bn_stats:
+            setattr(m, _FROZEN_ATTR, True)
+            m.eval()
         frozen.append(name)
     return frozen
 
@@ -281,7 +283,11 @@ def build_student(cfg: ModelCfg) -> tuple[nn.Module, InheritReport | None]:
             names = sasp_module_names(model)
             report.new = [k for k in model.state_dict() if _under(k, names)]
     if inheriting and cfg.freeze_inherited:
-        freeze_inherited(model)
+        freeze_inherited(model, freeze_bn_stats=cfg.freeze_bn_stats)
+    logit_scale = getattr(model, "logit_scale", None)
+    if cfg.freeze_logit_scale and isinstance(logit_scale, nn.Parameter):
+        logit_scale.requires_grad_(False)
+    if inheriting and cfg.freeze_inherited:
         logging.getLogger(__name__).info(
             "student %s: %d trainable of %d parameters",
             cfg.name,

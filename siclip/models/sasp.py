@@ -6,7 +6,8 @@ This module owns the two building blocks SiCLIP swaps in for MobileCLIP's attent
   ``C = softmax(0 + mask)`` (uniform ``1/N`` without a mask, the causal average under a causal mask), no
   output projection and, by default, no value projection (values are the normalised input itself).
 - :class:`SASPBlock`: ``x_out = attn_gain * ShapedAttn(Norm(x)) + mlp_gain * MLP(Norm(x))``, parallel
-  branches, **no skip connection**. It works on a conv feature map ``(B, C, H, W)`` (MCi0's last stage:
+  branches, **no skip connection**. The gains are two scalars, or (``layer_scale > 0``) per-channel layer
+  scales initialised to ``layer_scale`` as in the authors' ``ParallelAttentionBlock``. It works on a conv feature map ``(B, C, H, W)`` (MCi0's last stage:
   BatchNorm pre-norm, ConvMlp) and on a token sequence ``(B, N, C)`` / ``(N, B, C)`` (text towers: LayerNorm,
   Linear MLP).
 
@@ -141,22 +142,31 @@ class SASPBlock(nn.Module):
         mlp: nn.Module,
         layout: Literal["conv", "seq"],
         qk: nn.Linear | None = None,
+        attn: ShapedAttention | None = None,
         head_dim: int | None = None,
         value: bool = False,
         attn_gain: float = 1.0,
         mlp_gain: float = 0.1,
+        layer_scale: float = 0.0,
         batch_first: bool = True,
     ) -> None:
+        """``attn`` passes a whole shared token mixer (then ``qk``, ``head_dim`` and ``value`` are unused)."""
         super().__init__()
         if layout not in ("conv", "seq"):
             raise ValueError(f"layout: got {layout!r}; allowed: 'conv', 'seq'")
         self.layout = layout
         self.batch_first = batch_first
         self.norm = norm
-        self.attn = ShapedAttention(dim, num_heads=num_heads, qk=qk, head_dim=head_dim, value=value)
+        self.attn = attn or ShapedAttention(dim, num_heads=num_heads, qk=qk, head_dim=head_dim, value=value)
         self.mlp = mlp
-        self.attn_gain = nn.Parameter(torch.tensor(float(attn_gain)))
-        self.mlp_gain = nn.Parameter(torch.tensor(float(mlp_gain)))
+        if layer_scale > 0:
+            # per channel, shaped to broadcast over the block's output: (C, 1, 1) on a feature map, (C,) on tokens
+            shape = (dim, 1, 1) if layout == "conv" else (dim,)
+            self.attn_gain = nn.Parameter(torch.full(shape, float(layer_scale)))
+            self.mlp_gain = nn.Parameter(torch.full(shape, float(layer_scale)))
+        else:
+            self.attn_gain = nn.Parameter(torch.tensor(float(attn_gain)))
+            self.mlp_gain = nn.Parameter(torch.tensor(float(mlp_gain)))
 
     def get_weight_dtype(self) -> torch.dtype:
         """open_clip's ``Transformer.get_cast_dtype`` asks its first block for this."""

@@ -5,7 +5,9 @@ Which blocks: timm FastViT ``AttentionBlock`` (MCi0's last stage: conv layout, B
 towers: :class:`~siclip.config.SaspCfg` ``replace`` (``image`` default, ``text``, ``both``, ``none``).
 
 How they share (per tower): ``qk`` one Q/K ``nn.Linear`` module registered in every replaced block (one
-tensor, same storage); ``block`` one whole SAS-P block registered at every replaced position; ``none``.
+tensor, same storage); ``mixer`` one whole :class:`~siclip.models.sasp.ShapedAttention` (Q/K and the per-head
+alpha/beta/gamma; norm, MLP and gains stay per block); ``block`` one whole SAS-P block registered at every
+replaced position; ``none``.
 With ``qk_init="inherit"`` Q/K come from the replaced block's ``qkv`` weights (under sharing: from the
 first replaced block of the tower, **ours**); ``"zero"`` sets ``W_Q = 0``. ``inherit_mlp`` copies the
 block's pre-attention norm and MLP into the SAS-P block (else they are re-initialised). Layer scales, the
@@ -146,7 +148,9 @@ def _new_qk(parts: dict[str, Any], sasp: SaspCfg) -> nn.Linear:
     return qk
 
 
-def _build_block(parts: dict[str, Any], sasp: SaspCfg, *, qk: nn.Linear, value: bool) -> SASPBlock:
+def _build_block(
+    parts: dict[str, Any], sasp: SaspCfg, *, qk: nn.Linear, value: bool, attn: Any = None
+) -> SASPBlock:
     norm = copy.deepcopy(parts["norm"])
     mlp = copy.deepcopy(parts["mlp"])
     if not sasp.inherit_mlp:
@@ -160,14 +164,16 @@ def _build_block(parts: dict[str, Any], sasp: SaspCfg, *, qk: nn.Linear, value: 
         mlp=mlp,
         layout=parts["layout"],
         qk=qk,
+        attn=attn,
         value=value,
         attn_gain=sasp.attn_gain,
         mlp_gain=sasp.mlp_gain,
+        layer_scale=sasp.layer_scale,
         batch_first=parts["batch_first"],
     )
     ref = parts["qk_w"]
     block.to(device=ref.device)
-    if sasp.qk_init == "zero":
+    if sasp.qk_init == "zero" and attn is None:
         block.attn.zero_query()
     return block
 
@@ -185,9 +191,12 @@ def simplify_tower(tower: nn.Module, sasp: SaspCfg) -> list[str]:
         if sasp.share == "block" and shared_block is not None:
             new = shared_block
         else:
-            qk = shared_qk if sasp.share == "qk" and shared_qk is not None else _new_qk(parts, sasp)
+            qk = (
+                shared_qk if sasp.share in ("qk", "mixer") and shared_qk is not None else _new_qk(parts, sasp)
+            )
             shared_qk = qk
-            new = _build_block(parts, sasp, qk=qk, value=sasp.first_value and i == 0)
+            mixer = shared_block.attn if sasp.share == "mixer" and shared_block is not None else None
+            new = _build_block(parts, sasp, qk=qk, value=sasp.first_value and i == 0, attn=mixer)
             shared_block = new
         new.train(old.training)
         parent_name, _, attr = name.rpartition(".")

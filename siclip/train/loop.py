@@ -107,7 +107,8 @@ class LoopHooks:
 
     ``on_log(step, metrics)`` every ``log_every`` steps; ``on_eval(step) -> metrics``;
     ``on_checkpoint(step, metrics)`` every ``ckpt_every`` steps and at the end (metrics include the latest
-    eval); ``on_step(step)`` after every optimizer step (progress bars).
+    eval); ``on_step(step)`` after every optimizer step (progress bars); ``before_step(step)`` before the
+    0-based optimizer step ``step`` is attempted (staged loss weights).
 
     Under torch.distributed every rank must get the same hooks: the logged means are averaged over ranks
     (one all-reduce per log), and ``on_eval`` is a collective when the evaluation is sharded.
@@ -117,6 +118,7 @@ class LoopHooks:
     on_eval: Callable[[int], dict[str, float]] | None = None
     on_checkpoint: Callable[[int, dict[str, float]], None] | None = None
     on_step: Callable[[int], None] | None = None
+    before_step: Callable[[int], None] | None = None
 
 
 def to_host(values: dict[str, Tensor | float], *, world_size: int = 1) -> dict[str, float]:
@@ -295,6 +297,8 @@ def run_loop(
     shares: dict[str, float] = {}
     while state.step < max_steps:
         batch = next(batches)
+        if hooks.before_step:
+            hooks.before_step(state.step)
         if grad_share is not None and rank == 0 and grad_share.due(state.step + 1):
             batch = _to_device(batch, device)
             shares = term_gradient_norms(

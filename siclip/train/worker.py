@@ -52,7 +52,10 @@ def run_location(cfg: SiclipCfg) -> str:
 
 
 def _teacher_needed(cfg: SiclipCfg) -> bool:
-    return cfg.teacher.enabled and any(getattr(cfg.loss, k) > 0 for k in KD_TERMS)
+    from siclip.losses.schedule import max_weights
+
+    # a KD term that is on in any loss.schedule stage needs the teacher from the start
+    return cfg.teacher.enabled and any(max_weights(cfg.loss)[k.removesuffix("_weight")] > 0 for k in KD_TERMS)
 
 
 def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
@@ -62,7 +65,7 @@ def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
     from siclip.models.presets import preset_info
 
     student, report = build_student(cfg.model)
-    if not (cfg.model.inherit and cfg.model.source):
+    if not (cfg.model.inherit and cfg.model.source) or cfg.model.reset_logit_scale:
         with torch.no_grad():
             logit_scale: torch.Tensor = student.logit_scale  # type: ignore[assignment]
             logit_scale.fill_(math.log(1.0 / cfg.loss.init_temperature))
@@ -74,7 +77,7 @@ def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
         gather_with_grad=cfg.loss.gather_with_grad,
     )
     info = {"inherit_report": report.summary() if report is not None else None}
-    task = SiclipTask(student, loss, teacher)
+    task = SiclipTask(student, loss, teacher, caption_sets=cfg.loss.caption_sets)
     task.to(memory_format=torch.channels_last)  # matches the channels-last images from the loop
     return task, info
 
@@ -341,7 +344,16 @@ def train_worker(config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(metrics, checkpoint=ckpt)
 
-    hooks = LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint)
+    logged_weights: dict[str, float] = {}
+
+    def before_step(step: int) -> None:
+        loss = _unwrap(model).loss
+        loss.set_step(step)  # loss.schedule: the weights are a function of the global step alone
+        if log is not None and loss.weights != logged_weights:
+            logged_weights.update(loss.weights)
+            log.scalars(step + 1, {f"loss/weight/{k}": float(v) for k, v in loss.weights.items()})
+
+    hooks = LoopHooks(on_log=on_log, on_eval=on_eval, on_checkpoint=on_checkpoint, before_step=before_step)
     grad_share = (
         GradShare(
             every=cfg.train.grad_share_every,

@@ -46,7 +46,7 @@ def toy_batch(n: int = 12, seed: int = 0) -> dict[str, Tensor]:
     }
 
 
-CFG = LossCfg(pm_hidden=4)
+CFG = LossCfg(pm_head="linear", pm_hidden=4)
 
 
 def towers(model: ToyStudent) -> list[nn.Parameter]:

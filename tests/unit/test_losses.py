@@ -317,7 +317,7 @@ def test_total_is_the_weighted_sum_of_reference_terms() -> None:
 
 def test_gradients_reach_student_and_loss_parameters_never_the_teacher() -> None:
     torch.manual_seed(0)
-    loss = build_loss(LossCfg(pm_hidden=4), student_dim=DS, teacher_dim=DT)
+    loss = build_loss(LossCfg(pm_head="linear", pm_hidden=4), student_dim=DS, teacher_dim=DT)
     s_img, s_txt, t_img, t_txt = batch(DS, DT)
     log_scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
     out = loss(s_img, s_txt, log_scale, t_img, t_txt)
