@@ -65,12 +65,15 @@ def bench_caption(
     device: str = "auto",
     threads: int | None = None,
     seed: int = 0,
+    flops: bool = False,
 ) -> dict[str, Any]:
     """Captions/s of both paths on ``images`` random images x ``captions`` top-p captions of ``tokens`` tokens.
 
     Returns ``{"rows": [{"path", "seconds", "best_seconds", "captions_per_s", "best_captions_per_s",
     "tokens_per_caption", "dtype"}], "ratio": cached / open_clip (median), "best_ratio", ...settings}``.
-    One untimed warm-up call per path first (one image, one caption).
+    One untimed warm-up call per path first (one image, one caption). With ``flops``, also
+    ``"gflops_per_caption": {path: GFLOPs}`` from torch's FLOP counter on one more untimed call per path
+    (one image, ``captions`` captions): machine-independent, unlike the rates.
     """
     from siclip.data.captioner import build_captioner_model, generate_tokens, special_token_ids
     from siclip.data.coca_decode import CachedCoCaDecoder
@@ -115,6 +118,21 @@ def bench_caption(
                 out = run(path, pixels, captions)
                 times[path].append(time.perf_counter() - start)
                 lengths[path] = caption_lengths(out.cpu(), eos)
+        gflops: dict[str, float] = {}
+        if flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            # nn.MultiheadAttention's fused fast path hides its projections from the counter.
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                for path in PATHS:
+                    counter = FlopCounterMode(display=False)
+                    with counter:
+                        run(path, pixels[:1], captions)
+                    gflops[path] = counter.get_total_flops() / 1e9 / captions
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fastpath)
         n = images * captions
         rows: list[dict[str, Any]] = []
         for path in PATHS:
@@ -139,6 +157,7 @@ def bench_caption(
             "rows": rows,
             "ratio": speed["cached"]["captions_per_s"] / speed["open_clip"]["captions_per_s"],
             "best_ratio": speed["cached"]["best_captions_per_s"] / speed["open_clip"]["best_captions_per_s"],
+            "gflops_per_caption": gflops,
         }
     finally:
         torch.set_num_threads(previous_threads)
@@ -170,6 +189,17 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         f"{r0['threads']} threads, torch {r0['torch']}, cpu {r0['cpu']}, load average "
         f"{r0['load_average']:.1f} at the end; random weights.",
     ]
+    for r in results:
+        g = r.get("gflops_per_caption") or {}
+        if g:
+            lines += [
+                "",
+                f"{r['model']}: GFLOPs per caption (torch FLOP counter, 1 image x {r['captions_per_image']} "
+                f"captions x {r['tokens']} tokens, image encoding included; torch's counter skips the "
+                "attention score/value products of CPU attention kernels, on both paths): open_clip generate "
+                f"{g['open_clip']:.1f}, cached decoder {g['cached']:.1f} "
+                f"({g['open_clip'] / g['cached']:.1f}x fewer).",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default=DEFAULT_TABLE, help="Markdown table to write")
     p.add_argument("--json", default="", help="also write the result as JSON here")
+    p.add_argument("--flops", action="store_true", help="also count GFLOPs per caption of both paths")
     args = p.parse_args(argv)
     result, table = run_bench_caption(
         out=args.out,
@@ -223,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=args.repeats,
         device=args.device,
         threads=args.threads or None,
+        flops=args.flops,
     )
     print(table)
     if args.json:

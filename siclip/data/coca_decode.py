@@ -294,8 +294,8 @@ class CachedCoCaDecoder:
             if cur_len + 1 == seq_len:
                 nxt = torch.full_like(tokens, eos_token_id)
             else:
-                if cur_len < min_seq_len:  # MinLengthLogitsProcessor
-                    logits = logits.index_fill(1, torch.tensor([eos_token_id], device=dev), -float("inf"))
+                if cur_len < min_seq_len:  # MinLengthLogitsProcessor (a fill, not a host-to-device index)
+                    logits[:, eos_token_id] = -float("inf")
                 if warper is None:
                     nxt = logits.argmax(dim=-1)
                 else:
