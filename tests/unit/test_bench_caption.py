@@ -33,6 +33,7 @@ def test_bench_caption_equal_work_and_table(tmp_path: Path) -> None:
         # Every caption of both paths is exactly 9 tokens long (EOS banned until the forced one).
         assert r["tokens_per_caption"] == [9] and r["captions"] == 6
         assert r["captions_per_s"] > 0 and r["best_captions_per_s"] >= r["captions_per_s"]
+        assert r["cpu_seconds"] > 0
         assert r["dtype"] in ("float32", "fp32")
     assert result["ratio"] == rows["cached"]["captions_per_s"] / rows["open_clip"]["captions_per_s"]
     g = result["gflops_per_caption"]
@@ -40,6 +41,6 @@ def test_bench_caption_equal_work_and_table(tmp_path: Path) -> None:
     text = out.read_text()
     assert text.startswith("# CoCa captioning") and table in text
     line = next(ln for ln in text.splitlines() if ln.startswith("| siclip-tiny-coca"))
-    assert line.count("|") == 7 and "2 x 3 x 9" in line
+    assert line.count("|") == 8 and "2 x 3 x 9" in line
     assert "GFLOPs per caption" in text
     assert build_parser().parse_args(["bench", "caption", "--json"]).what == "caption"
