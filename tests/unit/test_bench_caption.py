@@ -19,14 +19,15 @@ def test_bench_caption_equal_work_and_table(tmp_path: Path) -> None:
     out = tmp_path / "caption.md"
     result, table = run_bench_caption(
         out=str(out),
+        runs=[{"images": 2, "tokens": 9}],
         model="siclip-tiny-coca",
-        images=2,
         captions=3,
-        tokens=9,
-        threads=1,
         device="cpu",
         flops=True,
     )
+    assert len(result["runs"]) == 1
+    result = result["runs"][0]
+    assert result["threads"] == 1  # the default: one thread, like a captioner actor
     rows = {r["path"]: r for r in result["rows"]}
     assert set(rows) == {"open_clip", "cached"}
     for r in rows.values():
