@@ -180,7 +180,7 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         s = {row["path"]: row for row in r["rows"]}
         o, c = s["open_clip"], s["cached"]
         lines.append(
-            f"| {r['model']} | {r['device']} ({c['dtype']} / {o['dtype']}) | "
+            f"| {r['model']} | {r['device']} (cached {c['dtype']}, open_clip {o['dtype']}) | "
             f"{r['images']} x {r['captions_per_image']} x {r['tokens']} | "
             f"{o['captions_per_s']:.2f} ({o['best_captions_per_s']:.2f}) | "
             f"{c['captions_per_s']:.2f} ({c['best_captions_per_s']:.2f}) | "
