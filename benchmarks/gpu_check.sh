@@ -2,12 +2,15 @@
 # One-GPU check for siclip: fresh venv, `pip install -e .` (PyPI only), then SiCLIP-S0 training with the
 # inherited backbone frozen at batch 1536 vs MobileCLIP-S0 full fine-tuning (halved until it fits), mixed
 # precision, random 256 px images and tokens. Prints samples/s and peak GPU memory; writes benchmarks/gpu.md.
+# Then CoCa captioning, coca_ViT-L-14 random weights: siclip's cached decoder (bf16) vs open_clip's generate
+# (bf16 autocast), CAPTION_IMAGES x 5 captions x CAPTION_TOKENS tokens; writes benchmarks/caption-gpu.md.
 #
 #   bash benchmarks/gpu_check.sh                 # defaults: batch 1536, 20 warm-up + 300 timed steps
 #   BATCH=1024 STEPS=100 bash benchmarks/gpu_check.sh
 #
 # Env: PYTHON (a Python 3.11, pyproject's requires-python), VENV (default ~/.cache/siclip-gpu-venv, outside
-# the repo), BATCH, STEPS, WARMUP, TEACHER_MODE (stored | forward | none), EXTRA (more siclip.bench.gpu arguments).
+# the repo), BATCH, STEPS, WARMUP, TEACHER_MODE (stored | forward | none), EXTRA (more siclip.bench.gpu arguments),
+# CAPTION_IMAGES (default 16), CAPTION_TOKENS (default 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,3 +49,9 @@ t1=$SECONDS
   --batch "$BATCH" --steps "$STEPS" --warmup "$WARMUP" --teacher-mode "$TEACHER_MODE" \
   --out benchmarks/gpu.md --json benchmarks/gpu.json ${EXTRA:-}
 echo "gpu_check: benchmark took $((SECONDS - t1)) s; table in benchmarks/gpu.md"
+
+t2=$SECONDS
+"$VENV/bin/python" -m siclip.bench.caption --model coca_ViT-L-14 --images "${CAPTION_IMAGES:-16}" --captions 5 \
+  --tokens "${CAPTION_TOKENS:-30}" --repeats 3 --device cuda \
+  --out benchmarks/caption-gpu.md --json benchmarks/caption-gpu.json
+echo "gpu_check: caption benchmark took $((SECONDS - t2)) s; table in benchmarks/caption-gpu.md"

@@ -164,6 +164,10 @@ def _bench(args: argparse.Namespace) -> int:
         from siclip.bench.data import run_bench_data
 
         result, table = run_bench_data()
+    elif args.what == "caption":
+        from siclip.bench.caption import run_bench_caption
+
+        result, table = run_bench_caption()
     elif args.what == "memory":
         from siclip.bench.memory import run_bench_memory
 
@@ -240,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="")
     p.add_argument("--config", default=None, help="the run's config.yaml (its model.sasp shapes the model)")
     p.add_argument("--out", required=True)
-    p = add("bench", _bench, "benchmarks: infer, data, train, memory (tables go to benchmarks/)")
-    p.add_argument("what", choices=["infer", "data", "train", "memory"])
+    p = add("bench", _bench, "benchmarks: infer, data, caption, train, memory (tables go to benchmarks/)")
+    p.add_argument("what", choices=["infer", "data", "caption", "train", "memory"])
     p.add_argument("--json", action="store_true")
     return parser
 

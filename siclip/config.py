@@ -275,6 +275,13 @@ class CaptionCfg:
     """open_clip pretrained tag, a .pt/.safetensors file, or ``local-dir:PATH``; empty for random init."""
     num_captions: int = field(default=5, metadata=_rng(0))
     method: Literal["top_p", "beam"] = "top_p"
+    decoder: Literal["cached", "open_clip"] = "cached"
+    """top-p sampling through siclip's cached CoCa decoder (each image encoded once, keys/values cached,
+    finished captions dropped, bf16 on GPU; on CPU the same captions as open_clip's) or open_clip's
+    ``generate``. Beam search always uses open_clip's."""
+    sync_every: int = field(default=0, metadata=_rng(0))
+    """Cached decoder: drop finished captions from the batch every this many tokens (a host sync); 0: every
+    token on CPU (same random stream as open_clip), every 8 on GPU (captions then differ from open_clip's)."""
     top_p: float = field(default=0.9, metadata=_rng(0.0, 1.0, lo_open=True))
     max_length: int = field(default=30, metadata=_rng(2))
     batch_size: int = field(default=16, metadata=_rng(1))

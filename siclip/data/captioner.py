@@ -6,6 +6,9 @@ This module owns:
   that gives ``k`` captions per image by top-p sampling (or one by beam search), batched and cleaned the
   DataCompDR way (special tokens dropped, cut at the first period);
 - :func:`clean_caption`: that cleaning, on its own so it can be tested;
+- :func:`generate_tokens`: one captioning call through either decoder, the cached one of
+  ``siclip.data.coca_decode`` (default: each image encoded once, keys/values cached, same tokens) or
+  open_clip's ``generate``;
 - :func:`train_captioner` / :func:`captioner_loss`: the tiny demo CoCa (``siclip-tiny-coca``) trained on
   the demo world's clean subset with open_clip's ``CoCaLoss`` in a plain CPU torch loop;
 - :class:`CompactVocab`: the tiny CoCa tokenises with open_clip's ``SimpleTokenizer`` but predicts over
@@ -38,7 +41,9 @@ __all__ = [
     "build_captioner_model",
     "captioner_loss",
     "clean_caption",
+    "generate_tokens",
     "register_model_configs",
+    "special_token_ids",
     "train_captioner",
 ]
 
@@ -125,6 +130,35 @@ class CompactVocab:
         return cls(tuple(int(t) for t in json.loads(text)))
 
 
+def special_token_ids(vocab: CompactVocab | None) -> dict[str, int]:
+    """``sot_token_id``, ``eos_token_id``, ``pad_token_id`` for ``generate``: SimpleTokenizer's, or the tiny
+    CoCa's compact ones."""
+    if vocab is None:
+        return {"sot_token_id": _SOT_ID, "eos_token_id": _EOT_ID, "pad_token_id": 0}
+    return {
+        "sot_token_id": CompactVocab.SOT,
+        "eos_token_id": CompactVocab.EOT,
+        "pad_token_id": CompactVocab.PAD,
+    }
+
+
+def generate_tokens(
+    net: Any, pixels: torch.Tensor, *, num_captions: int, decoder: Any = None, **kwargs: Any
+) -> torch.Tensor:
+    """Token ids ``[B * num_captions, L]`` for images ``[B, 3, H, W]`` (each image's captions in a row).
+
+    ``decoder`` (a :class:`~siclip.data.coca_decode.CachedCoCaDecoder` over ``net``) encodes each image once;
+    without it, open_clip's ``generate`` runs on the images repeated ``num_captions`` times, under bf16
+    autocast on a GPU. ``kwargs`` are ``generate``'s (``seq_len``, ``generation_type``, ``top_p``, ids ...).
+    """
+    if decoder is not None:
+        return decoder.generate(pixels, num_captions=num_captions, **kwargs)  # type: ignore[no-any-return]
+    device = pixels.device
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        return net.generate(pixels.repeat_interleave(num_captions, dim=0), **kwargs)  # type: ignore[no-any-return]
+
+
 def _safetensors_metadata(path: str) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -198,6 +232,9 @@ class Captioner:
 
     ``method='top_p'`` samples ``num_captions`` captions per image (nucleus ``top_p``); ``method='beam'``
     gives one caption per image, since beam search is deterministic and repeating it would only duplicate.
+    ``decoder='cached'`` (default) samples with :class:`~siclip.data.coca_decode.CachedCoCaDecoder` (weights
+    in bf16 on a GPU; on CPU the same captions as ``'open_clip'`` for a seed), ``'open_clip'`` with open_clip's
+    ``generate``; beam search always uses open_clip's. ``sync_every``: see ``caption.sync_every``.
     """
 
     def __init__(
@@ -212,9 +249,13 @@ class Captioner:
         batch_size: int = 16,
         seed: int = 0,
         device: str = "auto",
+        decoder: str = "cached",
+        sync_every: int = 0,
     ) -> None:
         if method not in ("top_p", "beam"):
             raise ValueError(f"caption.method: got {method!r}; allowed: 'top_p', 'beam'")
+        if decoder not in ("cached", "open_clip"):
+            raise ValueError(f"caption.decoder: got {decoder!r}; allowed: 'cached', 'open_clip'")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -228,26 +269,32 @@ class Captioner:
         self.num_captions = num_captions if method == "top_p" else 1
         self.method, self.top_p = method, top_p
         self.batch_size, self.seed = batch_size, seed
+        self.decoder: Any = None
+        if decoder == "cached" and method == "top_p":
+            from siclip.data.coca_decode import CachedCoCaDecoder
+
+            if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+                self.model.to(torch.bfloat16)
+            self.decoder = CachedCoCaDecoder(self.model, sync_every=sync_every)
 
     @property
     def name(self) -> str:
         """``model:source``, recorded in the manifest as the producer."""
         return f"{self.model_name}:{self.source}" if self.source else self.model_name
 
-    def _generate(self, pixels: torch.Tensor) -> list[str]:
+    def _generate(self, pixels: torch.Tensor, k: int) -> list[str]:
+        """``k`` cleaned captions for each image of ``pixels``, image by image."""
         import open_clip
 
         kwargs: dict[str, Any] = {"seq_len": self.max_length}
         if self.vocab is not None:
-            kwargs.update(sot_token_id=CompactVocab.SOT, eos_token_id=CompactVocab.EOT, pad_token_id=0)
+            kwargs.update(special_token_ids(self.vocab))
         if self.method == "top_p":
             kwargs.update(generation_type="top_p", top_p=self.top_p)
         else:
             kwargs.update(generation_type="beam_search")
-        use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            tokens = self.model.generate(pixels, **kwargs)  # type: ignore[operator]
-        rows = tokens.cpu()
+        tokens = generate_tokens(self.model, pixels, num_captions=k, decoder=self.decoder, **kwargs)
+        rows = list(tokens.cpu())
         if self.vocab is not None:
             rows = [torch.tensor(self.vocab.decode_ids(r.tolist())) for r in rows]
         return [clean_caption(open_clip.decode(t)) for t in rows]
@@ -264,12 +311,12 @@ class Captioner:
             return []
         k = self.num_captions
         pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images])
-        # Each image appears k times in a row, so one generate() call samples all of its captions.
-        flat = pixels.repeat_interleave(k, dim=0)
-        per_call = max(1, self.batch_size) * k
+        # One call samples all k captions of batch_size images (rows image by image, as generate() sees
+        # repeat_interleave'd images), so both decoders consume the random stream alike.
+        per_call = max(1, self.batch_size)
         texts: list[str] = []
-        for start in range(0, flat.shape[0], per_call):
-            texts.extend(self._generate(flat[start : start + per_call].to(self.device)))
+        for start in range(0, pixels.shape[0], per_call):
+            texts.extend(self._generate(pixels[start : start + per_call].to(self.device), k))
         return [texts[i * k : (i + 1) * k] for i in range(len(images))]
 
 
