@@ -253,7 +253,7 @@ def train_worker(config: dict[str, Any]) -> None:
     def on_eval(step: int) -> dict[str, float]:
         from siclip.eval.suite import evaluate_cfg
 
-        if rank != 0 or not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
+        if rank != 0 or not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards or cfg.eval.benchmarks):
             return {}
         metrics = evaluate_cfg(_unwrap(model).student, cfg, device=device)
         named = {f"val/{k}": v for k, v in metrics.items()}
