@@ -3,7 +3,8 @@
 Zero-shot top-1/top-5 on ImageNet-1k val, ImageNet-V2 (matched frequency), ImageNet-R and ImageNet-Sketch,
 and retrieval recall@K on MS-COCO (5k) and Flickr30k (1k test). Each root (``eval.roots.<name>``) holds a
 dataset in CLIP_benchmark's ``--dataset_root`` layout or in its WebDataset export (``ROOT/test/nshards.txt``);
-:func:`locate` recognises the layout and CLIP_benchmark's ``build_dataset`` builds it. A dataset whose root
+:func:`locate` recognises the layout and CLIP_benchmark's ``build_dataset`` builds it (except ImageNet-V2 and
+WebDataset exports, read by our own readers for the reasons in their docstrings). A dataset whose root
 is unset, missing or in no known layout is reported ``absent`` with the reason, never evaluated on something
 else. Its builders download (wget, gdown, kaggle, requests) whenever a root or annotation file is missing, so
 nothing is built before :func:`locate` has found every file it needs.
@@ -149,6 +150,34 @@ class _ImageNetV2(torch.utils.data.Dataset[tuple[Any, int]]):
         return self.transform(image), int(self.files[i].parent.name)
 
 
+class _WdsExport(torch.utils.data.IterableDataset[tuple[Any, Any]]):
+    """A CLIP_benchmark WebDataset export (``test/nshards.txt``, ``test/{0..n-1}.tar``) read through
+    :func:`siclip.data.shards.iter_samples`, which never unpickles and so works under ``WDS_SECURE=1``;
+    CLIP_benchmark's own reader goes through webdataset's ``gopen``, which refuses local files there.
+    Samples: (image, ``cls`` as int) for classification, (image, ``txt`` lines) for retrieval."""
+
+    def __init__(self, root: Path, transform: Callable[[Any], Any], *, retrieval: bool) -> None:
+        n = int((root / "test" / "nshards.txt").read_text().strip())
+        self.urls = [str(root / "test" / f"{i}.tar") for i in range(n)]
+        self.transform = transform
+        self.retrieval = retrieval
+
+    def __iter__(self) -> Any:
+        from siclip.data.shards import image_of, iter_samples
+
+        info = torch.utils.data.get_worker_info()
+        urls = self.urls if info is None else self.urls[info.id :: info.num_workers]
+        for s in iter_samples(urls):
+            target = s["txt"].splitlines() if self.retrieval else int(s["cls"])
+            yield self.transform(image_of(s)), target
+
+
+def _read_lines(path: Path) -> list[str] | None:
+    return (
+        [line.strip() for line in path.read_text().splitlines() if line.strip()] if path.is_file() else None
+    )
+
+
 @dataclass
 class _Built:
     dataset: Any
@@ -182,12 +211,17 @@ def _build(loc: Located, transform: Callable[[Any], Any]) -> _Built | str:
     root = str(loc.root)
     task = f"zeroshot_{bench.task}"
     if loc.layout == "wds":
-        ds = build_dataset(f"wds/{loc.name}", root=root, transform=transform, split="test", task=task)
         if bench.task == "retrieval":
-            return _Built(ds, None, None, image_captions_collate_fn, None)
-        if not ds.classes:
+            return _Built(
+                _WdsExport(loc.root, transform, retrieval=True), None, None, image_captions_collate_fn, None
+            )
+        classes = _read_lines(loc.root / "classnames.txt")
+        if not classes:
             return f"{root}: the WebDataset export has no classnames.txt"
-        return _Built(ds, list(ds.classes), list(ds.templates or []) or None, default_collate, None)
+        templates = _read_lines(loc.root / "zeroshot_classification_templates.txt")
+        return _Built(
+            _WdsExport(loc.root, transform, retrieval=False), classes, templates, default_collate, None
+        )
     if loc.name == "imagenetv2":
         v2 = _ImageNetV2(loc.root, transform)
         return _Built(v2, list(IMAGENET_CLASSNAMES), None, default_collate, len(v2))
@@ -258,7 +292,6 @@ def _classification(
     model: Any, built: _Built, loader: Any, classifier: torch.Tensor, *, device: str, amp: bool
 ) -> dict[str, float]:
     from clip_benchmark.metrics.zeroshot_classification import run_classification
-    from sklearn.metrics import balanced_accuracy_score
 
     logits, target = run_classification(model, classifier, loader, device, amp=amp)
     n = int(target.shape[0])
@@ -270,9 +303,34 @@ def _classification(
         "top1": hits[1] / n,
         # like CLIP_benchmark: no top-5 with fewer than 5 classes
         "top5": hits[5] / n if n_classes >= 5 else float("nan"),
-        "mean_per_class_recall": float(balanced_accuracy_score(target, logits.argmax(dim=1))),
+        "mean_per_class_recall": _balanced_accuracy(target, logits.argmax(dim=1)),
         "images": float(n),
     }
+
+
+def _balanced_accuracy(target: torch.Tensor, pred: torch.Tensor) -> float:
+    """CLIP_benchmark's ``mean_per_class_recall`` (sklearn's balanced accuracy: the mean recall over the
+    classes that have images), without its warning about predicted classes that have none."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(target, pred))
+
+
+class _Counted:
+    """Iterates a loader and counts the images it yields (a WebDataset export's size is not known ahead)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.images = 0
+
+    def __iter__(self) -> Any:
+        for images, targets in self.loader:
+            self.images += len(images)
+            yield images, targets
 
 
 def _retrieval(
@@ -281,20 +339,22 @@ def _retrieval(
     tokenizer: Callable[[list[str]], torch.Tensor],
     *,
     recall_at: Sequence[int],
+    size: int | None,
     device: str,
     amp: bool,
 ) -> dict[str, float]:
     from clip_benchmark.metrics import zeroshot_retrieval
 
-    got = zeroshot_retrieval.evaluate(
-        model, loader, tokenizer, device, amp=amp, recall_k_list=list(recall_at)
-    )
+    # CLIP_benchmark's recall@K takes torch.topk(K), which fails when K exceeds the number of images
+    ks = [k for k in recall_at if size is None or k <= size]
+    counted = _Counted(loader)
+    got = zeroshot_retrieval.evaluate(model, counted, tokenizer, device, amp=amp, recall_k_list=ks)
     out: dict[str, float] = {}
-    for k in recall_at:
+    for k in ks:
         # CLIP_benchmark's "text retrieval" ranks captions for an image (our i2t), "image retrieval" the reverse
         out[f"i2t_r@{k}"] = float(got[f"text_retrieval_recall@{k}"])
         out[f"t2i_r@{k}"] = float(got[f"image_retrieval_recall@{k}"])
-    out["images"] = float(len(loader.dataset)) if hasattr(loader.dataset, "__len__") else float("nan")
+    out["images"] = float(counted.images)
     return out
 
 
@@ -354,7 +414,13 @@ def evaluate_benchmarks(
                 metrics = _classification(model, built, loader, classifier, device=device_type, amp=amp)
             else:
                 metrics = _retrieval(
-                    model, loader, tokenizer, recall_at=eval_cfg.recall_at, device=device_type, amp=amp
+                    model,
+                    loader,
+                    tokenizer,
+                    recall_at=eval_cfg.recall_at,
+                    size=built.size,
+                    device=device_type,
+                    amp=amp,
                 )
             results[name] = {"status": "ok", "layout": loc.layout, "root": str(loc.root), **metrics}
     return results
