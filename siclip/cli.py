@@ -1,4 +1,4 @@
-"""The ``siclip`` command: demo, data, train, tune, eval, ablate, bench, info, export.
+"""The ``siclip`` command: demo, data, train, tune, eval, ablate, bench, info, export, report.
 
 Every subcommand is a thin call into the same function the Python API exposes (``launch(cfg)``,
 ``run_pipeline(cfg)``, ...). Configuration errors are reported as one line naming the key, the bad value
@@ -142,6 +142,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from siclip.report import write_report
+
+    try:
+        page = write_report(args.runs, out=args.out or None)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"siclip: report written to {page}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from siclip.models.export import export_open_clip
     from siclip.models.presets import build_preset
@@ -247,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("build", help="CC12M (img2dataset shards) -> CC12M-SYN with Ray Data and CoCa actors")
     p.set_defaults(fn=cmd_data_build)
     _config_args(p)
+    p = add("report", cmd_report, "PNG plots and a Markdown page per run folder; several runs overlaid")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs_dir/run_name)")
+    p.add_argument(
+        "--out", default="", help="folder for the overlays and index (several runs; default: beside them)"
+    )
     p = add("export", cmd_export, "reparameterise-ready export that open_clip loads")
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint", default="")

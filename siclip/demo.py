@@ -201,6 +201,10 @@ def run_demo(
     table = format_results(results)
     print("\n" + table, flush=True)
     (Path(out_dir) / "results.md").write_text(table + "\n")
+    from siclip.report import write_report
+
+    report = write_report([prep.teacher_dir, student_run.run_dir], out=Path(out_dir) / "report")
+    print(f"\nreport (plots of both runs): {report}", flush=True)
     return results
 
 

@@ -36,7 +36,10 @@ from siclip.train.loop import (
     run_loop,
 )
 
-__all__ = ["build_task", "run_dir_of", "train_worker"]
+# re-exported: the metrics table moved to a Ray-free module; callers may still import it from here
+from siclip.train.metrics_table import METRICS_TABLE, last_grad_shares, read_metrics
+
+__all__ = ["METRICS_TABLE", "build_task", "last_grad_shares", "read_metrics", "run_dir_of", "train_worker"]
 
 # Ray Train V2 tees print() to stdout and its logger (each line twice); a logger prints once.
 LOG = logging.getLogger("siclip.train")
@@ -120,25 +123,6 @@ def build_batches(
 
 def _unwrap(model: nn.Module) -> Any:
     return model.module if hasattr(model, "module") else model
-
-
-METRICS_TABLE = "metrics.jsonl"
-"""One JSON object per logged step in the run folder: ``{"step": N, "<metric>": value, ...}``."""
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics table, oldest first ([] when the run has logged nothing)."""
-    path = Path(run_dir) / METRICS_TABLE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def last_grad_shares(run_dir: str | Path) -> tuple[int, dict[str, float]]:
-    """The step and ``grad_share/<term>`` values last logged (``train.grad_share_every``); (0, {}) if none."""
-    for row in reversed(read_metrics(run_dir)):
-        shares = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("grad_share/")}
-        if shares:
-            return int(row["step"]), shares
-    return 0, {}
 
 
 class _RankZeroLog:
