@@ -103,15 +103,18 @@ def make_flickr30k(root: Path) -> Path:
 def make_wds_classification(root: Path, classnames: list[str], templates: list[str]) -> Path:
     """A CLIP_benchmark WebDataset export: ``test/nshards.txt``, ``test/0.tar`` (webp + cls), class names
     and ``{c}`` templates beside them."""
-    import webdataset as wds
+    import tarfile
 
     (root / "test").mkdir(parents=True)
-    with wds.TarWriter(str(root / "test" / "0.tar")) as sink:
+    with tarfile.open(root / "test" / "0.tar", "w") as tar:
         for i in range(N_IMAGES):
             label = i % len(classnames)
             buf = io.BytesIO()
             _image(label).save(buf, format="WEBP")
-            sink.write({"__key__": f"s{i:04d}", "webp": buf.getvalue(), "cls": label})
+            for ext, data in (("webp", buf.getvalue()), ("cls", str(label).encode())):
+                member = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
     (root / "test" / "nshards.txt").write_text("1\n")
     (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
     (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")

@@ -284,3 +284,59 @@ def test_equal_to_clip_benchmark_evaluate(tmp_path, monkeypatch) -> None:
         assert mine[f"i2t_r@{k}"] == pytest.approx(theirs_ret[f"text_retrieval_recall@{k}"])
         assert mine[f"t2i_r@{k}"] == pytest.approx(theirs_ret[f"image_retrieval_recall@{k}"])
     assert np.isfinite(list(flatten(ours).values())).all()
+
+
+def test_siclip_eval_suite_paper_writes_the_table(tmp_path, capsys) -> None:
+    """The command end to end: a tiny-teacher checkpoint, ImageNet-1k/R/Sketch as WebDataset exports,
+    COCO and Flickr30k in their folder layouts, ImageNet-V2 absent."""
+    import yaml
+    from safetensors.torch import save_model
+
+    from siclip.cli import main
+    from siclip.models.presets import build_preset
+
+    torch.manual_seed(0)
+    save_model(build_preset("tiny-teacher"), str(tmp_path / "model.safetensors"))
+    names, templates = ["red thing", "green thing", "blue thing"], ["a photo of a {c}."]
+    roots = {
+        "imagenet1k": str(fx.make_wds_classification(tmp_path / "in1k", names, templates)),
+        "imagenet_r": str(fx.make_wds_classification(tmp_path / "inr", names, templates)),
+        "imagenet_sketch": str(fx.make_wds_classification(tmp_path / "sketch", names, templates)),
+        "mscoco": str(fx.make_mscoco(tmp_path / "coco")),
+        "flickr30k": str(fx.make_flickr30k(tmp_path / "flickr")),
+        "imagenetv2": str(tmp_path / "not-here"),
+    }
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "tiny-teacher", "sasp": {"replace": "none"}},
+                "eval": {"roots": roots, "loader_workers": 0, "recall_at": [1, 5], "batch_size": 8},
+            }
+        )
+    )
+    code = main(
+        [
+            "eval",
+            "--config",
+            str(cfg),
+            "--checkpoint",
+            str(tmp_path / "model.safetensors"),
+            "--suite",
+            "paper",
+        ]
+    )
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    bench = out["benchmarks"]
+    assert bench["imagenetv2"]["status"] == "absent"
+    assert [
+        bench[n]["status"] for n in ("imagenet1k", "imagenet_r", "imagenet_sketch", "mscoco", "flickr30k")
+    ] == ["ok"] * 5
+    table = json.loads((tmp_path / "paper_table.json").read_text())
+    ours = table["rows"][0]["values"]
+    assert ours["imagenetv2/top1"] is None and "not-here" in table["absent"]["imagenetv2"]
+    assert ours["mscoco/i2t_r@1"] == pytest.approx(round(100 * bench["mscoco"]["i2t_r@1"], 2))
+    md = (tmp_path / "paper_table.md").read_text()
+    assert "MobileCLIP-S0" in md and "apple/ml-mobileclip" in md
+    assert "| absent |" in md and "- imagenetv2: " in md  # the cell, and the reason listed
