@@ -340,3 +340,63 @@ def test_siclip_eval_suite_paper_writes_the_table(tmp_path, capsys) -> None:
     md = (tmp_path / "paper_table.md").read_text()
     assert "MobileCLIP-S0" in md and "apple/ml-mobileclip" in md
     assert "| absent |" in md and "- imagenetv2: " in md  # the cell, and the reason listed
+
+
+def test_own_readers_match_clip_benchmark(tmp_path, monkeypatch) -> None:
+    """Our ImageNet-V2 reader against CLIP_benchmark's (told the fixture's size, so it does not download),
+    and siclip's demo zero-shot (open_clip's classifier on an ImageFolder) against CLIP_benchmark's evaluate."""
+    import clip_benchmark.datasets.imagenetv2 as cb_v2
+    from clip_benchmark.metrics import zeroshot_classification as zc
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from siclip.eval.benchmarks import _ImageNetV2
+    from siclip.eval.zeroshot import evaluate_zeroshot
+    from siclip.models.presets import build_preset
+
+    root = fx.make_imagenetv2(tmp_path / "v2")
+    monkeypatch.setattr(cb_v2, "V2_DATASET_SIZE", fx.N_IMAGES)
+    theirs = cb_v2.ImageNetV2Dataset(transform=None, location=str(root))
+    ours = _ImageNetV2(root / "ImageNetV2-matched-frequency", transform=lambda im: im)
+
+    def key(ds):
+        return sorted(
+            (str(ds.fnames[i] if hasattr(ds, "fnames") else ds.files[i]), ds[i][1]) for i in range(len(ds))
+        )
+
+    assert key(ours) == key(theirs)
+
+    monkeypatch.setattr(
+        zc,
+        "accuracy",
+        lambda out, tgt, topk=(1,): [
+            float((out.topk(k, 1)[1] == tgt[:, None]).any(1).float().mean()) for k in topk
+        ],
+    )
+    torch.manual_seed(0)
+    model = build_preset("tiny-teacher").eval()
+    folder = tmp_path / "folder"
+    for i in range(fx.N_IMAGES):
+        (folder / f"class_{i % 6}").mkdir(parents=True, exist_ok=True)
+        fx._image(i % 6).save(folder / f"class_{i % 6}" / f"{i}.png")
+    names = [f"class {i}" for i in range(6)]
+    mine = evaluate_zeroshot(
+        model,
+        tokenizer=_tokenizer(),
+        transform=_transform(),
+        folder=folder,
+        templates=["a photo of a {}.", "a {}."],
+    )
+    ds = ImageFolder(str(folder), transform=_transform())
+    cb = zc.evaluate(
+        model,
+        DataLoader(ds, batch_size=8),
+        _tokenizer(),
+        names,
+        ["a photo of a {c}.", "a {c}."],
+        "cpu",
+        amp=False,
+    )
+    assert mine["zeroshot_top1"] == pytest.approx(cb["acc1"]) and mine["zeroshot_top5"] == pytest.approx(
+        cb["acc5"]
+    )
