@@ -1,12 +1,19 @@
 # The two first commands of the README: `make demo` and `make test`. Both set up .venv when needed.
+# Any interpreter from 3.11 to 3.13: `make test PYTHON=python3.12` (with pyenv: `pyenv shell 3.11.7 3.12.1` first,
+# or PYTHON=$$(pyenv prefix 3.12.1)/bin/python3.12). Each minor version gets its own venv (.venv for 3.11,
+# .venv-py3.12 for 3.12, ...), so switching back and forth never reinstalls nor mixes interpreters.
 PYTHON ?= python3.11
-VENV := .venv
+PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+VENV ?= $(if $(filter 3.11,$(PY_VERSION)),.venv,.venv-py$(PY_VERSION))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
+	@test -n "$(PY_VERSION)" || { echo "make: PYTHON=$(PYTHON) does not run (set PYTHON to a python3.11-3.13 executable)" >&2; exit 2; }
+	# a venv made by another interpreter (e.g. VENV set by hand) is rebuilt rather than mixed
+	test ! -x $(BIN)/python || $(BIN)/python -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "$(PY_VERSION)")' || rm -rf $(VENV)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: this machine's pip takes these wheels from local disk

@@ -12,7 +12,15 @@ import re
 import statistics
 from typing import Any
 
-from siclip.config import ConfigError, SiclipCfg, apply_overrides, from_dict, to_dict
+from siclip.config import (
+    TRAIN_SECTIONS,
+    ConfigError,
+    SiclipCfg,
+    apply_overrides,
+    check_paths,
+    from_dict,
+    to_dict,
+)
 from siclip.eval.tables import save_table
 from siclip.train.grad_share import format_shares
 
@@ -72,7 +80,7 @@ def run_ablation(
         raise ConfigError(f"ablate --row: got {unknown[0]!r}; allowed: {', '.join(map(repr, ROWS))}")
     if tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
         raise ConfigError(f"ablate --tag: got {tag!r}; allowed: letters, digits, '_', '.', '-'")
-    from siclip.demo import _checked, prepare_demo
+    from siclip.demo import prepare_demo
     from siclip.eval.suite import evaluate_cfg
     from siclip.models.presets import build_preset
     from siclip.train.checkpoint import load_student_weights
@@ -85,7 +93,8 @@ def run_ablation(
     per_row: dict[str, list[dict[str, float]]] = {row: [] for row in rows}
     for seed in range(seeds):
         for row in rows:
-            cfg = _checked(_row_cfg(base, row, seed, steps, tag))
+            cfg = _row_cfg(base, row, seed, steps, tag)
+            check_paths(cfg, sections=TRAIN_SECTIONS)
             print(f"\n=== ablation: {row}, seed {seed} ===", flush=True)
             run = launch(cfg)
             model = build_preset(cfg.model.name, sasp=cfg.model.sasp)

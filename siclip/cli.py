@@ -1,4 +1,4 @@
-"""The ``siclip`` command: demo, data, train, tune, eval, ablate, bench, info, export.
+"""The ``siclip`` command: demo, data, train, tune, eval, ablate, bench, info, export, report.
 
 Every subcommand is a thin call into the same function the Python API exposes (``launch(cfg)``,
 ``run_pipeline(cfg)``, ...). Configuration errors are reported as one line naming the key, the bad value
@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from siclip.config import ConfigError, SiclipCfg, load_config
+from siclip.config import BenchmarkName, ConfigError, SiclipCfg, load_config
 
 __all__ = ["main"]
+
+BENCHMARK_SUITES: dict[str, tuple[str, ...]] = {"paper": typing.get_args(BenchmarkName)}
+"""``siclip eval --suite NAME``: the datasets of a suite (``eval.roots.<name>`` says where each lies)."""
 
 
 def _config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -53,21 +57,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load(args, ("eval", "model"))
-    if not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
-        raise ConfigError("eval.zeroshot_dir: got ''; allowed: set it or eval.retrieval_shards (or both)")
-    from siclip.eval.suite import evaluate_cfg
-    from siclip.models.presets import build_preset
-    from siclip.train.checkpoint import load_student_weights
+    suite = tuple(BENCHMARK_SUITES[args.suite]) if args.suite else ()
+    if not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards or cfg.eval.benchmarks or suite):
+        raise ConfigError(
+            "eval.zeroshot_dir: got ''; allowed: set it, eval.retrieval_shards or eval.benchmarks, or pass --suite"
+        )
+    from siclip.eval.suite import evaluate_checkpoint
 
-    model = build_preset(cfg.model.name, sasp=cfg.model.sasp)
-    try:
-        load_student_weights(model, args.checkpoint)
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from exc
-    model.eval()
-    metrics = evaluate_cfg(model, cfg)
-    print(json.dumps({"model": cfg.model.name, "checkpoint": args.checkpoint, **metrics}, sort_keys=True))
+    result = evaluate_checkpoint(cfg, args.checkpoint, suite=suite)
+    if suite:
+        from siclip.eval.paper_table import write_paper_table
+
+        table = write_paper_table(
+            result["benchmarks"], name=args.name or cfg.train.run_name, out=args.table or _default_table(args)
+        )
+        print(
+            f"siclip: paper table written to {table} (and {table.with_suffix('.json').name})", file=sys.stderr
+        )
+    print(json.dumps(result, sort_keys=True))
     return 0
+
+
+def _default_table(args: argparse.Namespace) -> str:
+    """``paper_table.md`` in the checkpoint's folder (the folder itself when a folder was given)."""
+    from pathlib import Path
+
+    ckpt = Path(args.checkpoint)
+    return str((ckpt if ckpt.is_dir() else ckpt.parent) / "paper_table.md")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -138,6 +154,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from siclip.report import write_report
+
+    try:
+        page = write_report(args.runs, out=args.out or None)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"siclip: report written to {page}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from siclip.models.export import export_open_clip
     from siclip.models.presets import build_preset
@@ -199,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p = add("eval", cmd_eval, "zero-shot classification and retrieval of a checkpoint; prints JSON")
     p.add_argument("--checkpoint", required=True, help="weights file, checkpoint folder, or run folder")
+    p.add_argument(
+        "--suite",
+        choices=sorted(BENCHMARK_SUITES),
+        help="also the paper's datasets (ImageNet-1k/V2/R/Sketch, COCO, Flickr30k) from eval.roots.*, and the "
+        "paper table (Markdown + JSON)",
+    )
+    p.add_argument("--table", default="", help="where the paper table goes (default: beside the checkpoint)")
+    p.add_argument("--name", default="", help="this checkpoint's name in the table (default: train.run_name)")
     _config_args(p)
     p = add("info", cmd_info, "parameter counts of a model preset")
     p.add_argument("--model", required=True)
@@ -239,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("build", help="CC12M (img2dataset shards) -> CC12M-SYN with Ray Data and CoCa actors")
     p.set_defaults(fn=cmd_data_build)
     _config_args(p)
+    p = add("report", cmd_report, "PNG plots and a Markdown page per run folder; several runs overlaid")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (runs_dir/run_name)")
+    p.add_argument(
+        "--out", default="", help="folder for the overlays and index (several runs; default: beside them)"
+    )
     p = add("export", cmd_export, "reparameterise-ready export that open_clip loads")
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint", default="")

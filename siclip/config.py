@@ -20,6 +20,8 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "BenchmarkName",
+    "BenchmarkRootsCfg",
     "CaptionCfg",
     "ConfigError",
     "DataCfg",
@@ -53,7 +55,8 @@ def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Fa
     return {"min": lo, "max": hi, "lo_open": lo_open}
 
 
-def _path(kind: Literal["file", "dir", "shards", "source"]) -> dict[str, Any]:
+def _path(kind: Literal["file", "dir", "shards", "source", "root"]) -> dict[str, Any]:
+    # "root": a local folder made absolute for Ray workers but not checked: a missing one is reported absent
     return {"path": kind}
 
 
@@ -244,6 +247,31 @@ class TrainCfg:
     progress: bool = True
 
 
+BenchmarkName = Literal["imagenet1k", "imagenetv2", "imagenet_r", "imagenet_sketch", "mscoco", "flickr30k"]
+"""The paper's evaluation datasets (``siclip eval --suite paper`` runs all of them)."""
+
+
+@dataclass(frozen=True)
+class BenchmarkRootsCfg:
+    """Local roots of the paper's datasets, each in CLIP_benchmark's ``--dataset_root`` layout or its
+    WebDataset export (``ROOT/test/nshards.txt``); see ``siclip/eval/benchmarks.py``. Nothing is downloaded:
+    an empty or missing root, or one in no known layout, marks the dataset absent."""
+
+    imagenet1k: str = field(default="", metadata=_path("root"))
+    """``ROOT/val/<wnid>/*.JPEG``"""
+    imagenetv2: str = field(default="", metadata=_path("root"))
+    """``ROOT/ImageNetV2-matched-frequency/<class index>/*.jpeg``"""
+    imagenet_r: str = field(default="", metadata=_path("root"))
+    """``ROOT/<wnid>/*.jpg`` (200 wnids)"""
+    imagenet_sketch: str = field(default="", metadata=_path("root"))
+    """``ROOT/<wnid>/*.JPEG``"""
+    mscoco: str = field(default="", metadata=_path("root"))
+    """``ROOT/val2014`` + ``ROOT/coco_test_karpathy.json`` (Karpathy 5k test), or ``ROOT/val2017`` +
+    ``ROOT/annotations/captions_val2017.json`` (COCO 2017 val, 5k)"""
+    flickr30k: str = field(default="", metadata=_path("root"))
+    """``ROOT/*.jpg`` + ``ROOT/flickr30k_test_karpathy.txt`` (Karpathy 1k test)"""
+
+
 @dataclass(frozen=True)
 class EvalCfg:
     """Held-out evaluation, run during training (``train.eval_every``, and at the end) and by ``siclip eval``."""
@@ -257,6 +285,13 @@ class EvalCfg:
     templates: tuple[str, ...] = ("a photo of a {}.", "a {}.")
     batch_size: int = field(default=128, metadata=_rng(1))
     recall_at: tuple[int, ...] = (1, 5, 10)
+    benchmarks: tuple[BenchmarkName, ...] = ()
+    """The paper's datasets to evaluate too (metrics ``<name>/top1``, ``<name>/i2t_r@1``, ...), from ``roots``."""
+    roots: BenchmarkRootsCfg = BenchmarkRootsCfg()
+    benchmark_templates: Literal["openai", "simple"] = "openai"
+    """Zero-shot prompts for the benchmarks: open_clip's 80 OpenAI templates (the papers'), or its 7 simple ones."""
+    loader_workers: int = field(default=2, metadata=_rng(0))
+    """Data-loader processes reading the benchmarks' images."""
 
 
 @dataclass(frozen=True)
@@ -610,7 +645,7 @@ def _is_local_path_field(f: dataclasses.Field[Any], value: Any) -> bool:
     kind = f.metadata.get("path")
     if kind == "source":
         return _is_weights_file(value)
-    return kind in ("file", "dir") or f.name in ("runs_dir", "output_dir")
+    return kind in ("file", "dir", "root") or f.name in ("runs_dir", "output_dir")
 
 
 def absolutize(cfg: SiclipCfg, base: str | os.PathLike[str] | None = None) -> SiclipCfg:
@@ -646,6 +681,10 @@ def _check_source(key: str, value: str, base: Path) -> None:
         return
     if _is_weights_file(value) and not (base / value).is_file() and not Path(value).is_file():
         raise ConfigError(f"{key}: got {value!r}; no such checkpoint file")
+
+
+TRAIN_SECTIONS = ("data", "model", "teacher", "eval")
+"""The sections whose paths a training run reads (``siclip train``, the demo's and the ablation's stages)."""
 
 
 def check_paths(cfg: SiclipCfg, *, sections: tuple[str, ...] | None = None) -> None:

@@ -9,8 +9,6 @@ resumable: a rerun skips finished data and finished runs.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import time
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from siclip.config import ConfigError, SiclipCfg, apply_overrides, check_paths, from_dict
+from siclip.config import TRAIN_SECTIONS, ConfigError, SiclipCfg, apply_overrides, check_paths, from_dict
 from siclip.train.grad_share import format_shares
 
 __all__ = ["DEMO_SIZES", "DemoPrep", "demo_config", "prepare_demo", "run_demo"]
@@ -78,21 +76,19 @@ def demo_config(
 
 
 def _eval(cfg_file: Path, checkpoint: Path) -> dict[str, float]:
-    """``siclip eval`` in-process; its JSON line is printed and parsed."""
-    from siclip.cli import main
+    """What ``siclip eval`` does and prints, in-process (the same function, not the command: no import cycle)."""
+    from siclip.config import load_config
+    from siclip.eval.suite import evaluate_checkpoint
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main(["eval", "--config", str(cfg_file), "--checkpoint", str(checkpoint)])
-    line = buf.getvalue().strip().splitlines()[-1]
-    print(f"$ siclip eval --config {cfg_file} --checkpoint {checkpoint}\n{line}", flush=True)
-    if code != 0:
-        raise RuntimeError(f"siclip eval failed for {checkpoint}")
-    return {k: v for k, v in json.loads(line).items() if isinstance(v, float)}
+    result = evaluate_checkpoint(load_config(cfg_file, check_files=("eval", "model")), checkpoint)
+    print(
+        f"$ siclip eval --config {cfg_file} --checkpoint {checkpoint}\n{json.dumps(result, sort_keys=True)}"
+    )
+    return {k: v for k, v in result.items() if isinstance(v, float)}
 
 
 def _checked(cfg: SiclipCfg) -> SiclipCfg:
-    check_paths(cfg, sections=("data", "model", "teacher", "eval"))
+    check_paths(cfg, sections=TRAIN_SECTIONS)
     return cfg
 
 
@@ -205,6 +201,10 @@ def run_demo(
     table = format_results(results)
     print("\n" + table, flush=True)
     (Path(out_dir) / "results.md").write_text(table + "\n")
+    from siclip.report import write_report
+
+    report = write_report([prep.teacher_dir, student_run.run_dir], out=Path(out_dir) / "report")
+    print(f"\nreport (plots of both runs): {report}", flush=True)
     return results
 
 

@@ -1,14 +1,18 @@
-"""The evaluation suite one model gets during training and from ``siclip eval``: zero-shot + retrieval."""
+"""The evaluation suite one model gets during training and from ``siclip eval``: zero-shot + retrieval on
+the configured folders and shards, and the paper's datasets (``eval.benchmarks``, through CLIP_benchmark)."""
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import torch
 from torch import nn
 
-from siclip.config import SiclipCfg, expand_shards
+from siclip.config import ConfigError, SiclipCfg, expand_shards
 from siclip.eval.shard import Shard
 
-__all__ = ["evaluate_cfg", "evaluate_model"]
+__all__ = ["evaluate_benchmarks_cfg", "evaluate_cfg", "evaluate_checkpoint", "evaluate_model"]
 
 
 def evaluate_model(
@@ -69,6 +73,23 @@ def evaluate_model(
     return {k: float(v) for k, v in metrics.items()}
 
 
+def evaluate_benchmarks_cfg(
+    model: nn.Module, cfg: SiclipCfg, names: tuple[str, ...], *, device: torch.device | str = "cpu"
+) -> dict[str, dict[str, Any]]:
+    """:func:`siclip.eval.benchmarks.evaluate_benchmarks` on ``names`` with the config's roots and preset."""
+    from siclip.eval.benchmarks import evaluate_benchmarks
+    from siclip.models.presets import build_tokenizer, build_transform
+
+    return evaluate_benchmarks(
+        model,
+        names=names,
+        tokenizer=build_tokenizer(cfg.model.name),
+        transform=build_transform(cfg.model.name, train=False, image_size=cfg.model.image_size),
+        eval_cfg=cfg.eval,
+        device=device,
+    )
+
+
 def evaluate_cfg(
     model: nn.Module,
     cfg: SiclipCfg,
@@ -77,8 +98,14 @@ def evaluate_cfg(
     recall_at: tuple[int, ...] = (),
     shard: Shard | None = None,
 ) -> dict[str, float]:
-    """:func:`evaluate_model` with everything taken from a config's ``eval`` and ``model`` sections."""
-    return evaluate_model(
+    """:func:`evaluate_model` with everything taken from a config's ``eval`` and ``model`` sections, plus the
+    datasets of ``eval.benchmarks`` (``<name>/<metric>``; absent ones are logged and left out)."""
+    metrics: dict[str, float] = {}
+    if cfg.eval.benchmarks:
+        from siclip.eval.benchmarks import flatten
+
+        metrics = flatten(evaluate_benchmarks_cfg(model, cfg, cfg.eval.benchmarks, device=device))
+    return metrics | evaluate_model(
         model,
         preset=cfg.model.name,
         zeroshot_dir=cfg.eval.zeroshot_dir,
@@ -91,3 +118,39 @@ def evaluate_cfg(
         device=device,
         shard=shard,
     )
+
+
+def evaluate_checkpoint(
+    cfg: SiclipCfg, checkpoint: str | os.PathLike[str], *, suite: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """What ``siclip eval`` prints: the student preset of ``cfg`` with the weights of ``checkpoint`` (a file,
+    a checkpoint folder or a run folder) on the configured folders/shards, and on ``suite`` + ``eval.benchmarks``
+    (their per-dataset results, absent ones with the reason, under ``"benchmarks"``)."""
+    from siclip.models.presets import build_preset
+    from siclip.train.checkpoint import load_student_weights
+
+    model = build_preset(cfg.model.name, sasp=cfg.model.sasp)
+    try:
+        load_student_weights(model, checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from exc
+    model.eval()
+    names = tuple(dict.fromkeys((*suite, *cfg.eval.benchmarks)))
+    out: dict[str, Any] = {"model": cfg.model.name, "checkpoint": str(checkpoint)}
+    if cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards:
+        out.update(
+            evaluate_model(
+                model,
+                preset=cfg.model.name,
+                zeroshot_dir=cfg.eval.zeroshot_dir,
+                classnames_file=cfg.eval.classnames_file,
+                retrieval_shards=cfg.eval.retrieval_shards,
+                templates=cfg.eval.templates,
+                batch_size=cfg.eval.batch_size,
+                recall_at=cfg.eval.recall_at,
+                image_size=cfg.model.image_size,
+            )
+        )
+    if names:
+        out["benchmarks"] = evaluate_benchmarks_cfg(model, cfg, names)
+    return out

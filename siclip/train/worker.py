@@ -39,7 +39,10 @@ from siclip.train.loop import (
     unused_parameters,
 )
 
-__all__ = ["build_task", "run_location", "train_worker"]
+# re-exported: the metrics table moved to a Ray-free module; callers may still import it from here
+from siclip.train.metrics_table import METRICS_TABLE, last_grad_shares, read_metrics
+
+__all__ = ["METRICS_TABLE", "build_task", "last_grad_shares", "read_metrics", "run_location", "train_worker"]
 
 # Ray Train V2 tees print() to stdout and its logger (each line twice); a logger prints once.
 LOG = logging.getLogger("siclip.train")
@@ -126,28 +129,6 @@ def build_batches(
 
 def _unwrap(model: nn.Module) -> Any:
     return model.module if hasattr(model, "module") else model
-
-
-METRICS_TABLE = "metrics.jsonl"
-"""One JSON object per logged step in the run folder: ``{"step": N, "<metric>": value, ...}``."""
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics table (a folder or a URI), oldest first ([] when it has logged nothing)."""
-    try:
-        text = storage.read_text(storage.join(run_dir, METRICS_TABLE))
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines()]
-
-
-def last_grad_shares(run_dir: str | Path) -> tuple[int, dict[str, float]]:
-    """The step and ``grad_share/<term>`` values last logged (``train.grad_share_every``); (0, {}) if none."""
-    for row in reversed(read_metrics(run_dir)):
-        shares = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("grad_share/")}
-        if shares:
-            return int(row["step"]), shares
-    return 0, {}
 
 
 SYNC_EVERY_S = 60.0
@@ -316,7 +297,7 @@ def train_worker(config: dict[str, Any]) -> None:
         from siclip.eval.shard import Shard
         from siclip.eval.suite import evaluate_cfg
 
-        if not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
+        if not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards or cfg.eval.benchmarks):
             return {}
         # every rank evaluates its slice (a collective): 1/N of the work, nobody idles in a collective
         metrics = evaluate_cfg(_unwrap(model).student, cfg, device=device, shard=Shard(rank, world_size))

@@ -42,3 +42,8 @@ def test_quick_demo_runs_every_stage(
     step, shares = last_grad_shares(out / "demo-student")
     assert step == 30 and set(shares) == {"clip", "fd", "crd", "icl", "pm"}, shares
     assert abs(sum(shares.values()) - 1) < 1e-6 and "student gradient share per loss term (step 30)" in table
+    # the demo ends with its report: the path printed, the index page and its plots written
+    assert f"report (plots of both runs): {out / 'report' / 'index.md'}" in printed
+    index = (out / "report" / "index.md").read_text()
+    assert "overlay_losses.png" in index and (out / "report" / "overlay_losses.png").stat().st_size > 0
+    assert (out / "demo-student" / "report" / "grad_share.png").is_file()

@@ -16,6 +16,9 @@ PURE_MODULES = [
     "siclip.task",
     "siclip.train.loop",
     "siclip.train.checkpoint",
+    "siclip.train.metrics_table",
+    "siclip.report",
+    "siclip.eval.benchmarks",
 ]
 
 

@@ -1,0 +1,218 @@
+"""``siclip report RUN [RUN ...]``: PNG plots and a Markdown page per run, read from the run folders.
+
+Per run (``RUN/report/``): every loss term over steps (``loss/*``), the gradient shares (``grad_share/*``),
+the evaluations (``val/*``), and the learning rate and temperatures (``optim/lr``, ``temp/*``), from the
+run's ``metrics.jsonl``. For several runs, the same plots overlaid, one line per run (web vs synthetic
+captions, ablation rows...). Runs named like ``siclip ablate``'s (``ablate-<row>-s<seed>``) also get a bar
+chart of their final evaluation per row, mean over seeds with the population std as error bar. Plots use
+matplotlib's Agg backend: no display needed.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from siclip.train.metrics_table import read_metrics
+
+__all__ = ["GROUPS", "ablation_groups", "plot_ablation", "write_report"]
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "losses": ("loss/",),
+    "grad_share": ("grad_share/",),
+    "eval": ("val/",),
+    "lr_temperature": ("optim/lr", "temp/"),
+}
+"""Plot name -> metric-name prefixes it draws (one panel per group, one line per metric)."""
+TITLES = {
+    "losses": "loss terms",
+    "grad_share": "gradient share per loss term (of the student's gradient)",
+    "eval": "evaluation",
+    "lr_temperature": "learning rate and temperatures",
+}
+ABLATE_RUN = re.compile(r"^ablate-(?P<row>.+)-s(?P<seed>\d+)$")
+ABLATION_METRICS = ("val/zeroshot_top1", "val/i2t_r@1", "val/t2i_r@1")
+
+
+def _series(
+    rows: list[dict[str, Any]], prefixes: tuple[str, ...]
+) -> dict[str, tuple[list[int], list[float]]]:
+    """Metric -> (steps, values) for the metrics starting with one of ``prefixes``, in step order."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "step" and key.startswith(prefixes) and isinstance(value, int | float):
+                steps, values = out.setdefault(key, ([], []))
+                steps.append(int(row["step"]))
+                values.append(float(value))
+    return dict(sorted(out.items()))
+
+
+def _figure(title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_group(
+    runs: dict[str, list[dict[str, Any]]], group: str, path: Path, *, log_y: bool = False
+) -> Path | None:
+    """One figure of ``group``'s metrics; several runs share it (line label ``run: metric``)."""
+    fig, ax = _figure(TITLES[group])
+    drawn = 0
+    for run, rows in runs.items():
+        for key, (steps, values) in _series(rows, GROUPS[group]).items():
+            label = key if len(runs) == 1 else f"{run}: {key}"
+            ax.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3, label=label)
+            drawn += 1
+    if not drawn:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return None
+    if log_y and all(
+        v > 0 for rows in runs.values() for _, vs in _series(rows, GROUPS[group]).values() for v in vs
+    ):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def _final(rows: list[dict[str, Any]], key: str) -> float | None:
+    for row in reversed(rows):
+        if isinstance(row.get(key), int | float):
+            return float(row[key])
+    return None
+
+
+def ablation_groups(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, float]]]:
+    """Row -> one dict per seed of the final ``ABLATION_METRICS``, for runs named ``ablate-<row>-s<seed>``."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for name, rows in sorted(runs.items()):
+        m = ABLATE_RUN.match(name)
+        if not m:
+            continue
+        finals = {k: v for k in ABLATION_METRICS if (v := _final(rows, k)) is not None}
+        if finals:
+            groups.setdefault(m["row"], []).append(finals)
+    return groups
+
+
+def plot_ablation(groups: dict[str, list[dict[str, float]]], path: Path) -> Path:
+    """Grouped bars: per row and metric, the mean over seeds (in %) with the population std as error bar."""
+    fig, ax = _figure(
+        f"ablation: final evaluation, mean ± std over seeds ({max(map(len, groups.values()))} max)"
+    )
+    ax.set_xlabel("")
+    rows = list(groups)
+    metrics = [m for m in ABLATION_METRICS if any(m in s for seeds in groups.values() for s in seeds)]
+    width = 0.8 / max(len(metrics), 1)
+    for j, metric in enumerate(metrics):
+        means, stds = [], []
+        for row in rows:
+            vals = [100 * s[metric] for s in groups[row] if metric in s]
+            means.append(statistics.fmean(vals) if vals else 0.0)
+            stds.append(statistics.pstdev(vals) if len(vals) > 1 else 0.0)
+        xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=metric.removeprefix("val/"))
+    ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _run_page(name: str, run_dir: Path, rows: list[dict[str, Any]], plots: list[Path]) -> str:
+    last = rows[-1] if rows else {}
+    lines = [
+        f"# Run `{name}`",
+        "",
+        f"Folder: `{run_dir}`; {len(rows)} logged rows, last step {last.get('step', 0)}.",
+    ]
+    finals = {
+        k: v
+        for k in sorted({k for r in rows for k in r if k.startswith("val/")})
+        if (v := _final(rows, k)) is not None
+    }
+    if finals:
+        lines += ["", "| final evaluation | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in finals.items()]
+    paper = run_dir / "final" / "paper_table.md"
+    if paper.is_file():
+        lines += ["", f"Paper table: [{paper.name}]({Path('..') / 'final' / paper.name})"]
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    if not plots:
+        lines.append("Nothing to plot: the run has no metrics.jsonl rows yet.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = None) -> Path:
+    """Plots and a page per run (``RUN/report/report.md``); with several runs also the overlays (and the
+    ablation chart) with an index page in ``out`` (default: ``report/`` beside the first run). Returns the
+    page to open: the run's page for one run, the index otherwise."""
+    dirs = [Path(d) for d in run_dirs]
+    missing = [d for d in dirs if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"siclip report: no such run folder {str(missing[0])!r}")
+    runs = {d.name: read_metrics(d) for d in dirs}
+    pages: list[Path] = []
+    for d in dirs:
+        folder = d / "report"
+        plots = [
+            p
+            for group in GROUPS
+            if (
+                p := _plot_group(
+                    {d.name: runs[d.name]}, group, folder / f"{group}.png", log_y=group == "losses"
+                )
+            )
+        ]
+        page = folder / "report.md"
+        page.write_text(_run_page(d.name, d, runs[d.name], plots))
+        pages.append(page)
+    if len(dirs) == 1 and out is None:
+        return pages[0]
+    folder = Path(out) if out is not None else dirs[0].parent / "report"
+    plots = [
+        p
+        for group in GROUPS
+        if (p := _plot_group(runs, group, folder / f"overlay_{group}.png", log_y=group == "losses"))
+    ]
+    groups = ablation_groups(runs)
+    if groups:
+        plots.append(plot_ablation(groups, folder / "ablation.png"))
+    lines = ["# siclip report", "", "| run | page |", "|---|---|"]
+    lines += [
+        f"| {d.name} | [{d.name}/report/report.md]({_rel(p, folder)}) |"
+        for d, p in zip(dirs, pages, strict=True)
+    ]
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    index = folder / "index.md"
+    folder.mkdir(parents=True, exist_ok=True)
+    index.write_text("\n".join(lines) + "\n")
+    return index
+
+
+def _rel(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(path.resolve(), start.resolve())
