@@ -106,7 +106,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from siclip.ablate import ROWS, run_ablation
+    from siclip.ablate import ROWS, ablation_table_path, run_ablation
 
     result, table = run_ablation(
         out_dir=args.out,
@@ -117,7 +117,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         config=args.config,
         rows=tuple(args.row or ROWS),
         tag=args.tag,
-        out=f"benchmarks/ablation-{args.tag}.md" if args.tag else "benchmarks/ablation.md",
+        out=ablation_table_path(args.config, args.tag),
     )
     if args.json:
         _print_json(result)
@@ -197,9 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="overrides for every training stage (model.*, loss.*, teacher.*: the student only)",
     )
     p = add(
-        "ablate", cmd_ablate, "the paper's ablation rows on the demo world (table to benchmarks/ablation.md)"
+        "ablate",
+        cmd_ablate,
+        "the paper's ablation rows on the demo world or a config's data (table to benchmarks/ablation*.md)",
     )
-    p.add_argument("--config", default="configs/demo.yaml", help="the student config every row starts from")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the student config every row starts from, on its own data, teacher and held-out sets "
+        "(table benchmarks/ablation-<file stem>.md); default: the demo world, generated first",
+    )
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--steps", type=int, default=0, help="student steps per row (0: the config's)")
     p.add_argument("--row", action="append", help="run only this row (repeatable), e.g. --row WIKD+PM")
@@ -208,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="name a variant: run folders ablate-<row>-<tag>-s<seed>, table benchmarks/ablation-<tag>.md",
     )
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="runs/demo", help="the demo world's folder (without --config)")
+    p.add_argument("--quick", action="store_true", help="the small demo world (without --config)")
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "overrides",
