@@ -145,7 +145,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "infer":
         from siclip.bench.infer import bench_infer, format_table, write_table
 
-        result = bench_infer()
+        result = bench_infer(pairs=args.pairs)
         table = format_table(result)
         write_table(table)
     elif args.what == "data":
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p = add("bench", _bench, "benchmarks: infer, data, train, memory (tables go to benchmarks/)")
     p.add_argument("what", choices=["infer", "data", "train", "memory"])
+    p.add_argument("--pairs", type=int, default=7, help="infer: timed pairs of passes per batch size")
     p.add_argument("--json", action="store_true")
     return parser
 
