@@ -162,7 +162,7 @@ def prepare_demo(
     print(
         f"web {len(world.web_shards)} shards, clean {len(world.clean_shards)}, zero-shot {world.zeroshot_dir}"
     )
-    syn_dir = demo_config("demo", root=root).caption.output_dir
+    syn_dir = demo_config("demo", root=root, overrides=overrides).caption.output_dir
     shards = student_shards(world, syn_dir, sizes["student_web_shards"])
     print(
         f"teacher data: clean {len(world.clean_shards)} shards + web {len(world.web_shards)} shards; "
