@@ -12,6 +12,7 @@ bootstrap 95 % interval of that median. The paper's comparison is SiCLIP 39.5 vs
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -148,6 +149,7 @@ def bench_infer(
             "times": times,
             "gflops": gflops,
             "wall_s": time.perf_counter() - started,
+            "load_average": os.getloadavg()[0],
         }
     finally:
         torch.set_num_threads(previous_threads)
@@ -172,7 +174,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['threads']} threads, {result['pairs']} back-to-back pairs of forward passes per batch size "
         f"after a warm-up (order alternating), images/s = median over the pairs, "
         f"{'channels_last' if result['channels_last'] else 'NCHW'}, torch {result['torch']}, "
-        f"cpu {result['cpu']}, random weights; took {result['wall_s']:.0f} s."
+        f"cpu {result['cpu']}, random weights; took {result['wall_s']:.0f} s"
+        + (f", load average {result['load_average']:.1f} at the end." if "load_average" in result else ".")
     )
     flops = ""
     if result.get("gflops"):
