@@ -110,7 +110,7 @@ def run_ablation(
         prep = prepare_demo(out_dir=out_dir, quick=quick, overrides=overrides)
         base, captions, data = prep.student_cfg, prep.caption_quality, "the demo world"
     else:
-        # Paths are checked per row (a row may not need, e.g., the teacher), before that row trains.
+        # Paths are checked per row (``_checked``), as for the demo's rows, before that row trains.
         base, data = load_config(config, overrides, check_files=False), f"`{config}`"
     steps = steps or base.train.max_steps
     per_row: dict[str, list[dict[str, float]]] = {row: [] for row in rows}
