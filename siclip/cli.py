@@ -134,7 +134,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from siclip.ablate import ROWS, run_ablation
+    from siclip.ablate import ROWS, ablation_table_path, run_ablation
 
     result, table = run_ablation(
         out_dir=args.out,
@@ -145,7 +145,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         config=args.config,
         rows=tuple(args.row or ROWS),
         tag=args.tag,
-        out=f"benchmarks/ablation-{args.tag}.md" if args.tag else "benchmarks/ablation.md",
+        out=ablation_table_path(args.config, args.tag),
     )
     if args.json:
         _print_json(result)
@@ -184,7 +184,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "infer":
         from siclip.bench.infer import bench_infer, format_table, write_table
 
-        result = bench_infer()
+        result = bench_infer(pairs=args.pairs)
         table = format_table(result)
         write_table(table)
     elif args.what == "data":
@@ -248,9 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="overrides for every training stage (model.*, loss.*, teacher.*: the student only)",
     )
     p = add(
-        "ablate", cmd_ablate, "the paper's ablation rows on the demo world (table to benchmarks/ablation.md)"
+        "ablate",
+        cmd_ablate,
+        "the paper's ablation rows on the demo world or a config's data (table to benchmarks/ablation*.md)",
     )
-    p.add_argument("--config", default="configs/demo.yaml", help="the student config every row starts from")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the student config every row starts from, on its own data, teacher and held-out sets "
+        "(table benchmarks/ablation-<file stem>.md); default: the demo world, generated first",
+    )
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--steps", type=int, default=0, help="student steps per row (0: the config's)")
     p.add_argument("--row", action="append", help="run only this row (repeatable), e.g. --row WIKD+PM")
@@ -259,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="name a variant: run folders ablate-<row>-<tag>-s<seed>, table benchmarks/ablation-<tag>.md",
     )
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="runs/demo", help="the demo world's folder (without --config)")
+    p.add_argument("--quick", action="store_true", help="the small demo world (without --config)")
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "overrides",
@@ -286,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p = add("bench", _bench, "benchmarks: infer, data, caption, train, memory (tables go to benchmarks/)")
     p.add_argument("what", choices=["infer", "data", "caption", "train", "memory"])
+    p.add_argument("--pairs", type=int, default=7, help="infer: timed pairs of passes per batch size")
     p.add_argument("--json", action="store_true")
     return parser
 

@@ -5,6 +5,11 @@ captions and caption the noisy web set with Ray Data (CC12M -> CC12M-SYN); train
 with Ray Train; evaluate it with ``siclip eval``; train the SiCLIP student (SAS-P blocks, inherited and
 frozen backbone, WIKD + PM, synthetic captions); evaluate it; print teacher vs student. Every stage is
 resumable: a rerun skips finished data and finished runs.
+
+The data regime mirrors the paper's: the teacher (MobileCLIP-S0's role, trained on DataCompDR-1B) sees more
+and cleaner data for longer (the clean split's complete captions plus the whole web set with its
+synthetic captions), the student sees only a small subset of the web set with its synthetic captions
+(CC12M-SYN's role): ``DEMO_SIZES[...]["student_web_shards"]`` of the web shards.
 """
 
 from __future__ import annotations
@@ -27,16 +32,32 @@ DEFAULT_ROOT = "runs/demo"
 
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "full": {
-        "world": {"n_web": 6000, "n_clean": 1000, "n_retrieval": 500, "n_zeroshot_per_class": 10},
+        "world": {
+            "n_web": 6000,
+            "n_clean": 1000,
+            "n_retrieval": 500,
+            "n_zeroshot_per_class": 10,
+            "samples_per_shard": 1000,
+        },
         "captioner_steps": 800,
-        "teacher_steps": 300,
+        # teacher: clean 1,000 + web 6,000 = 7,000 images, 500 x 128 samples (about 9 passes)
+        "teacher_steps": 500,
+        # student: the first 2 web shards = 2,000 images (the teacher's data is 3.5 times larger)
+        "student_web_shards": 2,
         "student_steps": 200,
         "student_grad_share_every": 40,
     },
     "quick": {
-        "world": {"n_web": 1200, "n_clean": 300, "n_retrieval": 150, "n_zeroshot_per_class": 4},
+        "world": {
+            "n_web": 1200,
+            "n_clean": 300,
+            "n_retrieval": 150,
+            "n_zeroshot_per_class": 4,
+            "samples_per_shard": 300,
+        },
         "captioner_steps": 60,
         "teacher_steps": 60,
+        "student_web_shards": 1,
         "student_steps": 30,
         "student_grad_share_every": 10,
     },
@@ -107,12 +128,21 @@ class DemoPrep:
     caption_quality: dict[str, Any]
 
 
+def student_shards(world: Any, syn_dir: str, n_shards: int) -> list[str]:
+    """The student's data: the CC12M-SYN shards (in ``syn_dir``) of the first ``n_shards`` web shards."""
+    if not 1 <= n_shards < len(world.web_shards):
+        raise ConfigError(
+            f"student_web_shards: got {n_shards}; allowed: 1 to {len(world.web_shards) - 1} "
+            f"(fewer than the world's {len(world.web_shards)} web shards: the teacher must see more)"
+        )
+    return [str(Path(syn_dir) / Path(p).name) for p in world.web_shards[:n_shards]]
+
+
 def prepare_demo(
     *,
     out_dir: str = DEFAULT_ROOT,
     quick: bool = False,
     overrides: list[str] | tuple[str, ...] = (),
-    student_config: str = "demo",
 ) -> DemoPrep:
     """Stages 1-3 (world, CC12M-SYN captions, teacher); each skipped when already done."""
     from siclip.data.caption_quality import compare_captions
@@ -128,10 +158,17 @@ def prepare_demo(
     print(
         f"web {len(world.web_shards)} shards, clean {len(world.clean_shards)}, zero-shot {world.zeroshot_dir}"
     )
+    syn_dir = demo_config("demo", root=root, overrides=overrides).caption.output_dir
+    shards = student_shards(world, syn_dir, sizes["student_web_shards"])
+    print(
+        f"teacher data: clean {len(world.clean_shards)} shards + web {len(world.web_shards)} shards; "
+        f"student data: web {len(shards)} shards (with synthetic captions)"
+    )
     student_cfg = demo_config(
         "demo",
         root=root,
         overrides=[
+            f"data.train_shards=[{','.join(shards)}]",
             f"train.max_steps={sizes['student_steps']}",
             f"train.grad_share_every={sizes['student_grad_share_every']}",
             *overrides,
@@ -158,7 +195,7 @@ def prepare_demo(
     quality = compare_captions(world.web_shards, syn_shards)
     print("caption attribute accuracy (web vs synthetic):", json.dumps(quality), flush=True)
 
-    _stage("3/6 teacher: tiny CLIP from scratch, CLIP loss (Ray Train)")
+    _stage("3/6 teacher: tiny CLIP from scratch on clean + all web data, CLIP loss (Ray Train)")
     teacher_run = launch(_checked(teacher_cfg))
     return DemoPrep(world, teacher_cfg, student_cfg, Path(teacher_run.run_dir), quality)
 
@@ -180,7 +217,10 @@ def run_demo(
         prep.teacher_dir / "config.yaml", prep.teacher_dir / "final" / "model.safetensors"
     )
 
-    _stage("5/6 student: SiCLIP (SAS-P, inherited + frozen), WIKD + PM, synthetic captions (Ray Train)")
+    _stage(
+        "5/6 student: SiCLIP (SAS-P, inherited + frozen), WIKD + PM, a small web subset with synthetic "
+        "captions (Ray Train)"
+    )
     student_run = launch(_checked(prep.student_cfg))
 
     _stage("6/6 evaluate the student")

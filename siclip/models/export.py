@@ -1,8 +1,9 @@
 """Inference form and open_clip export of siclip models.
 
 - :func:`reparameterize`: fuse RepMixer / MobileOne / conditional-position branches for inference
-  (``timm.utils.reparameterize_model``; MCt's RepMixer fuses through the same walk). Train and checkpoint
-  in the unfused form; fuse only the copy you run.
+  (``timm.utils.reparameterize_model``; MCt's RepMixer fuses through the same walk) and compute SAS-P
+  shaped attention without its ``N x N`` identity and centring matrices. Train and checkpoint in the
+  unfused form; fuse only the copy you run.
 - :func:`export_open_clip`: write ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``) and
   ``open_clip_model.safetensors`` so that, after :func:`siclip.models.hooks.register`,
   ``open_clip.create_model_and_transforms("local-dir:" + out_dir)`` rebuilds the model with the same
@@ -27,10 +28,17 @@ CONFIG_FILE = "open_clip_config.json"
 
 
 def reparameterize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """The fused inference form in eval mode (a copy unless ``inplace``); shared tensors stay shared."""
+    """The fused inference form in eval mode (a copy unless ``inplace``); shared tensors stay shared.
+
+    SAS-P shaped attention switches to :class:`~siclip.models.sasp.InferenceShapedAttention`, which never
+    builds the ``alpha*I`` and ``gamma*C`` matrices (same parameters, same outputs).
+    """
     from timm.utils import reparameterize_model
 
+    from siclip.models.sasp import to_inference
+
     fused = reparameterize_model(model, inplace=inplace)
+    to_inference(fused)
     return fused.eval()
 
 

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["SASPBlock", "ShapedAttention", "is_sasp"]
+__all__ = ["InferenceShapedAttention", "SASPBlock", "ShapedAttention", "is_sasp", "to_inference"]
 
 
 class ShapedAttention(nn.Module):
@@ -107,6 +107,41 @@ class ShapedAttention(nn.Module):
         # alpha*I @ v is alpha*v; the rest is one (B, H, N, N) @ (B, H, N, d) product.
         out = alpha * v + shaped @ v
         return out.transpose(1, 2).reshape(b, n, c)
+
+
+class InferenceShapedAttention(ShapedAttention):
+    """:class:`ShapedAttention` with the same parameters and outputs, computed without ``N x N`` shape terms.
+
+    Without a mask ``alpha*I @ v = alpha*v`` and ``C @ v`` is the token mean of ``v``, so per head
+    ``out = alpha*v + beta*softmax(QK^T/sqrt(d)) @ v - gamma*mean_tokens(v)``: only the softmax product is
+    left, and it runs as one fused ``scaled_dot_product_attention``. With a mask (text towers) the training
+    form is used. :func:`to_inference` switches a model's shaped attention to this class in place, keeping
+    parameter names and sharing (it is the same object with another ``forward``).
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_mask is not None:
+            return super().forward(x, attn_mask)
+        b, n, c = x.shape
+        q, k = self.qk(x).view(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        v = self.value(x) if self.value is not None else x
+        v = v.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        shape = (1, -1, 1, 1)
+        alpha, beta, gamma = (p.view(shape).to(x.dtype) for p in (self.alpha, self.beta, self.gamma))
+        out = alpha * v + beta * attended - gamma * v.mean(dim=2, keepdim=True)
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+def to_inference(model: nn.Module) -> int:
+    """Switch every :class:`ShapedAttention` in ``model`` to :class:`InferenceShapedAttention` in place;
+    returns how many modules were switched (a shared module counts once)."""
+    switched = 0
+    for m in model.modules():
+        if type(m) is ShapedAttention:
+            m.__class__ = InferenceShapedAttention
+            switched += 1
+    return switched
 
 
 def _as_additive(mask: torch.Tensor, *, b: int, n: int, dtype: torch.dtype) -> torch.Tensor:

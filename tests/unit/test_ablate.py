@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import csv
 import statistics
 from pathlib import Path
 
 import pytest
 
-from siclip.ablate import ROWS, _row_cfg, format_table, run_ablation, summarize
+from siclip.ablate import (
+    ROWS,
+    _row_cfg,
+    ablation_table_path,
+    curves_dir,
+    format_table,
+    run_ablation,
+    save_curve,
+    summarize,
+)
 from siclip.config import ConfigError, SiclipCfg
 
 
@@ -23,8 +33,12 @@ def test_rows_switch_the_paper_components() -> None:
     assert wikd.loss.fd_weight == base.loss.fd_weight and wikd.loss.pm_weight == 0
     full = _row_cfg(base, "WIKD+PM", 0, 80)
     assert full.loss == base.loss
-    real = _row_cfg(base, "WIKD+PM, real captions only", 0, 80)
-    assert real.data.synthetic == "off" and real.train.run_name == "ablate-wikd-pm-real-captions-only-s0"
+    real = _row_cfg(base, "WIKD+PM, web captions only", 0, 80)
+    assert real.data.synthetic == "off" and real.train.run_name == "ablate-wikd-pm-web-captions-only-s0"
+    assert real.loss == base.loss and real.model == base.model
+    web = _row_cfg(base, "baseline, web captions only", 0, 80)
+    assert web.data.synthetic == "off" and base.data.synthetic == baseline.data.synthetic == "sum"
+    assert web.model == baseline.model and web.loss == baseline.loss and web.teacher == baseline.teacher
     assert len({_row_cfg(base, r, 0, 80).train.run_name for r in ROWS}) == len(ROWS)
     assert _row_cfg(base, "WIKD+PM", 1, 80, tag="pm20").train.run_name == "ablate-wikd-pm-pm20-s1"
 
@@ -33,7 +47,8 @@ def test_rows_switch_the_paper_components() -> None:
     ("kwargs", "message"),
     [
         ({"rows": ("WIKD",), "tag": "a b"}, r"^ablate --tag: got 'a b'"),
-        ({"rows": ("WIKD", "KD-only")}, r"^ablate --row: got 'KD-only'; allowed: 'baseline', 'WI'"),
+        ({"rows": ("WIKD", "KD-only")}, r"^ablate --row: got 'KD-only'; allowed: 'baseline', 'baseline, web"),
+        ({"config": "configs/demo.yaml", "quick": True}, r"^ablate --quick: only for the demo world; got it"),
     ],
 )
 def test_bad_rows_and_tags_fail_before_any_work(kwargs: dict, message: str, tmp_path: Path) -> None:
@@ -75,3 +90,30 @@ def test_summary_means_spreads_and_shares() -> None:
     assert lines[2].startswith("Produced by `siclip ablate`; overrides: `loss.pm_weight=20`.")
     assert "| WI | 55.0 ± 5.0 | 15.0 ± 5.0 | 35.0 ± 5.0 | clip 100 |" in lines
     assert "| WIKD+PM | 70.0 ± 0.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | fd 80, pm 20 |" in lines
+
+
+def test_table_and_curve_paths_never_overwrite_the_demo_table() -> None:
+    assert ablation_table_path(None) == "benchmarks/ablation.md"
+    assert ablation_table_path(None, "pm20") == "benchmarks/ablation-pm20.md"
+    assert ablation_table_path("my/cc12m_subset.yaml") == "benchmarks/ablation-cc12m_subset.md"
+    assert ablation_table_path("my/cc12m_subset.yaml", "t") == "benchmarks/ablation-cc12m_subset-t.md"
+    assert curves_dir("benchmarks/ablation.md") == Path("benchmarks/ablation-curves")
+    assert curves_dir(None) is None
+
+
+def test_curve_csv_merges_rows_of_one_step_and_keeps_only_losses_and_metrics(tmp_path: Path) -> None:
+    rows = [
+        {"step": 20, "loss/total": 3.0, "loss/clip": 2.5, "optim/lr": 1e-3, "perf/samples_per_s": 9.0},
+        {"step": 40, "loss/total": 2.0, "loss/clip": 1.5},
+        {"step": 40, "val/zeroshot_top1": 0.25},
+        {"step": 41, "grad_share/clip": 1.0},
+        {"step": 60, "loss/total": 1.0, "loss/clip": 0.5},
+    ]
+    path = tmp_path / "curves" / "baseline-s0.csv"
+    save_curve(rows, path)
+    with open(path) as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["step", "loss/clip", "loss/total", "val/zeroshot_top1"]
+    assert [r["step"] for r in table] == ["20", "40", "60"]
+    assert table[1] == {"step": "40", "loss/clip": "1.5", "loss/total": "2.0", "val/zeroshot_top1": "0.25"}
+    assert table[0]["val/zeroshot_top1"] == "" and float(table[2]["loss/total"]) == 1.0

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from torch import nn
 from siclip.config import SaspCfg
 from siclip.models.export import export_open_clip, is_reparameterized, load_exported, reparameterize
 from siclip.models.presets import build_preset, build_tokenizer
-from siclip.models.sasp import SASPBlock
+from siclip.models.sasp import InferenceShapedAttention, SASPBlock, ShapedAttention, to_inference
 
 torch.set_num_threads(1)
 
@@ -99,14 +100,98 @@ def test_bench_infer_tiny(tmp_path: Path) -> None:
     from siclip.bench.infer import bench_infer, format_table, write_table
 
     result = bench_infer(
-        ("tiny-student", "tiny-teacher"), image_size=64, batch_sizes=(1, 2), repeats=2, threads=1
+        ("tiny-student", "tiny-teacher"), image_size=64, batch_sizes=(1, 2), pairs=3, threads=1
     )
     assert {(r["model"], r["batch"]) for r in result["rows"]} == {
         (m, b) for m in ("tiny-student", "tiny-teacher") for b in (1, 2)
     }
     assert all(r["img_per_s"] > 0 for r in result["rows"]) and set(result["ratio"]) == {1, 2}
+    for batch, r in result["ratio"].items():
+        ratios = sorted(t1 / t0 for t0, t1 in result["times"][batch])
+        assert len(ratios) == r["pairs"] == 3 and r["median"] == pytest.approx(ratios[1])
+        assert ratios[0] <= r["low"] <= r["median"] <= r["high"] <= ratios[-1]
     table = format_table(result)
-    assert table.startswith("| batch | tiny-student img/s") and table.count("\n| ") == 3
-    assert "| 2 | " in table
+    assert table.startswith("| batch | tiny-student img/s | tiny-teacher img/s | tiny-student / tiny-teacher")
+    assert table.count("\n| ") == 3 and "| 2 | " in table and "3 back-to-back pairs" in table
     path = write_table(table, tmp_path / "inference.md", note="a note about the machine")
     assert "a note about the machine" in path.read_text() and table in path.read_text()
+
+
+def test_pairs_alternate_which_model_runs_first() -> None:
+    from siclip.bench.infer import _time_pairs
+
+    calls: list[str] = []
+
+    class Named(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(self.name)
+            return x
+
+    times = _time_pairs((Named("a"), Named("b")), batch=1, image_size=4, pairs=4, channels_last=False)
+    assert len(times) == 4 and all(t0 > 0 and t1 > 0 for t0, t1 in times)
+    assert "".join(calls) == "ab" + "ab" + "ba" + "ab" + "ba"  # warm-up, then the order alternates
+
+
+def test_bootstrap_interval_of_the_median_covers_the_true_median() -> None:
+    from siclip.bench.infer import bootstrap_median_interval, paired_ratios
+
+    assert paired_ratios([(1.0, 2.0), (0.5, 0.25)]) == [2.0, 0.5]
+    assert bootstrap_median_interval([1.1] * 5) == (1.1, 1.1)
+    rng = np.random.default_rng(0)
+    # Lognormal ratios around a true median of 1.03 (log-normal: median = exp(mu)); 95 % intervals from
+    # 15 pairs should cover it in about 95 % of 300 independent benchmarks.
+    covered = 0
+    for seed in range(300):
+        values = list(np.exp(rng.normal(np.log(1.03), 0.05, size=15)))
+        low, high = bootstrap_median_interval(values, resamples=2000, seed=seed)
+        assert low <= float(np.median(values)) <= high
+        covered += low <= 1.03 <= high
+    assert 0.88 <= covered / 300 <= 0.995
+    wide = bootstrap_median_interval(list(np.exp(rng.normal(0, 0.2, size=15))), resamples=2000)
+    narrow = bootstrap_median_interval(list(np.exp(rng.normal(0, 0.02, size=15))), resamples=2000)
+    assert wide[1] - wide[0] > 3 * (narrow[1] - narrow[0])
+
+
+@pytest.mark.parametrize(
+    ("value", "head_dim", "bias"),
+    [(False, None, False), (False, None, True), (True, 4, True)],
+)
+def test_inference_attention_equals_the_training_form_without_shape_matrices(
+    value: bool, head_dim: int | None, bias: bool
+) -> None:
+    """alpha*v + beta*softmax(QK^T/sqrt(d))*v - gamma*mean(v) against A @ v with A built explicitly."""
+    torch.manual_seed(0)
+    attn = ShapedAttention(16, num_heads=2, value=value, head_dim=head_dim, qk_bias=bias)
+    with torch.no_grad():
+        for p in (attn.alpha, attn.beta, attn.gamma):
+            p.uniform_(0.5, 1.5)
+        attn.qk.weight.normal_(0, 0.5)
+        if attn.value is not None:
+            attn.value.weight.add_(0.2 * torch.randn(16, 16))
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        trained = attn(x)
+        v = (attn.value(x) if attn.value is not None else x).view(3, 7, 2, 8).transpose(1, 2)
+        explicit = (attn.attention_matrix(x) @ v).transpose(1, 2).reshape(3, 7, 16)
+        assert to_inference(attn) == 1 and type(attn) is InferenceShapedAttention
+        fast = attn(x)
+        mask = torch.triu(torch.ones(7, 7, dtype=torch.bool), 1)  # masked: the training form, same result
+        torch.testing.assert_close(attn(x, mask), ShapedAttention.forward(attn, x, mask))
+    torch.testing.assert_close(trained, explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_reparameterize_switches_every_shaped_attention_and_keeps_names_and_sharing() -> None:
+    model = _trained_looking("tiny-student", sasp=SaspCfg(share="qk"))
+    fused = reparameterize(model)
+    attns = [m for m in fused.modules() if isinstance(m, ShapedAttention)]
+    assert attns and all(type(m) is InferenceShapedAttention for m in attns)
+    assert not any(type(m) is InferenceShapedAttention for m in model.modules())  # the original is untouched
+    names = {n: sorted(m.state_dict()) for n, m in fused.named_modules() if isinstance(m, ShapedAttention)}
+    before = {n: sorted(m.state_dict()) for n, m in model.named_modules() if isinstance(m, ShapedAttention)}
+    assert names == before and len(names) == 2
+    assert attns[0].qk is attns[1].qk
