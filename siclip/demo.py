@@ -64,7 +64,7 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-STUDENT_ONLY = ("model.", "loss.", "teacher.")
+STUDENT_ONLY = ("model.", "loss.", "teacher.", "profile=")
 """Override prefixes that describe the student's experiment; the teacher stage keeps its own settings."""
 
 
