@@ -105,6 +105,8 @@ _OUTPUT_KEYS = (
     "method",
     "top_p",
     "max_length",
+    "decoder",
+    "sync_every",
     "image_size",
     "min_image_size",
     "max_aspect_ratio",
@@ -424,6 +426,8 @@ class CaptionerActor:
             max_length=c.max_length,
             batch_size=c.batch_size,
             seed=c.seed,
+            decoder=c.decoder,
+            sync_every=c.sync_every,
         )
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:

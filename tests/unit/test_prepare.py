@@ -184,3 +184,27 @@ def test_data_build_exits_1_naming_unfinished_shards(tmp_path: Path, monkeypatch
     monkeypatch.setattr(pipeline, "run_pipeline", unfinished)
     assert cli.main(["data", "build", "--config", str(config)]) == 1
     assert "in-000000.tar" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("decoder", ["cached", "open_clip"])
+def test_captioner_actor_uses_the_configured_decoder(decoder: str) -> None:
+    from siclip.config import SiclipCfg, apply_overrides, from_dict, to_dict
+    from siclip.data.pipeline import CaptionerActor
+
+    cfg = from_dict(
+        apply_overrides(
+            to_dict(SiclipCfg()),
+            [
+                "caption.model=siclip-tiny-coca",
+                "caption.source=",
+                f"caption.decoder={decoder}",
+                "caption.sync_every=3",
+            ],
+        )
+    )
+    actor = CaptionerActor(to_dict(cfg))
+    dec = actor.captioner.decoder
+    if decoder == "open_clip":
+        assert dec is None
+    else:
+        assert type(dec).__name__ == "CachedCoCaDecoder" and dec.sync_every == 3
