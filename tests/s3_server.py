@@ -13,16 +13,24 @@ Reusable by any test module::
 The fixture sets ``AWS_ENDPOINT_URL`` and dummy credentials in this process's environment, so siclip's own
 fsspec/s3fs code (``s3://...`` paths) talks to the server unchanged; Ray tasks get the same variables
 through :attr:`S3Server.env` (pass it as ``ray.env_vars``). Objects are wiped when the fixture ends.
+
+For whole processes (a Ray cluster's nodes, a subprocess) and module-wide use, :func:`local_s3` runs a server
+with one bucket and yields the environment that reaches it; ``s3_env`` is its module-scoped fixture.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
-__all__ = ["S3Server", "s3_server"]
+__all__ = ["BUCKET", "S3Server", "local_s3", "s3_env", "s3_server"]
+
+BUCKET = "siclip-test"
 
 
 class S3Server:
@@ -58,6 +66,7 @@ class S3Server:
         """Start (or restart on the same port, with the same objects)."""
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         if self._server is not None:
             return
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
@@ -113,3 +122,35 @@ def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
         server.stop()
         server.reset()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+@contextmanager
+def local_s3(bucket: str = BUCKET) -> Iterator[dict[str, str]]:
+    """A running server with ``bucket`` created; yields the ``AWS_*`` variables that reach it, for this
+    process and any process started with them (boto3, s3fs and pyarrow.fs, hence Ray Train's storage)."""
+    server = S3Server()
+    server.start()
+    env = {k: v for k, v in server.env.items() if k != "AWS_MAX_ATTEMPTS"}  # storage writes may retry
+    env |= {"AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # no instance-profile wait
+    try:
+        server.make_bucket(bucket)
+        yield env
+    finally:
+        server.stop()
+        server.reset()
+
+
+@pytest.fixture(scope="module")
+def s3_env() -> Iterator[dict[str, str]]:
+    """:func:`local_s3`'s variables, also set in this process for the module's tests (restored afterwards)."""
+    with local_s3() as env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

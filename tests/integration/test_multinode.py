@@ -17,7 +17,7 @@ import pytest
 
 from siclip import storage
 from tests.helpers import subprocess_env, tiny_world, write_config
-from tests.integration.s3 import BUCKET, local_s3
+from tests.s3_server import BUCKET, local_s3
 
 pytestmark = [pytest.mark.slow]
 
