@@ -105,7 +105,19 @@ def evaluate_cfg(
         from siclip.eval.benchmarks import flatten
 
         metrics = flatten(evaluate_benchmarks_cfg(model, cfg, cfg.eval.benchmarks, device=device))
-    return metrics | evaluate_model(
+    return metrics | _evaluate_configured(model, cfg, device=device, recall_at=recall_at, shard=shard)
+
+
+def _evaluate_configured(
+    model: nn.Module,
+    cfg: SiclipCfg,
+    *,
+    device: torch.device | str = "cpu",
+    recall_at: tuple[int, ...] = (),
+    shard: Shard | None = None,
+) -> dict[str, float]:
+    """:func:`evaluate_model` on the config's own zero-shot folder and retrieval shards."""
+    return evaluate_model(
         model,
         preset=cfg.model.name,
         zeroshot_dir=cfg.eval.zeroshot_dir,
@@ -138,19 +150,7 @@ def evaluate_checkpoint(
     names = tuple(dict.fromkeys((*suite, *cfg.eval.benchmarks)))
     out: dict[str, Any] = {"model": cfg.model.name, "checkpoint": str(checkpoint)}
     if cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards:
-        out.update(
-            evaluate_model(
-                model,
-                preset=cfg.model.name,
-                zeroshot_dir=cfg.eval.zeroshot_dir,
-                classnames_file=cfg.eval.classnames_file,
-                retrieval_shards=cfg.eval.retrieval_shards,
-                templates=cfg.eval.templates,
-                batch_size=cfg.eval.batch_size,
-                recall_at=cfg.eval.recall_at,
-                image_size=cfg.model.image_size,
-            )
-        )
+        out.update(_evaluate_configured(model, cfg))
     if names:
         out["benchmarks"] = evaluate_benchmarks_cfg(model, cfg, names)
     return out

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from siclip.config import PROFILES, LossCfg, SaspCfg, from_dict, load_config
@@ -33,22 +32,6 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
-
-
-@pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Tensor]]:
-    """A 'pretrained' tiny teacher with non-trivial BatchNorm statistics."""
-    torch.manual_seed(0)
-    model = build_preset("tiny-teacher")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                assert m.running_mean is not None and m.running_var is not None
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("src") / "teacher.safetensors"
-    save_model(model, str(path))
-    return path, {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def _student(profile: str, source: Path, **model: Any) -> nn.Module:
