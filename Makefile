@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast lint format bench mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ bench: $(STAMP)
 	$(BIN)/siclip bench memory
 	$(BIN)/siclip bench train
 	$(BIN)/siclip bench data
+
+# Mutation testing (not part of `make test`: hours on 2 cores). Config in pyproject.toml [tool.mutmut];
+# mutants/ caches results, so a rerun checks only what changed. MUTANTS narrows it, e.g.
+# `make mutate MUTANTS='siclip.losses.*'`. The score table goes to benchmarks/mutation.md.
+mutate: $(STAMP)
+	nice -n 10 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	$(BIN)/python benchmarks/mutation_report.py --out benchmarks/mutation.md
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
