@@ -35,7 +35,10 @@ def table(results: dict[str, str]) -> tuple[str, list[str]]:
     per: dict[str, Counter[str]] = defaultdict(Counter)
     for name, status in results.items():
         per[module_of(name)][status] += 1
-    rows = ["| module | mutants | checked | killed | survived / no tests | score |", "|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| module | mutants | checked | killed | survived / no tests | score |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     total: Counter[str] = Counter()
     for module in sorted(per):
         c = per[module]
@@ -64,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         text = Path(args.results).read_text()
     else:
         text = subprocess.run(
-            [sys.executable, "-m", "mutmut", "results", "--all", "true"], capture_output=True, text=True, check=True
+            [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     results = parse(text)
     if not results:
