@@ -46,3 +46,12 @@ def test_build_loss_passes_gather_with_grad_through(with_grad: bool) -> None:
         is with_grad
     )
     assert build_loss(LossCfg(), student_dim=D, teacher_dim=None).gather_with_grad is False
+
+
+def test_fd_compares_the_last_dimension_of_any_rank() -> None:
+    from siclip.losses.fd import FDLoss
+
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)  # per-token embeddings: dim 1 is not the width
+    torch.testing.assert_close(FDLoss()(s, s, t, t), 2 * ((s - t) ** 2).mean())
+    with pytest.raises(ValueError, match=r"^FD needs equal dims \(student 5, teacher 4\)$"):
+        FDLoss()(s, s, torch.randn(2, 3, 4), torch.randn(2, 3, 4))
