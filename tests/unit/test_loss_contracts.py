@@ -55,3 +55,13 @@ def test_fd_compares_the_last_dimension_of_any_rank() -> None:
     torch.testing.assert_close(FDLoss()(s, s, t, t), 2 * ((s - t) ** 2).mean())
     with pytest.raises(ValueError, match=r"^FD needs equal dims \(student 5, teacher 4\)$"):
         FDLoss()(s, s, torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+
+
+def test_projector_normalises_the_last_dimension_of_any_rank() -> None:
+    from siclip.losses.fd import EmbedProjector
+
+    proj = EmbedProjector(D, DT)
+    assert proj.image.bias is None and proj.text.bias is None  # a linear map: zero stays zero
+    img, txt = proj(torch.randn(2, 3, D), torch.randn(2, 3, D))
+    for out in (img, txt):
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(2, 3))
