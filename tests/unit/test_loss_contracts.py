@@ -65,3 +65,12 @@ def test_projector_normalises_the_last_dimension_of_any_rank() -> None:
     img, txt = proj(torch.randn(2, 3, D), torch.randn(2, 3, D))
     for out in (img, txt):
         torch.testing.assert_close(out.norm(dim=-1), torch.ones(2, 3))
+
+
+def test_no_active_term_message() -> None:
+    s_img, s_txt = _unit(B, D, seed=0), _unit(B, D, seed=1)
+    only_kd = build_loss(LossCfg(clip_weight=0.0, pm_weight=0.0), student_dim=D, teacher_dim=D)
+    with pytest.raises(
+        ValueError, match=r"^no loss term is active: every weight is 0 \(or only KD terms and no teacher\)$"
+    ):
+        only_kd(s_img, s_txt, torch.tensor(1.0))
