@@ -74,3 +74,49 @@ def test_no_active_term_message() -> None:
         ValueError, match=r"^no loss term is active: every weight is 0 \(or only KD terms and no teacher\)$"
     ):
         only_kd(s_img, s_txt, torch.tensor(1.0))
+
+
+# ---- PM: messages, the k clamp, the batch of one, the underflow floor -----------------------------------
+
+
+def test_pm_and_sampling_errors_name_the_problem() -> None:
+    from siclip.losses.pm import PMLoss, fuse_pairs, sample_negatives
+
+    with pytest.raises(ValueError, match=r"^sim must be square, got \(3, 4\)$"):
+        sample_negatives(torch.zeros(3, 4), k=1, mode="hard")
+    for k in (0, 4):
+        with pytest.raises(ValueError, match=rf"^need 1 <= k <= n - 1 negatives per anchor \(k={k}, n=4\)$"):
+            sample_negatives(torch.zeros(4, 4), k=k, mode="hard")
+    with pytest.raises(ValueError, match=r"^unknown PM negatives 'soft'; allowed: hard, random$"):
+        sample_negatives(torch.zeros(4, 4), k=1, mode="soft")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^unknown PM negatives 'soft'; allowed: hard, random$"):
+        PMLoss(4, negatives="soft")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^unknown PM fusion 'sum'; allowed: prod_absdiff, concat, prod$"):
+        fuse_pairs(torch.zeros(1, 2), torch.zeros(1, 2), "sum")  # type: ignore[arg-type]
+
+
+def test_all_but_the_positive_can_be_drawn_even_when_the_softmax_underflows() -> None:
+    from siclip.losses.pm import sample_negatives
+
+    n = 6
+    peaked = torch.eye(n) + 0.9 * torch.roll(torch.eye(n), 2, dims=1)  # one hard negative per row
+    idx = sample_negatives(
+        peaked, k=n - 1, mode="hard", scale=1000.0, generator=torch.Generator().manual_seed(0)
+    )
+    for i, row in enumerate(idx.tolist()):
+        assert row[0] == (i + 2) % n and sorted(row) == [j for j in range(n) if j != i]
+
+
+def test_pm_clamps_negatives_to_the_batch_and_scores_a_batch_of_one() -> None:
+    from siclip.losses.pm import PMLoss
+
+    torch.manual_seed(0)
+    big = PMLoss(D, negatives="random", per_anchor=5, hidden=0)
+    small = PMLoss(D, negatives="random", per_anchor=2, hidden=0)
+    small.load_state_dict(big.state_dict())
+    img, txt = _unit(3, D, seed=0), _unit(3, D, seed=1)
+    # a batch of 3 has 2 negatives per anchor: asking for 5 is the same as asking for 2
+    got = big(img, txt, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, small(img, txt, generator=torch.Generator().manual_seed(1)))
+    one = big(img[:1], txt[:1])  # no negatives: BCE of the positive pair alone, -log sigmoid(logit)
+    torch.testing.assert_close(one, F.softplus(-big.pair_logits(img[:1], txt[:1]))[0])
