@@ -120,3 +120,35 @@ def test_pm_clamps_negatives_to_the_batch_and_scores_a_batch_of_one() -> None:
     torch.testing.assert_close(got, small(img, txt, generator=torch.Generator().manual_seed(1)))
     one = big(img[:1], txt[:1])  # no negatives: BCE of the positive pair alone, -log sigmoid(logit)
     torch.testing.assert_close(one, F.softplus(-big.pair_logits(img[:1], txt[:1]))[0])
+
+
+def test_pm_draws_n_minus_1_negatives_when_asked_for_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    import siclip.losses.pm as pm
+
+    seen: list[int] = []
+    real = pm.sample_negatives
+    monkeypatch.setattr(
+        pm, "sample_negatives", lambda sim, *, k, **kw: seen.append(k) or real(sim, k=k, **kw)
+    )
+    pm.PMLoss(D, negatives="random", per_anchor=5)(_unit(3, D, seed=0), _unit(3, D, seed=1))
+    assert seen == [2, 2]
+
+
+def test_the_total_builds_what_the_config_says() -> None:
+    cfg = LossCfg(
+        fd_weight=0.0,
+        max_logit_scale=50.0,
+        pm_fusion="concat",
+        pm_negatives="random",
+        pm_negatives_per_anchor=3,
+    )
+    loss = build_loss(cfg, student_dim=D, teacher_dim=DT)
+    assert loss.fd is None and loss.gather_with_grad is False
+    assert loss.clip is not None and loss.crd is not None and loss.icl is not None and loss.pm is not None
+    assert loss.clip.max_logit_scale == loss.crd.max_logit_scale == loss.icl.max_logit_scale == 50.0
+    assert (loss.pm.fusion, loss.pm.negatives, loss.pm.per_anchor) == ("concat", "random", 3)
+    assert loss.projector is not None  # ICL alone needs the student in the teacher's dimension
+    only_fd = build_loss(LossCfg(icl_weight=0.0), student_dim=D, teacher_dim=DT)
+    assert only_fd.icl is None and only_fd.projector is not None
+    neither = build_loss(LossCfg(icl_weight=0.0, fd_weight=0.0), student_dim=D, teacher_dim=DT)
+    assert neither.projector is None and neither.fd is None and neither.icl is None
