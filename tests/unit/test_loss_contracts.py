@@ -152,3 +152,4 @@ def test_the_total_builds_what_the_config_says() -> None:
     assert only_fd.icl is None and only_fd.projector is not None
     neither = build_loss(LossCfg(icl_weight=0.0, fd_weight=0.0), student_dim=D, teacher_dim=DT)
     assert neither.projector is None and neither.fd is None and neither.icl is None
+    assert build_loss(LossCfg(fd_weight=0.5), student_dim=D, teacher_dim=DT).fd is not None  # any weight > 0
