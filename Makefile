@@ -8,7 +8,7 @@ VENV ?= $(if $(filter 3.11,$(PY_VERSION)),.venv,.venv-py$(PY_VERSION))
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format bench clean
+.PHONY: demo test test-fast lint format bench mutate clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PY_VERSION)" || { echo "make: PYTHON=$(PYTHON) does not run (set PYTHON to a python3.11-3.13 executable)" >&2; exit 2; }
@@ -44,6 +44,13 @@ bench: $(STAMP)
 	$(BIN)/siclip bench memory
 	$(BIN)/siclip bench train
 	$(BIN)/siclip bench data
+
+# Mutation testing (not part of `make test`: hours on 2 cores). Config in pyproject.toml [tool.mutmut];
+# mutants/ caches results, so a rerun checks only what changed. MUTANTS narrows it, e.g.
+# `make mutate MUTANTS='siclip.losses.*'`. The score table goes to benchmarks/mutation.md.
+mutate: $(STAMP)
+	nice -n 10 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	$(BIN)/python benchmarks/mutation_report.py --out benchmarks/mutation.md
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

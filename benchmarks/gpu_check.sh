@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU check for siclip: fresh venv, `pip install -e .` (PyPI only), then SiCLIP-S0 training with the
+# One-GPU check for siclip: fresh venv, `pip install -e .[dev]` (PyPI only), the `gpu`-marked tests, then SiCLIP-S0 training with the
 # inherited backbone frozen at batch 1536 vs MobileCLIP-S0 full fine-tuning (halved until it fits), mixed
 # precision, random 256 px images and tokens. Prints samples/s and peak GPU memory; writes benchmarks/gpu.md.
 # Then CoCa captioning, coca_ViT-L-14 random weights: siclip's cached decoder (bf16) vs open_clip's generate
@@ -33,7 +33,7 @@ mkdir -p "$(dirname "$VENV")"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # torch==2.14.1 from PyPI is the CUDA build on Linux x86_64; pyproject.toml pins the rest.
-"$VENV/bin/python" -m pip install --quiet -e .
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
 echo "gpu_check: install took $((SECONDS - t0)) s"
 
 "$VENV/bin/python" - <<'PY'
@@ -43,6 +43,8 @@ print(f"gpu_check: torch {torch.__version__}, CUDA {torch.version.cuda}, {torch.
       f"bf16 {torch.cuda.is_bf16_supported()}")
 PY
 
+# The CUDA-only tests (fp16 GradScaler, CUDA autocast, PM sampling on CUDA generators; skipped on CPU)
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider -m gpu tests/unit
 t1=$SECONDS
 # shellcheck disable=SC2086  # EXTRA is split on purpose
 "$VENV/bin/python" -m siclip.bench.gpu --model siclip-s0 --baseline mobileclip-s0 \

@@ -757,6 +757,14 @@ def _check_semantics(cfg: SiclipCfg) -> None:
             raise ConfigError(f"eval.templates[{i}]: got {t!r}; allowed: a string containing '{{}}'")
 
 
+def _yaml_problem(path: str, exc: yaml.YAMLError) -> str:
+    """``file:line:column: not valid YAML: problem`` on one line (PyYAML's own message spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    return f"{where}: not valid YAML: {problem}"
+
+
 def read_yaml_mapping(path: str | os.PathLike[str], *, key: str) -> dict[str, Any]:
     """A YAML file holding a mapping; errors name ``key`` (the option or config key that gave the path)."""
     p = Path(path)
@@ -765,7 +773,7 @@ def read_yaml_mapping(path: str | os.PathLike[str], *, key: str) -> dict[str, An
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{key}: {str(path)!r} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{key}: {_yaml_problem(str(path), exc)}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{key}: {str(path)!r} must hold a mapping at the top level")
     return data

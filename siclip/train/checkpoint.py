@@ -38,9 +38,18 @@ STATE_FILE = "train_state.pt"
 
 
 def _rng_state() -> dict[str, Any]:
+    """Every global generator's full state, as plain tensors (``weights_only`` loading accepts them).
+
+    The states are read, never advanced, so writing a checkpoint does not change the run's random stream.
+    """
+    version, mt, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "python_seed": torch.tensor(random.getrandbits(62)),
+        "python": torch.tensor([version, *mt], dtype=torch.int64),
+        "python_gauss": torch.tensor([] if gauss is None else [gauss], dtype=torch.float64),
+        "numpy": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "numpy_extra": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -51,8 +60,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    random.seed(int(state["python_seed"]))
-    np.random.seed(int(state["python_seed"]) % (2**32))
+    if "python" not in state:  # checkpoints written before the full states were kept
+        random.seed(int(state["python_seed"]))
+        np.random.seed(int(state["python_seed"]) % (2**32))
+        return
+    version, *mt = (int(v) for v in state["python"].tolist())
+    gauss = state["python_gauss"].tolist()
+    random.setstate((version, tuple(mt), gauss[0] if gauss else None))
+    pos, has_gauss, np_gauss = state["numpy_extra"].tolist()
+    keys = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(np_gauss)))
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -229,6 +230,23 @@ def _replica_drift(task: nn.Module, world_size: int) -> float:
     return float(drift.item())
 
 
+PAUSE_STEP_ENV = "SICLIP_TEST_PAUSE_AFTER_CHECKPOINT"
+PAUSE_FILE_ENV = "SICLIP_TEST_PAUSE_FILE"
+
+
+def _pause_for_tests(step: int, rank: int) -> None:
+    """A fault-injection point for tests: with ``SICLIP_TEST_PAUSE_AFTER_CHECKPOINT=<step>`` rank 0 writes its
+    pid to ``SICLIP_TEST_PAUSE_FILE`` once that step's checkpoint is reported, then waits to be killed, so a
+    test kills it at a step it chose rather than racing the run. Unset (always, outside tests): nothing."""
+    if rank != 0 or os.environ.get(PAUSE_STEP_ENV) != str(step):
+        return
+    marker = Path(os.environ[PAUSE_FILE_ENV])
+    marker.with_suffix(".tmp").write_text(str(os.getpid()))
+    os.replace(marker.with_suffix(".tmp"), marker)
+    while True:
+        time.sleep(1.0)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point; ``config`` is ``to_dict(cfg)`` plus ``_max_steps``."""
     max_steps = int(config.pop("_max_steps"))
@@ -324,6 +342,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 )
                 ckpt = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(metrics, checkpoint=ckpt)
+        _pause_for_tests(step, rank)
 
     logged_weights: dict[str, float] = {}
 

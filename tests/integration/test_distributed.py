@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -68,52 +67,43 @@ def test_two_workers_uneven_shards_stay_in_sync(tmp_path: Path) -> None:
     assert _checkpoint_steps(run) == [6, 12]
 
 
-def _train_worker_pids(root_pid: int) -> list[int]:
-    """Ray Train worker processes descended from the ``siclip train`` process (its own local Ray)."""
-    try:
-        children = psutil.Process(root_pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    pids = []
-    for child in children:
-        try:
-            parent = child.parent()
-            forked = parent is not None and "RayTrainWorker" in " ".join(parent.cmdline())
-            if "RayTrainWorker" in " ".join(child.cmdline()) and not forked:  # not a data-loader fork
-                pids.append(child.pid)
-        except psutil.Error:
-            continue
-    return pids
-
-
 def test_killed_worker_resumes_from_checkpoint(tmp_path: Path) -> None:
+    """The worker pauses right after reporting its step-6 checkpoint (a test hook in the worker) and writes
+    its own pid; the test kills exactly that process, so the kill point never depends on machine speed."""
+    from siclip.train.worker import PAUSE_FILE_ENV, PAUSE_STEP_ENV
+
     tiny_world(str(tmp_path))
     cfg = write_config(
         tmp_path, "demo_teacher", [*BASE, "train.max_steps=30", "train.ckpt_every=6", "train.max_failures=1"]
     )
     run = tmp_path / "teacher"
     log_path = tmp_path / "train.log"
+    marker = tmp_path / "paused.pid"
+    env = {**subprocess_env(), PAUSE_STEP_ENV: "6", PAUSE_FILE_ENV: str(marker)}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [*SICLIP, "train", "--config", str(cfg)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=subprocess_env(),
+            env=env,
             start_new_session=True,
         )
         try:
-            deadline = time.time() + 300
-            while time.time() < deadline and not registered_checkpoints(run) and proc.poll() is None:
-                time.sleep(0.5)
-            victims = _train_worker_pids(proc.pid)
-            assert victims, log_path.read_text()[-3000:]
-            os.kill(victims[0], signal.SIGKILL)
-            assert proc.wait(timeout=400) == 0, log_path.read_text()[-4000:]
+            # waits for events, not for time: the paused worker's pid, then Ray Train registering step 6
+            # (the loop's bound only keeps a broken run from hanging the suite)
+            for _ in range(3000):
+                if proc.poll() is not None or (marker.is_file() and registered_checkpoints(run)):
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None and marker.is_file(), log_path.read_text()[-3000:]
+            assert _checkpoint_steps(run) == [6]
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+            assert proc.wait(timeout=600) == 0, log_path.read_text()[-4000:]
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
     out = log_path.read_text()
-    assert "resumed run 'teacher' from step" in out, out[-4000:]
+    assert "resumed run 'teacher' from step 6" in out, out[-4000:]
     steps = _checkpoint_steps(run)
     assert steps[-1] == 30 and len(steps) == len(set(steps)) and len(steps) <= 2  # keep_checkpoints = 2
     assert max(r["step"] for r in _rows(run)) == 30

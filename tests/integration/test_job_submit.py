@@ -35,10 +35,15 @@ BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _candidate_ports(n: int) -> list[int]:
+    """``n`` distinct ports, free when looked at; `ray start` binds them itself, so another process can still
+    take one in between: the head-node fixture then retries with new ones instead of failing."""
+    ports: set[int] = set()
+    while len(ports) < n:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            ports.add(int(s.getsockname()[1]))
+    return sorted(ports)
 
 
 @dataclass(frozen=True)
@@ -106,30 +111,35 @@ def head_node() -> Iterator[HeadNode]:
     # Short: Ray puts Unix sockets under it and socket paths are limited to ~107 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="sj", dir="/tmp"))
     env = _node_env(temp_dir)
-    dash_port = _free_port()
-    cmd = [
-        RAY,
-        "start",
-        "--head",
-        f"--port={_free_port()}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash_port}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
-        "--num-cpus=2",
-        "--include-dashboard=true",
-        f"--temp-dir={temp_dir / 'r'}",
-        "--disable-usage-stats",
-    ]
-    # A new session: the daemons `ray start` leaves behind keep its process group, so teardown can
-    # kill exactly them.
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
+    for attempt in range(3):
+        gcs, dash_port, agent, client = _candidate_ports(4)
+        cmd = [
+            RAY,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--ray-client-server-port={client}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir / 'r'}",
+            "--disable-usage-stats",
+        ]
+        # A new session: the daemons `ray start` leaves behind keep its process group, so teardown can
+        # kill exactly them.
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         out, _ = proc.communicate(timeout=120)
-        if proc.returncode != 0:
-            pytest.fail(f"ray start failed (rc {proc.returncode}):\n{out[-3000:]}")
+        if proc.returncode == 0:
+            break
+        _kill_group(proc.pid, temp_dir)  # a port taken since it was picked: clean up, try other ports
+        if attempt == 2:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            pytest.fail(f"ray start failed 3 times (rc {proc.returncode}):\n{out[-3000:]}")
+    try:
         yield HeadNode(address=f"http://127.0.0.1:{dash_port}", env=env, temp_dir=temp_dir)
     finally:
         if proc.poll() is None:

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -237,14 +236,13 @@ def test_failed_read_is_retried_and_never_marked_finished(
 def test_gpu_on_cpu_cluster_fails_fast(ray_session: None, inputs: Path, tmp_path: Path) -> None:
     from siclip.data.pipeline import run_pipeline
 
-    started = time.perf_counter()
     with pytest.raises(
         RuntimeError,
         match=r"need at least 1 x 1 \(caption.min_actors\) x 1 = 1 GPUs but the Ray cluster has 0",
     ):
         run_pipeline(_cfg(inputs, tmp_path / "gpu", num_gpus_per_actor=1.0), progress=False)  # type: ignore[arg-type]
-    assert time.perf_counter() - started < 10
-    assert not list((tmp_path / "gpu").glob("*.tar"))
+    # fast = before any work: nothing written, not even a manifest (no wall-clock bound on a shared machine)
+    assert not (tmp_path / "gpu").exists() or not any((tmp_path / "gpu").iterdir())
 
 
 def test_no_inputs_fail_before_ray(tmp_path: Path) -> None:
