@@ -16,8 +16,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from siclip.config import is_uri
-
 __all__ = [
     "download",
     "exists",
@@ -32,8 +30,11 @@ __all__ = [
 
 
 def is_remote(location: str | os.PathLike[str]) -> bool:
-    """A URI (``s3://``, ``gs://``, ...) rather than a path on this machine's filesystem."""
-    return is_uri(str(location))
+    """A URI (``s3://``, ``gs://``, ...) rather than a path on this machine's filesystem.
+
+    (Defined here, not taken from ``siclip.config``: config saves through this module, and the two must not
+    import each other.)"""
+    return "://" in str(location)
 
 
 def join(location: str | os.PathLike[str], *parts: str) -> str:

@@ -59,6 +59,8 @@ def test_rows_run_on_the_configs_own_data_and_save_curves(ray_session: None, tmp
 
     with open(tmp_path / "bench" / "ablation-my_subset-curves" / "baseline-web-captions-only-s0.csv") as f:
         curve = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in curve] == [2, 4]
-    assert all(float(r["loss/total"]) > 0 for r in curve)
+    # step 1 holds the loss weights as the run starts (``loss/weight/*``); the losses are logged every 2 steps
+    assert [int(r["step"]) for r in curve] == [1, 2, 4]
+    assert curve[0]["loss/weight/clip"] == "1.0" and curve[0]["loss/total"] == ""
+    assert all(float(r["loss/total"]) > 0 for r in curve[1:])
     assert 0.0 <= float(curve[-1]["val/zeroshot_top1"]) <= 1.0

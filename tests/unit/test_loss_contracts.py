@@ -71,7 +71,8 @@ def test_no_active_term_message() -> None:
     s_img, s_txt = _unit(B, D, seed=0), _unit(B, D, seed=1)
     only_kd = build_loss(LossCfg(clip_weight=0.0, pm_weight=0.0), student_dim=D, teacher_dim=D)
     with pytest.raises(
-        ValueError, match=r"^no loss term is active: every weight is 0 \(or only KD terms and no teacher\)$"
+        ValueError,
+        match=r"^no loss term is active at this step: every weight is 0 \(or only KD terms and no teacher\)$",
     ):
         only_kd(s_img, s_txt, torch.tensor(1.0))
 
@@ -82,10 +83,12 @@ def test_no_active_term_message() -> None:
 def test_pm_and_sampling_errors_name_the_problem() -> None:
     from siclip.losses.pm import PMLoss, fuse_pairs, sample_negatives
 
-    with pytest.raises(ValueError, match=r"^sim must be square, got \(3, 4\)$"):
-        sample_negatives(torch.zeros(3, 4), k=1, mode="hard")
+    with pytest.raises(
+        ValueError, match=r"^sim must be \[n, m\] with offset \+ n <= m, got \(3, 4\), offset 2$"
+    ):
+        sample_negatives(torch.zeros(3, 4), k=1, mode="hard", offset=2)
     for k in (0, 4):
-        with pytest.raises(ValueError, match=rf"^need 1 <= k <= n - 1 negatives per anchor \(k={k}, n=4\)$"):
+        with pytest.raises(ValueError, match=rf"^need 1 <= k <= m - 1 negatives per anchor \(k={k}, m=4\)$"):
             sample_negatives(torch.zeros(4, 4), k=k, mode="hard")
     with pytest.raises(ValueError, match=r"^unknown PM negatives 'soft'; allowed: hard, random$"):
         sample_negatives(torch.zeros(4, 4), k=1, mode="soft")  # type: ignore[arg-type]

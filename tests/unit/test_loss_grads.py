@@ -301,7 +301,14 @@ def standalone_terms(
     crd.load_state_dict(total.crd.state_dict())
     icl = ICLLoss(temperature=CFG.icl_temperature, learnable=True, max_logit_scale=MAX_SCALE)
     icl.load_state_dict(total.icl.state_dict())
-    pm = PMLoss(DS, fusion=CFG.pm_fusion, negatives=CFG.pm_negatives, per_anchor=2, hidden=CFG.pm_hidden)
+    pm = PMLoss(
+        DS,
+        fusion=CFG.pm_fusion,
+        negatives=CFG.pm_negatives,
+        per_anchor=2,
+        hidden=CFG.pm_hidden,
+        head=total.pm.kind,
+    )
     pm.load_state_dict(total.pm.state_dict())
     proj = EmbedProjector(DS, DT)
     proj.load_state_dict(total.projector.state_dict())

@@ -108,9 +108,19 @@ def test_the_last_override_of_a_key_wins_and_others_are_kept(pairs: list[tuple[s
         assert _get(cfg, untouched) == _get(SiclipCfg(), untouched)
 
 
+SECTIONS = [n for n, tp in typing.get_type_hints(SiclipCfg).items() if dataclasses.is_dataclass(tp)]
+"""Top-level keys that hold a section (``profile`` is a plain value)."""
+
+
+def test_a_key_under_a_plain_value_is_a_one_line_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({}, ["profile.x=1"])
+    assert str(err.value) == "profile: is a value (one of 'siclip', 'paper'), not a section"
+
+
 @settings(max_examples=60, deadline=None)
 @given(
-    section=st.sampled_from([f.name for f in dataclasses.fields(SiclipCfg)]),
+    section=st.sampled_from(SECTIONS),
     name=st.from_regex(r"[a-z_]{1,12}", fullmatch=True),
 )
 def test_an_unknown_key_is_a_one_line_error_naming_it(section: str, name: str) -> None:
