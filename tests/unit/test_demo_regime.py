@@ -84,3 +84,10 @@ def test_the_student_subset_must_leave_the_teacher_more(demo: tuple[Path, DemoWo
         student_shards(world, "syn", 6)
     with pytest.raises(ConfigError, match=r"^student_web_shards: got 0;"):
         student_shards(world, "syn", 0)
+
+
+def test_student_experiment_overrides_stay_off_the_teacher_stage() -> None:
+    from siclip.demo import teacher_overrides
+
+    kept = teacher_overrides(["profile=paper", "model.sasp.qk_init=zero", "loss.fd_weight=1", "train.seed=3"])
+    assert kept == ["train.seed=3"]
