@@ -52,7 +52,10 @@ def _strategy(tp: Any, meta: dict[str, Any]) -> st.SearchStrategy[Any] | None:
             allow_nan=False,
         )
     if tp is str and not meta:  # path-like strings are checked by load_config, not here
-        return st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=20)
+        # the parser trims surrounding white space (str.strip: also Unicode spaces such as U+00A0)
+        return st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=20).filter(
+            lambda s: s == s.strip()
+        )
     return None
 
 
