@@ -88,24 +88,18 @@ CASES = {
 }
 
 
+def _on_rank(loss: WIKDLoss, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The loss as rank ``RANK`` of ``WS`` computes it (the gather is patched by the ``calls`` fixture)."""
+    return loss(*inputs, rank=RANK, world_size=WS, generator=torch.Generator().manual_seed(3))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_global_terms_see_the_concatenated_batch_and_fd_the_local_one(case: str, calls: list) -> None:
     cfg = replace(BASE, **CASES[case])
     torch.manual_seed(0)
     loss = WIKDLoss(cfg, student_dim=DS, teacher_dim=DT, gather_with_grad=cfg.gather_with_grad)
     s_img, s_txt, scale, t_img, t_txt = _inputs()
-    got = _terms(
-        loss(
-            s_img,
-            s_txt,
-            scale,
-            t_img,
-            t_txt,
-            rank=RANK,
-            world_size=WS,
-            generator=torch.Generator().manual_seed(3),
-        )
-    )
+    got = _terms(_on_rank(loss, s_img, s_txt, scale, t_img, t_txt))
     assert calls and all(c[2] == cfg.gather_with_grad for c in calls if c[0] >= 0)
     if cfg.pm_weight > 0:
         assert any(c[0] == -1 for c in calls)
@@ -144,17 +138,6 @@ def test_gather_off_keeps_every_term_local(calls: list) -> None:
     torch.manual_seed(0)
     loss = WIKDLoss(cfg, student_dim=DS, teacher_dim=DT)
     s_img, s_txt, scale, t_img, t_txt = _inputs()
-    got = _terms(
-        loss(
-            s_img,
-            s_txt,
-            scale,
-            t_img,
-            t_txt,
-            rank=RANK,
-            world_size=WS,
-            generator=torch.Generator().manual_seed(3),
-        )
-    )
+    got = _terms(_on_rank(loss, s_img, s_txt, scale, t_img, t_txt))
     want = _terms(loss(s_img, s_txt, scale, t_img, t_txt, generator=torch.Generator().manual_seed(3)))
     assert calls == [] and got == pytest.approx(want, rel=1e-6)
