@@ -122,10 +122,12 @@ class Manifest:
         if "schema_version" not in data:
             raise ManifestError(f"{source}: missing 'schema_version'")
         version = data["schema_version"]
-        if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+        if not _is_count(version) or version > SCHEMA_VERSION or version < 1:
             raise ManifestError(
                 f"{source}: schema_version {version!r} is not supported (this siclip reads <= {SCHEMA_VERSION})"
             )
+        if not isinstance(data.get("kind", ""), str):
+            raise ManifestError(f"{source}: 'kind' must be a string, got {data['kind']!r}")
         shards = data.get("shards", [])
         if not isinstance(shards, list):
             raise ManifestError(f"{source}: 'shards' must be a list")
@@ -133,18 +135,26 @@ class Manifest:
             if not (
                 isinstance(shard, dict)
                 and isinstance(shard.get("name"), str)
-                and isinstance(shard.get("samples"), int)
+                and _is_count(shard.get("samples"))
             ):
                 raise ManifestError(
-                    f"{source}: shards[{i}] must be {{'name': str, 'samples': int}}, got {shard!r}"
+                    f"{source}: shards[{i}] must be {{'name': str, 'samples': int >= 0}}, got {shard!r}"
                 )
         for key in ("samples_in", "samples_out", "samples_skipped"):
-            if not isinstance(data.get(key, 0), int):
-                raise ManifestError(f"{source}: {key!r} must be an integer, got {data[key]!r}")
+            if not _is_count(data.get(key, 0)):
+                raise ManifestError(f"{source}: {key!r} must be an integer >= 0, got {data[key]!r}")
         for key in ("skipped", "producer", "config"):
             if not isinstance(data.get(key, {}), dict):
                 raise ManifestError(f"{source}: {key!r} must be a mapping, got {data[key]!r}")
+        for reason, count in data.get("skipped", {}).items():
+            if not _is_count(count):
+                raise ManifestError(f"{source}: skipped[{reason!r}] must be an integer >= 0, got {count!r}")
         return cls(**data)
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative int; ``True``/``False`` are ints to Python but never a count in a manifest."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _manifest_path(dir_or_file: str | os.PathLike[str]) -> str:
