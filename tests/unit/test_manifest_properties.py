@@ -22,7 +22,8 @@ counts = st.integers(min_value=0, max_value=2**40)
 names = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12)
 json_leaf = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=8)
 json_value = st.recursive(
-    json_leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    json_leaf,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
 )
 
 manifests = st.builds(
@@ -71,7 +72,9 @@ def test_every_valid_manifest_reads_back_equal_through_json(m: Manifest) -> None
 
 @settings(max_examples=60, deadline=None)
 @given(m=manifests, wrong=st.sampled_from(WRONG))
-def test_one_corrupted_key_is_a_one_line_error_naming_file_and_key(m: Manifest, wrong: tuple[str, Any, str]) -> None:
+def test_one_corrupted_key_is_a_one_line_error_naming_file_and_key(
+    m: Manifest, wrong: tuple[str, Any, str]
+) -> None:
     key, value, named = wrong
     data = m.to_dict()
     data[key] = value
