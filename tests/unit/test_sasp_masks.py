@@ -4,15 +4,18 @@ Pins: a ``(B*H, N, N)`` mask is batch-major (row ``b*H + h`` masks sample ``b``,
 result as the ``(B, H, N, N)`` mask it reshapes to, boolean or additive; ``C`` is the softmax of the mask
 alone, per sample and head; a float mask of another dtype is cast to the input's (it does not promote the
 output); ``attention_matrix`` honours the mask; outputs and ``A`` keep the input's dtype under bfloat16,
-in the training and in the inference form.
+in the training and in the inference form (and ``A`` too under autocast); SAS-P blocks of every layout
+hand their ``attn_mask`` to the attention.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from siclip.models.sasp import InferenceShapedAttention, ShapedAttention, to_inference
 
@@ -155,5 +158,41 @@ def test_autocast_bfloat16_keeps_the_input_dtype_in_both_forms(masked: bool) -> 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out_train = train(x, mask)
         out_fast = fast(x, mask)
-    assert out_train.dtype == torch.bfloat16 and out_fast.dtype == torch.bfloat16
+        a = train.attention_matrix(x, mask)
+    assert (
+        out_train.dtype == torch.bfloat16 and out_fast.dtype == torch.bfloat16 and a.dtype == torch.bfloat16
+    )
     torch.testing.assert_close(out_fast.float(), out_train.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("layout", ["conv", "seq", "seq-not-batch-first"])
+def test_blocks_hand_the_mask_to_their_attention(layout: str) -> None:
+    """Every layout applies ``attn_mask`` (random Q/K, so a dropped mask changes the output)."""
+    from siclip.models.sasp import SASPBlock
+
+    torch.manual_seed(3)
+    conv = layout == "conv"
+    norm: nn.Module = nn.BatchNorm2d(DIM) if conv else nn.LayerNorm(DIM, dtype=torch.float64)
+    mlp: nn.Module = nn.Conv2d(DIM, DIM, 1) if conv else nn.Linear(DIM, DIM)
+    block: Any = SASPBlock(
+        DIM, num_heads=H, norm=norm, mlp=mlp, layout="conv" if conv else "seq", batch_first=layout == "seq"
+    )
+    block.attn = _attn()
+    block.double().eval()
+    n = 6
+    x = torch.randn(B, DIM, 2, 3) if conv else torch.randn(B, n, DIM)
+    x = x.double() if layout != "seq-not-batch-first" else x.double().transpose(0, 1)
+    mask = torch.ones(n, n, dtype=torch.bool).triu(1)
+    additive = torch.zeros(n, n, dtype=torch.float64).masked_fill(mask, float("-inf")).expand(B, H, n, n)
+    with torch.no_grad():
+        h = block.norm(x)
+        if conv:
+            tokens = h.flatten(2).transpose(1, 2)
+            a = naive_output(tokens, block.attn, additive).transpose(1, 2).reshape(h.shape)
+        elif layout == "seq":
+            a = naive_output(h, block.attn, additive)
+        else:
+            a = naive_output(h.transpose(0, 1), block.attn, additive).transpose(0, 1)
+        ref = block.attn_gain * a + block.mlp_gain * block.mlp(h)
+        torch.testing.assert_close(block(x, attn_mask=mask), ref)
+        assert not torch.allclose(block(x), ref)  # the mask matters here
