@@ -81,23 +81,35 @@ def test_to_inference_counts_each_shared_attention_once() -> None:
     assert to_inference(model) == 0  # already switched
 
 
-def _reference_block(block: Any, x: torch.Tensor) -> torch.Tensor:
-    """``attn_gain * A(Norm(x)) @ Norm(x) + mlp_gain * MLP(Norm(x))`` per head, batch-first, looped."""
-    h = block.norm(x)
-    attn = block.attn
+def _reference_mix(attn: Any, h: torch.Tensor) -> torch.Tensor:
+    """``A(h) @ h`` per head on ``(B, N, C)`` tokens, ``A = alpha*I + beta*softmax(QK^T/sqrt(d)) - gamma/N``."""
     b, n, c = h.shape
-    dh = c // attn.num_heads
+    dh = attn.head_dim
     w, bias = attn.qk.weight, attn.qk.bias
     a = torch.empty_like(h)
     for bi in range(b):
         for hd in range(attn.num_heads):
-            rows = slice(hd * dh, (hd + 1) * dh)
-            q = h[bi] @ w[rows].T + bias[rows]
-            k = h[bi] @ w[c + hd * dh : c + (hd + 1) * dh].T + bias[c + hd * dh : c + (hd + 1) * dh]
+            q = h[bi] @ w[hd * dh : (hd + 1) * dh].T
+            k = h[bi] @ w[attn.num_heads * dh + hd * dh :][:dh].T
+            if bias is not None:
+                q = q + bias[hd * dh : (hd + 1) * dh]
+                k = k + bias[attn.num_heads * dh + hd * dh :][:dh]
             probs = torch.softmax(q @ k.T / math.sqrt(dh), dim=-1)
             eye = torch.eye(n, dtype=h.dtype)
             mix = attn.alpha[hd] * eye + attn.beta[hd] * probs - attn.gamma[hd] / n
-            a[bi, :, rows] = mix @ h[bi, :, rows]
+            cols = slice(hd * (c // attn.num_heads), (hd + 1) * (c // attn.num_heads))
+            a[bi, :, cols] = mix @ h[bi, :, cols]
+    return a
+
+
+def _reference_block(block: Any, x: torch.Tensor) -> torch.Tensor:
+    """``attn_gain * A(Norm(x)) @ Norm(x) + mlp_gain * MLP(Norm(x))``, batch-first tokens or a feature map."""
+    h = block.norm(x)
+    if h.dim() == 4:
+        b, c, hh, ww = h.shape
+        a = _reference_mix(block.attn, h.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(b, c, hh, ww)
+    else:
+        a = _reference_mix(block.attn, h)
     return block.attn_gain * a + block.mlp_gain * block.mlp(h)
 
 
@@ -191,3 +203,49 @@ def test_configuration_errors_say_exactly_what_is_wrong() -> None:
     message = "sasp.replace='both': no attention block to replace in the image tower (VisionTransformer)"
     with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         simplify(model, SaspCfg(replace="both"))
+
+
+def test_mct_layers_become_sasp_blocks_of_the_same_geometry() -> None:
+    from siclip.models.mct import TransformerEncoder
+
+    torch.manual_seed(4)
+    stack: Any = nn.Sequential(*(TransformerEncoder(8, num_heads=2, ffn_dim=16) for _ in range(2)))
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.normal_(0, 0.5)
+    old: list[Any] = [copy.deepcopy(layer) for layer in stack]
+    assert simplify_tower(stack, SaspCfg(share="none")) == ["0", "1"]
+    new: list[Any] = list(stack)
+    x = torch.randn(2, 5, 8)
+    for blk, src in zip(new, old, strict=True):
+        assert blk.layout == "seq" and blk.batch_first is True
+        assert (blk.attn.num_heads, blk.attn.head_dim) == (2, 4)
+        assert torch.equal(blk.attn.qk.weight, src.pre_norm_mha[1].qkv_proj.weight[:16])
+        assert torch.equal(blk.attn.qk.bias, src.pre_norm_mha[1].qkv_proj.bias[:16])
+        assert torch.equal(blk.norm.weight, src.pre_norm_mha[0].weight)
+        with torch.no_grad():
+            h = src.pre_norm_mha[0](x)
+            # the MLP is MCt's FFN without its own pre-norm (one norm feeds both branches)
+            torch.testing.assert_close(blk.mlp(h), src.pre_norm_ffn[1:](h))
+            torch.testing.assert_close(blk(x), _reference_block(blk, x), rtol=1e-5, atol=1e-5)
+
+
+def test_fastvit_block_with_a_biased_qkv_inherits_its_query_key_rows() -> None:
+    from timm.models.fastvit import AttentionBlock
+
+    torch.manual_seed(5)
+    block: Any = AttentionBlock(dim=64, mlp_ratio=1.0)  # timm: head_dim 32, so 2 heads
+    block.token_mixer.qkv = nn.Linear(64, 192, bias=True)
+    with torch.no_grad():
+        block.norm.running_mean.normal_()
+    old = copy.deepcopy(block)
+    stack = nn.Sequential(block).eval()
+    assert simplify_tower(stack, SaspCfg()) == ["0"]
+    new: Any = stack[0]
+    assert new.layout == "conv" and (new.attn.num_heads, new.attn.head_dim) == (2, 32)
+    assert torch.equal(new.attn.qk.weight, old.token_mixer.qkv.weight[:128])
+    assert torch.equal(new.attn.qk.bias, old.token_mixer.qkv.bias[:128])
+    assert torch.equal(new.norm.running_mean, old.norm.running_mean)
+    x = torch.randn(1, 64, 2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), _reference_block(new, x), rtol=1e-5, atol=1e-5)
