@@ -97,3 +97,33 @@ def test_register_is_a_no_op_after_the_first_call(
     hooks.register()
     assert scanned == [hooks.CONFIG_DIR] and oc_model._build_vision_tower is wrapped_vision
     assert "siclip-tiny-student" in open_clip.list_models()
+
+
+def test_tiny_fastvit_is_shaped_like_mci0() -> None:
+    """RepMixer, RepMixer, then two 4-head attention blocks on 4x4 tokens at 64 px (what the tests rely on)."""
+    import timm
+    import torch
+    from timm.models.fastvit import Attention, RepConditionalPosEnc, RepMixer
+    from torch import nn
+
+    hooks.register()
+    model: Any = timm.create_model("siclip_fastvit_tiny")
+    assert sum(p.numel() for p in model.parameters()) == 438480  # widths, depths, MLP ratios, SE, kernels
+    assert model.num_classes == 0
+    cfg = model.pretrained_cfg
+    assert (cfg["input_size"], cfg["pool_size"], cfg["num_classes"]) == ((3, 64, 64), (2, 2), 0)
+    mixers = [[type(b.token_mixer) for b in stage.blocks] for stage in model.stages]
+    assert mixers == [[RepMixer], [RepMixer], [Attention, Attention]]
+    widths = [[b.mlp.fc1.out_channels for b in stage.blocks] for stage in model.stages]
+    assert widths == [[96], [192], [384, 384]]  # MLP ratio 3 on 32, 64, 128 channels
+    assert model.stages[2].blocks[0].token_mixer.num_heads == 4
+    assert isinstance(model.stages[0].downsample, nn.Identity)
+    down = [model.stages[i].downsample.proj[0] for i in (1, 2)]
+    assert [type(d.act) for d in down] == [nn.GELU, nn.GELU]  # large-kernel convs with activation
+    assert [type(d.se).__name__ for d in down] == ["Identity", "SEModule"]  # SE only into the last stage
+    pos = model.stages[2].pos_emb
+    assert isinstance(pos, RepConditionalPosEnc) and pos.pos_enc.kernel_size == (3, 3)
+    assert [type(s.pos_emb) for s in model.stages[:2]] == [nn.Identity, nn.Identity]
+    with torch.no_grad():
+        tokens = model.stages[:2](model.stem(torch.randn(1, 3, 64, 64)))
+        assert model.stages[2].downsample(tokens).shape == (1, 128, 4, 4)
