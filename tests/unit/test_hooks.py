@@ -127,3 +127,14 @@ def test_tiny_fastvit_is_shaped_like_mci0() -> None:
     with torch.no_grad():
         tokens = model.stages[:2](model.stem(torch.randn(1, 3, 64, 64)))
         assert model.stages[2].downsample(tokens).shape == (1, 128, 4, 4)
+
+
+def test_tiny_fastvit_keeps_a_callers_pretrained_cfg_and_has_no_weights() -> None:
+    import timm
+
+    hooks.register()
+    custom = {"num_classes": 0, "input_size": (3, 96, 96), "pool_size": (3, 3)}
+    model: Any = timm.create_model("siclip_fastvit_tiny", pretrained_cfg=custom)
+    assert model.pretrained_cfg["input_size"] == (3, 96, 96)
+    with pytest.raises(RuntimeError, match="No pretrained weights exist for siclip_fastvit_tiny"):
+        timm.create_model("siclip_fastvit_tiny", pretrained=True)  # random init only: never silently
