@@ -67,8 +67,6 @@ def _wrap_builders() -> None:
 
     orig_vision = oc_model._build_vision_tower
     orig_text = oc_model._build_text_tower
-    if getattr(orig_vision, "_siclip", False):
-        return
 
     def _sasp(cfg: dict[str, Any]) -> SaspCfg:
         return SaspCfg(**cfg)
@@ -114,10 +112,13 @@ def _wrap_builders() -> None:
             simplify_tower(text, sasp)
         return text
 
-    build_vision._siclip = True  # type: ignore[attr-defined]
-    build_text._siclip = True  # type: ignore[attr-defined]
-    oc_model._build_vision_tower = build_vision
-    oc_model._build_text_tower = build_text
+    # Each builder is wrapped at most once, even if this module is reloaded (fresh _STATE).
+    if not getattr(orig_vision, "_siclip", False):
+        build_vision._siclip = True  # type: ignore[attr-defined]
+        oc_model._build_vision_tower = build_vision
+    if not getattr(orig_text, "_siclip", False):
+        build_text._siclip = True  # type: ignore[attr-defined]
+        oc_model._build_text_tower = build_text
 
 
 def register() -> None:

@@ -145,16 +145,16 @@ def to_inference(model: nn.Module) -> int:
 
 
 def _as_additive(mask: torch.Tensor, *, b: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """An additive float mask broadcastable to ``(B, H, N, N)``.
+    """An additive float mask in ``dtype``, broadcastable to ``(B, H, N, N)``.
 
     Boolean masks follow ``nn.MultiheadAttention`` (True = not allowed), since SAS-P blocks replace it.
-    ``(B*H, N, N)`` masks (open_clip's padding masks) are reshaped to ``(B, H, N, N)``.
+    ``(B*H, N, N)`` masks (open_clip's padding masks) are reshaped to ``(B, H, N, N)``; ``(N, N)`` and
+    ``(B, H, N, N)`` masks broadcast as they are.
     """
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    mask = mask.to(dtype)
-    if mask.dim() == 2:
-        return mask.view(1, 1, n, n)
+    else:
+        mask = mask.to(dtype)
     if mask.dim() == 3:
         return mask.view(b, -1, n, n)
     return mask

@@ -200,7 +200,7 @@ def simplify_tower(tower: nn.Module, sasp: SaspCfg) -> list[str]:
             shared_block = new
         new.train(old.training)
         parent_name, _, attr = name.rpartition(".")
-        setattr(tower.get_submodule(parent_name) if parent_name else tower, attr, new)
+        setattr(tower.get_submodule(parent_name), attr, new)  # get_submodule("") is the tower itself
     # A tower may be simplified once; a second pass would find nothing to replace.
     marker = {"cfg": dataclasses.asdict(sasp), "replaced": names}
     tower.siclip_sasp = marker  # type: ignore[assignment]
@@ -236,7 +236,7 @@ def simplify(model: nn.Module, sasp: SaspCfg) -> dict[str, Any]:
                 f"sasp.replace={sasp.replace!r}: no attention block to replace in the {kind} tower "
                 f"({type(tower).__name__})"
             )
-        replaced += [f"{prefix}.{n}" if prefix else n for n in names]
+        replaced += [f"{prefix}.{n}" for n in names]  # a tower is an attribute of the model: prefix != ""
     return {
         "replaced": replaced,
         "shared": shared_tensors(model),
