@@ -120,11 +120,12 @@ class RepMixer(nn.Module):
             padding=(0, self.kernel_size // 2),
             groups=self.dim,
             bias=True,
+            device=km.device,
+            dtype=km.dtype,  # the block's dtype (a float64 / bfloat16 block), not the default float32
         )
         conv.weight.copy_(ident + scale * (km - kn))
         assert conv.bias is not None
         conv.bias.copy_(self.layer_scale.flatten() * (bm - bn))
-        conv.to(km.device)
         del self.mixer, self.norm, self.layer_scale
         self.reparam_conv = conv
 
@@ -325,11 +326,8 @@ def convert_apple_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tens
     also turns Apple's ``head.proj`` into ``head.fc``); ``logit_scale`` kept. Keys already in our layout
     pass through, so the function is idempotent.
     """
-    sd: dict[str, Any] = (
-        state_dict.get("state_dict", state_dict)
-        if isinstance(state_dict.get("state_dict"), dict)
-        else state_dict
-    )
+    inner = state_dict.get("state_dict")
+    sd: dict[str, Any] = inner if isinstance(inner, dict) else state_dict
     out: dict[str, torch.Tensor] = {}
     image = {k: v for k, v in sd.items() if k.startswith("image_encoder.")}
     if image:

@@ -1,0 +1,198 @@
+"""MCt contracts the model-level tests do not pin: exact BatchNorm folding (eps included), fusion keeping
+the block's dtype and device, the causal mask's values / dtype / device, ``lock`` (open_clip's
+``lock_text_tower``) freezing exactly the documented parameters, and which keys the Apple converter keeps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from siclip.models.mct import MCtTextEncoder, MobileOne1d, RepMixer, convert_apple_state_dict
+
+torch.set_num_threads(1)
+
+
+def _tiny(**kw: Any) -> MCtTextEncoder:
+    args: dict[str, Any] = dict(
+        embed_dim=8, dim=16, context_length=12, vocab_size=50, num_layers=2, num_heads=2
+    )
+    args.update(kw)
+    return MCtTextEncoder(**args)
+
+
+def _randomise_bn(module: nn.Module, *, var_low: float, var_high: float) -> None:
+    """BatchNorm statistics and affine terms away from their init (else every fold is trivially exact)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                assert m.running_mean is not None and m.running_var is not None
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(var_low, var_high)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+            if hasattr(m, "layer_scale"):
+                m.get_parameter("layer_scale").normal_(0, 0.3)
+
+
+def test_mobileone_fused_kernel_is_the_eval_block_with_eps() -> None:
+    """Variances of the order of BatchNorm's eps: folding ``var - eps`` instead of ``var + eps`` is far off."""
+    torch.manual_seed(0)
+    block = MobileOne1d(3, 5, num_conv_branches=2).double()
+    _randomise_bn(block, var_low=1e-5, var_high=1e-4)
+    block.eval()
+    kernel, bias = block.fused_kernel_bias()
+    assert kernel.shape == (3, 1, 1, 5) and bias.shape == (3,)
+    x = torch.randn(2, 3, 1, 9, dtype=torch.float64)
+    fused = F.conv2d(x, kernel, bias, padding=(0, 2), groups=3)
+    torch.testing.assert_close(fused, block(x), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.bfloat16, 0.05)])
+def test_repmixer_fusion_keeps_the_blocks_dtype(dtype: torch.dtype, tol: float) -> None:
+    """A float64 / bfloat16 RepMixer fuses to a conv of its own dtype that runs on its input and equals it
+    (float64: exactly, with variances near BatchNorm's eps)."""
+    torch.manual_seed(2)
+    mixer = RepMixer(4, kernel_size=5)
+    _randomise_bn(mixer, var_low=1e-5, var_high=1e-2)
+    mixer = mixer.to(dtype).eval()
+    kernel, bias = mixer.mixer.fused_kernel_bias()
+    assert kernel.dtype == dtype and bias.dtype == dtype
+    x = torch.randn(2, 4, 1, 9).to(dtype)
+    with torch.no_grad():
+        expected = mixer(x)
+        mixer.reparameterize()
+        got = mixer(x)
+    assert mixer.reparam_conv is not None and mixer.reparam_conv.weight.dtype == dtype
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected.double(), atol=tol, rtol=tol)
+
+
+def test_fusion_stays_on_the_blocks_device() -> None:
+    """Kernels and the fused conv are built on the block's device (``meta`` stands in for an accelerator)."""
+    block = MobileOne1d(3, 5, num_conv_branches=1).to("meta")
+    kernel, bias = block.fused_kernel_bias()
+    assert kernel.device.type == "meta" and bias.device.type == "meta"
+    mixer = RepMixer(3, kernel_size=5).to("meta")
+    mixer.reparameterize()
+    assert mixer.reparam_conv is not None and mixer.reparam_conv.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_causal_mask_values(n: int) -> None:
+    mask = _tiny().causal_mask(n, torch.device("cpu"), torch.float64)
+    assert mask.shape == (n, n) and mask.dtype == torch.float64
+    for i in range(n):
+        for j in range(n):
+            assert mask[i, j].item() == (float("-inf") if j > i else 0.0), (i, j)
+
+
+def test_causal_mask_follows_requested_device_and_dtype() -> None:
+    mask = _tiny().causal_mask(4, torch.device("meta"), torch.bfloat16)
+    assert mask.device.type == "meta" and mask.dtype == torch.bfloat16
+
+
+def test_causal_position_sees_itself_but_not_the_next_token() -> None:
+    """With the RepMixer blocks off (zero layer scales) only attention mixes positions."""
+    torch.manual_seed(3)
+    mct = _tiny(causal=True).eval()
+    with torch.no_grad():
+        for block in (mct.transformer[0], mct.transformer[-1]):
+            block.get_parameter("token_mixer.layer_scale").zero_()
+            block.get_parameter("layer_scale").zero_()
+    text = torch.randint(1, 40, (1, 12))
+    base = mct.forward_tokens(text)[0]
+    nxt, own = text.clone(), text.clone()
+    nxt[0, 4] = 45 if text[0, 4] != 45 else 46
+    own[0, 3] = 45 if text[0, 3] != 45 else 46
+    assert torch.equal(mct.forward_tokens(nxt)[0, :4], base[:4])
+    assert not torch.allclose(mct.forward_tokens(own)[0, 3], base[3])
+
+
+def _trainable(mct: nn.Module) -> set[str]:
+    return {n for n, p in mct.named_parameters() if p.requires_grad}
+
+
+def test_lock_freezes_the_whole_tower_by_default() -> None:
+    mct = _tiny()
+    assert _trainable(mct) == {n for n, _ in mct.named_parameters()}
+    mct.lock()
+    assert _trainable(mct) == set()
+
+
+def test_lock_keeps_the_last_layers_norm_and_projection_trainable() -> None:
+    mct = _tiny()  # transformer = [RepMixerBlock, TransformerEncoder x 2, RepMixerBlock]
+    names = {n for n, _ in mct.named_parameters()}
+    mct.lock(unlocked_layers=1)
+    assert _trainable(mct) == {
+        n for n in names if n.startswith(("transformer.3.", "final_layer_norm.", "projection_layer"))
+    }
+    mct2 = _tiny()
+    mct2.lock(unlocked_layers=2)
+    assert _trainable(mct2) == {
+        n
+        for n in names
+        if n.startswith(("transformer.2.", "transformer.3.", "final_layer_norm.", "projection_layer"))
+    }
+
+
+def test_lock_with_trainable_layer_norms() -> None:
+    mct = _tiny()
+    layer_norms = {
+        f"{m}.{p}"
+        for m, mod in mct.named_modules()
+        if isinstance(mod, nn.LayerNorm)
+        for p in ("weight", "bias")
+    }
+    assert len(layer_norms) == 2 * (2 * 2 + 1)  # two per transformer layer and the final one
+    mct.lock(freeze_layer_norm=False)
+    assert _trainable(mct) == layer_norms
+    mct.lock(unlocked_layers=1, freeze_layer_norm=False)
+    assert _trainable(mct) == layer_norms | {
+        n for n, _ in mct.named_parameters() if n.startswith(("transformer.3.", "projection_layer"))
+    }
+
+
+def test_lock_through_open_clip_lock_text_tower() -> None:
+    from siclip.models.presets import build_preset
+
+    model: Any = build_preset("tiny-mct")  # MCt with 2 transformer layers: transformer.3 is the last block
+    model.lock_text_tower(1)
+    text = {n.removeprefix("text.") for n in _trainable(model) if n.startswith("text.")}
+    assert text == {
+        n
+        for n, _ in model.text.named_parameters()
+        if n.startswith(("transformer.3.", "final_layer_norm.", "projection_layer"))
+    }
+    assert all(p.requires_grad for p in model.visual.parameters())  # the image tower is not touched
+
+
+def test_convert_apple_keeps_text_and_scalars_and_drops_raw_image_keys() -> None:
+    t, s = torch.randn(3), torch.tensor(2.0)
+    flat = {
+        "image_encoder.model.patch_embed.0.rbr_conv.0.conv.weight": torch.randn(2, 3, 3, 3),
+        "image_encoder.model.head.proj": torch.randn(8, 4),
+        "text_encoder.final_layer_norm.weight": t,
+        "logit_scale": s,
+    }
+    expected = {
+        "visual.trunk.stem.0.conv_kxk.0.conv.weight",
+        "visual.trunk.head.fc.weight",
+        "visual.trunk.head.fc.bias",
+        "text.final_layer_norm.weight",
+        "logit_scale",
+    }
+    for ckpt in (flat, {"state_dict": flat}):
+        out = convert_apple_state_dict(ckpt)
+        assert set(out) == expected
+        assert out["text.final_layer_norm.weight"] is t and out["logit_scale"] is s
+
+
+def test_convert_apple_unwraps_only_a_dict_state_dict() -> None:
+    """A flat checkpoint whose ``state_dict`` entry is a tensor keeps it as an ordinary key."""
+    t, odd = torch.randn(3), torch.tensor(1)
+    out = convert_apple_state_dict({"state_dict": odd, "text_encoder.x": t})
+    assert out == {"state_dict": odd, "text.x": t}
