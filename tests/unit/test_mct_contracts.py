@@ -196,3 +196,108 @@ def test_convert_apple_unwraps_only_a_dict_state_dict() -> None:
     t, odd = torch.randn(3), torch.tensor(1)
     out = convert_apple_state_dict({"state_dict": odd, "text_encoder.x": t})
     assert out == {"state_dict": odd, "text.x": t}
+
+
+def _interp_reference(pe: torch.Tensor, n: int) -> torch.Tensor:
+    """Linear interpolation along the sequence, half-pixel centres, clamped at both ends (bilinear with
+    ``align_corners=False`` on an axis whose other dimension keeps its size)."""
+    length = pe.shape[0]
+    rows = []
+    for i in range(n):
+        src = max((i + 0.5) * length / n - 0.5, 0.0)
+        i0 = min(int(src), length - 1)
+        i1 = min(i0 + 1, length - 1)
+        w = src - i0
+        rows.append((1 - w) * pe[i0] + w * pe[i1])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("n", [8, 5, 3, 11])
+def test_positions_for_other_lengths_are_interpolated(n: int) -> None:
+    """The stored ``(1, 1, 8, D)`` table at its own length, resampled linearly for shorter or longer text."""
+    torch.manual_seed(5)
+    mct = _tiny(context_length=8).double()
+    table = mct.positional_embedding.pos_embed.pos_embed
+    got = mct.positional_embedding(n)
+    assert got.shape == (1, n, 16)
+    if n == 8:
+        assert torch.equal(got[0], table[0, 0])
+    torch.testing.assert_close(got[0], _interp_reference(table[0, 0].detach(), n), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_layer_norm_runs_in_float32_and_returns_the_input_dtype(dtype: torch.dtype) -> None:
+    torch.manual_seed(6)
+    mct = _tiny()
+    ln = mct.final_layer_norm
+    with torch.no_grad():
+        ln.weight.normal_(1, 0.3)
+        ln.bias.normal_(0, 0.3)
+    x = (3 * torch.randn(2, 5, 16) + 1).to(dtype)
+    out = ln(x)
+    assert out.dtype == dtype
+    ref = F.layer_norm(x.float(), (16,), ln.weight, ln.bias, ln.eps).to(dtype)
+    assert torch.equal(out, ref)
+
+
+def test_dropouts_are_off_in_training_mode() -> None:
+    """Training mode changes nothing but BatchNorm: with BatchNorm held in eval, train == eval."""
+    torch.manual_seed(7)
+    mct = _tiny()
+    _randomise_bn(mct, var_low=0.5, var_high=2.0)
+    text = torch.randint(0, 50, (2, 12))
+    expected = mct.eval()(text)
+    mct.train()
+    for m in mct.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    assert torch.equal(mct(text), expected)
+
+
+def _forward_calls(mct: MCtTextEncoder, *, train: bool) -> list[int]:
+    calls = [0] * len(mct.transformer)
+    for i, layer in enumerate(mct.transformer):
+        # a pre-hook: recomputation stops early once backward has what it needs, before forward hooks run
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    mct.train(train)
+    mct(torch.randint(0, 50, (2, 12))).sum().backward()
+    return calls
+
+
+def test_grad_checkpointing_recomputes_layers_only_when_training() -> None:
+    """Checkpointed layers run again in backward (activations not kept); off, or in eval, they run once."""
+    torch.manual_seed(8)
+    plain = _tiny()
+    assert _forward_calls(plain, train=True) == [1, 1, 1, 1]
+    ckpt = _tiny()
+    ckpt.set_grad_checkpointing()
+    assert ckpt.grad_checkpointing is True
+    assert _forward_calls(ckpt, train=True) == [2, 2, 2, 2]
+    evaluated = _tiny()
+    evaluated.set_grad_checkpointing(True)
+    assert _forward_calls(evaluated, train=False) == [1, 1, 1, 1]
+    evaluated.set_grad_checkpointing(False)
+    assert evaluated.grad_checkpointing is False
+
+
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients() -> None:
+    """Causal, so the checkpointed layers must get the mask too."""
+    torch.manual_seed(9)
+    a = _tiny(causal=True)
+    b = _tiny(causal=True)
+    b.load_state_dict(a.state_dict())
+    b.set_grad_checkpointing(True)
+    text = torch.randint(0, 50, (2, 12))
+    out_a, out_b = a(text), b(text)
+    torch.testing.assert_close(out_b, out_a, atol=1e-6, rtol=1e-5)
+    for out in (out_a, out_b):
+        out.square().sum().backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert pa.grad is not None and pb.grad is not None, name
+        torch.testing.assert_close(pa.grad, pb.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_no_weight_decay_names_the_position_table() -> None:
+    mct = _tiny()
+    assert mct.no_weight_decay() == {"positional_embedding.pos_embed.pos_embed"}
+    assert mct.no_weight_decay() <= {n for n, _ in mct.named_parameters()}
