@@ -212,7 +212,7 @@ def _interp_reference(pe: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("n", [8, 5, 3, 11])
+@pytest.mark.parametrize("n", [8, 5, 3, 11, 16])  # 16: the width, so rows and columns cannot be confused
 def test_positions_for_other_lengths_are_interpolated(n: int) -> None:
     """The stored ``(1, 1, 8, D)`` table at its own length, resampled linearly for shorter or longer text."""
     torch.manual_seed(5)
@@ -301,3 +301,37 @@ def test_no_weight_decay_names_the_position_table() -> None:
     mct = _tiny()
     assert mct.no_weight_decay() == {"positional_embedding.pos_embed.pos_embed"}
     assert mct.no_weight_decay() <= {n for n, _ in mct.named_parameters()}
+
+
+def test_repmixer_block_is_token_mixing_then_a_layer_scaled_conv_ffn() -> None:
+    """``y = RepMixer(x)``, then ``y + layer_scale * fc2(GELU(fc1(BN(dwconv(y)))))``, on ``(B, N, C)`` tokens."""
+    torch.manual_seed(10)
+    mct = _tiny(repmixer_kernel=5)
+    _randomise_bn(mct, var_low=0.5, var_high=2.0)
+    block: Any = mct.transformer[0].eval()
+    x = torch.randn(2, 12, 16)
+    with torch.no_grad():
+        y = block.token_mixer(x.transpose(1, 2).unsqueeze(2))
+        ffn = block.convffn
+        h = F.conv2d(y, ffn.conv.conv.weight, padding=(0, 2), groups=16)
+        h = F.batch_norm(h, ffn.conv.bn.running_mean, ffn.conv.bn.running_var, ffn.conv.bn.weight,
+                         ffn.conv.bn.bias, eps=ffn.conv.bn.eps)  # fmt: skip
+        h = F.conv2d(F.gelu(F.conv2d(h, ffn.fc1.weight, ffn.fc1.bias)), ffn.fc2.weight, ffn.fc2.bias)
+        expected = (y + block.layer_scale * h).squeeze(2).transpose(1, 2)
+        torch.testing.assert_close(block(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_repmixer_kernel_size_reaches_every_depthwise_conv() -> None:
+    mct = _tiny(repmixer_kernel=7)
+    convs = {n: tuple(p.shape) for n, p in mct.named_parameters() if n.endswith("conv.weight")}
+    assert len(convs) == 4  # per RepMixer block: the mixer's conv branch and the ConvFFN's depthwise conv
+    assert set(convs.values()) == {(16, 1, 1, 7)}
+
+
+def test_layer_scales_start_at_1e_5() -> None:
+    """Apple's init: both residual branches of a RepMixer block start almost closed."""
+    mct = _tiny()
+    scales = {n: p for n, p in mct.named_parameters() if n.endswith("layer_scale")}
+    assert len(scales) == 4
+    for name, p in scales.items():
+        assert p.shape == (16, 1, 1) and torch.equal(p, torch.full_like(p, 1e-5)), name
