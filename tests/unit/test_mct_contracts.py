@@ -335,3 +335,24 @@ def test_layer_scales_start_at_1e_5() -> None:
     assert len(scales) == 4
     for name, p in scales.items():
         assert p.shape == (16, 1, 1) and torch.equal(p, torch.full_like(p, 1e-5)), name
+
+
+def test_initialisation_scales() -> None:
+    """Apple's init: token embeddings N(0, 0.02), positions and projection ~ dim**-0.5, every Linear / Conv2d
+    weight truncated N(0, 0.02) with zero biases (sample standard deviations within sampling error)."""
+    torch.manual_seed(11)
+    mct = _tiny(dim=64, vocab_size=400, context_length=64, embed_dim=32, num_layers=1)
+
+    def close(t: torch.Tensor, std: float) -> bool:
+        return abs(t.detach().std().item() / std - 1) < 0.15 and abs(t.detach().mean().item()) < 0.2 * std
+
+    assert close(mct.embedding_layer.weight, 0.02)
+    assert close(mct.positional_embedding.pos_embed.pos_embed, 64**-0.5)
+    assert close(mct.projection_layer, 64**-0.5)
+    layers = [m for m in mct.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert (
+        len(layers) == 2 * 4 + 4
+    )  # per RepMixer block: 2 depthwise convs, fc1, fc2; qkv, out, 2 FFN linears
+    for m in layers:
+        assert close(m.weight, 0.02), m
+        assert m.bias is None or torch.equal(m.bias, torch.zeros_like(m.bias)), m
