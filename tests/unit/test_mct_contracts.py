@@ -356,3 +356,44 @@ def test_initialisation_scales() -> None:
     for m in layers:
         assert close(m.weight, 0.02), m
         assert m.bias is None or torch.equal(m.bias, torch.zeros_like(m.bias)), m
+
+
+def test_transformer_layer_is_pre_norm_attention_then_pre_norm_ffn() -> None:
+    """``x + MHA(LN1(x))``, then ``+ W2 GELU(W1 LN2(.) + b1) + b2``, written with explicit ops (masked)."""
+    from siclip.models.mct import TransformerEncoder
+
+    torch.manual_seed(12)
+    layer: Any = TransformerEncoder(12, num_heads=3, ffn_dim=20)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 5, 12)
+    mask = torch.zeros(5, 5).masked_fill(torch.rand(5, 5) < 0.3, float("-inf"))
+    mask.fill_diagonal_(0.0)
+
+    def ln(t: torch.Tensor, m: nn.LayerNorm) -> torch.Tensor:
+        mu, var = t.mean(-1, keepdim=True), t.var(-1, unbiased=False, keepdim=True)
+        return (t - mu) / torch.sqrt(var + m.eps) * m.weight + m.bias
+
+    mha = layer.pre_norm_mha[1]
+    qkv = ln(x, layer.pre_norm_mha[0]) @ mha.qkv_proj.weight.T + mha.qkv_proj.bias
+    heads = []
+    for h in range(3):
+        q, k, v = (qkv[..., j * 12 + 4 * h : j * 12 + 4 * (h + 1)] for j in range(3))
+        heads.append(torch.softmax(q @ k.transpose(1, 2) / 2.0 + mask, -1) @ v)
+    x1 = x + torch.cat(heads, -1) @ mha.out_proj.weight.T + mha.out_proj.bias
+    fc1, fc2 = layer.pre_norm_ffn[1], layer.pre_norm_ffn[4]
+    expected = x1 + F.gelu(ln(x1, layer.pre_norm_ffn[0]) @ fc1.weight.T + fc1.bias) @ fc2.weight.T + fc2.bias
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x, mask), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("dim", "multiplier", "ffn"), [(32, 4.0, 128), (11, 3.0, 48), (20, 1.5, 32)])
+def test_ffn_width_rounds_up_to_a_multiple_of_16(dim: int, multiplier: float, ffn: int) -> None:
+    mct = MCtTextEncoder(embed_dim=4, dim=dim, context_length=4, vocab_size=10, num_layers=1, num_heads=1,
+                         ffn_multiplier=multiplier)  # fmt: skip
+    layer: Any = mct.transformer[1]
+    assert layer.pre_norm_ffn[1].weight.shape == (ffn, dim) and layer.pre_norm_ffn[4].weight.shape == (
+        dim,
+        ffn,
+    )
