@@ -268,6 +268,7 @@ def test_grad_checkpointing_recomputes_layers_only_when_training() -> None:
     """Checkpointed layers run again in backward (activations not kept); off, or in eval, they run once."""
     torch.manual_seed(8)
     plain = _tiny()
+    assert plain.grad_checkpointing is False  # off until open_clip's set_grad_checkpointing asks
     assert _forward_calls(plain, train=True) == [1, 1, 1, 1]
     ckpt = _tiny()
     ckpt.set_grad_checkpointing()
@@ -397,3 +398,32 @@ def test_ffn_width_rounds_up_to_a_multiple_of_16(dim: int, multiplier: float, ff
         dim,
         ffn,
     )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_with_every_residual_branch_closed_the_tower_is_norm_of_token_plus_position(causal: bool) -> None:
+    """Zero layer scales and zero output projections make every block the identity: what is left is
+    ``LN(E[token] + P[position])``, pooled at the largest token id and projected."""
+    torch.manual_seed(13)
+    mct = _tiny(causal=causal).eval()
+    with torch.no_grad():
+        for name, p in mct.named_parameters():
+            if name.endswith("layer_scale") or ".out_proj." in name or ".pre_norm_ffn.4." in name:
+                p.zero_()
+        mct.final_layer_norm.weight.normal_(1, 0.3)
+        mct.final_layer_norm.bias.normal_(0, 0.3)
+    text = torch.tensor([[3, 7, 49, 0, 0, 0, 0, 0, 0, 0, 0, 0], [5, 1, 2, 4, 8, 9, 48, 0, 0, 0, 0, 0]])
+    ln = mct.final_layer_norm
+    table = mct.positional_embedding.pos_embed.pos_embed[0, 0]
+    expected = F.layer_norm(mct.embedding_layer.weight[text] + table, (16,), ln.weight, ln.bias, ln.eps)
+    with torch.no_grad():
+        torch.testing.assert_close(mct.forward_tokens(text), expected, atol=1e-5, rtol=1e-5)
+        pooled = torch.stack([expected[0, 2], expected[1, 6]])
+        torch.testing.assert_close(mct(text), pooled @ mct.projection_layer, atol=1e-5, rtol=1e-5)
+
+
+def test_a_causal_tower_runs_where_its_weights_are() -> None:
+    """The causal mask is built on the tokens' device (``meta`` stands in for an accelerator)."""
+    mct = _tiny(causal=True).eval().to("meta")
+    out = mct(torch.randint(0, 50, (2, 12)).to("meta"))
+    assert out.device.type == "meta" and out.shape == (2, 8)
