@@ -176,7 +176,6 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, dim: int, *, num_heads: int, ffn_dim: int) -> None:
         super().__init__()
-        self.num_heads = num_heads
         self.pre_norm_mha = nn.Sequential(
             LayerNormFP32(dim), MultiHeadAttention(dim, num_heads), nn.Dropout(0.0)
         )
