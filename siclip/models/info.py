@@ -8,13 +8,9 @@ __all__ = ["param_counts"]
 
 
 def _count(params: list[nn.Parameter]) -> int:
-    seen: set[int] = set()
-    total = 0
-    for p in params:
-        if id(p) not in seen:  # a shared tensor is one Parameter object registered under several names
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    # Every list below comes from ``Module.parameters()``, which yields a shared tensor (one Parameter object
+    # registered under several names) once, so a plain sum counts it once.
+    return sum(p.numel() for p in params)
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

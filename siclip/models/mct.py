@@ -60,17 +60,12 @@ class MobileOne1d(nn.Module):
         self.dim = dim
         self.kernel_size = kernel_size
         self.rbr_skip = nn.BatchNorm2d(dim)
-        self.rbr_conv = (
-            nn.ModuleList([_conv_bn(dim, kernel_size) for _ in range(num_conv_branches)])
-            if num_conv_branches
-            else None
-        )
+        self.rbr_conv = nn.ModuleList([_conv_bn(dim, kernel_size) for _ in range(num_conv_branches)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.rbr_skip(x)
-        if self.rbr_conv is not None:
-            for branch in self.rbr_conv:
-                out = out + branch(x)
+        for branch in self.rbr_conv:
+            out = out + branch(x)
         return out
 
     def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,11 +73,10 @@ class MobileOne1d(nn.Module):
         ident = torch.zeros(self.dim, 1, 1, self.kernel_size, dtype=self.rbr_skip.weight.dtype)
         ident[:, 0, 0, self.kernel_size // 2] = 1.0
         kernel, bias = _fuse_conv_bn(ident.to(self.rbr_skip.weight.device), self.rbr_skip)
-        if self.rbr_conv is not None:
-            for branch in self.rbr_conv:
-                conv_bn: Any = branch
-                k, b = _fuse_conv_bn(conv_bn.conv.weight, conv_bn.bn)
-                kernel, bias = kernel + k, bias + b
+        for branch in self.rbr_conv:
+            conv_bn: Any = branch
+            k, b = _fuse_conv_bn(conv_bn.conv.weight, conv_bn.bn)
+            kernel, bias = kernel + k, bias + b
         return kernel, bias
 
 
@@ -95,7 +89,7 @@ class RepMixer(nn.Module):
         self.kernel_size = kernel_size
         self.norm = MobileOne1d(dim, kernel_size, num_conv_branches=0)
         self.mixer = MobileOne1d(dim, kernel_size, num_conv_branches=1)
-        self.layer_scale = nn.Parameter(layer_scale_init_value * torch.ones(dim, 1, 1))
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), layer_scale_init_value))
         self.reparam_conv: nn.Conv2d | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,11 +114,12 @@ class RepMixer(nn.Module):
             padding=(0, self.kernel_size // 2),
             groups=self.dim,
             bias=True,
+            device=km.device,
+            dtype=km.dtype,  # the block's dtype (a float64 / bfloat16 block), not the default float32
         )
         conv.weight.copy_(ident + scale * (km - kn))
         assert conv.bias is not None
         conv.bias.copy_(self.layer_scale.flatten() * (bm - bn))
-        conv.to(km.device)
         del self.mixer, self.norm, self.layer_scale
         self.reparam_conv = conv
 
@@ -151,7 +146,7 @@ class RepMixerBlock(nn.Module):
         super().__init__()
         self.token_mixer = RepMixer(dim, kernel_size=kernel_size)
         self.convffn = ConvFFN(dim, int(dim * mlp_ratio), kernel_size)
-        self.layer_scale = nn.Parameter(1e-5 * torch.ones(dim, 1, 1))
+        self.layer_scale = nn.Parameter(torch.full((dim, 1, 1), 1e-5))
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x.permute(0, 2, 1).unsqueeze(2)  # (B, C, 1, N): the 1-D sequence as a one-row image
@@ -181,7 +176,6 @@ class TransformerEncoder(nn.Module):
 
     def __init__(self, dim: int, *, num_heads: int, ffn_dim: int) -> None:
         super().__init__()
-        self.num_heads = num_heads
         self.pre_norm_mha = nn.Sequential(
             LayerNormFP32(dim), MultiHeadAttention(dim, num_heads), nn.Dropout(0.0)
         )
@@ -325,11 +319,8 @@ def convert_apple_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tens
     also turns Apple's ``head.proj`` into ``head.fc``); ``logit_scale`` kept. Keys already in our layout
     pass through, so the function is idempotent.
     """
-    sd: dict[str, Any] = (
-        state_dict.get("state_dict", state_dict)
-        if isinstance(state_dict.get("state_dict"), dict)
-        else state_dict
-    )
+    inner = state_dict.get("state_dict")
+    sd: dict[str, Any] = inner if isinstance(inner, dict) else state_dict
     out: dict[str, torch.Tensor] = {}
     image = {k: v for k, v in sd.items() if k.startswith("image_encoder.")}
     if image:

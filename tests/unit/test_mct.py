@@ -18,6 +18,10 @@ def test_full_size_mct_has_42_4_m_parameters() -> None:
     n = sum(p.numel() for p in mct.parameters())
     assert abs(n - 42.4e6) / 42.4e6 < 0.01, n
     assert (mct.context_length, mct.vocab_size) == (77, 49408)
+    # the defaults are Apple's MCt (siclip-mobileclip-s0.json spells them out): width 512, 8 heads, non-causal
+    assert (mct.width, mct.output_dim, mct.causal) == (512, 512, False)
+    assert {m.pre_norm_mha[1].num_heads for m in mct.transformer[1:-1]} == {8}
+    assert {k: tuple(v.shape) for k, v in mct.state_dict().items()} == apple_text_keys(512, 4, 49408, 77, 512)
     assert [type(m).__name__ for m in mct.transformer] == ["RepMixerBlock"] + ["TransformerEncoder"] * 4 + [
         "RepMixerBlock"
     ]
