@@ -239,6 +239,24 @@ def test_a_float64_source_is_copied_into_the_model_dtype(
     assert all(state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in sd.items())
 
 
+class _WithEmpties(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.register_buffer("e1", torch.zeros(0))
+        self.register_buffer("e2", torch.zeros(0, 3))
+
+
+def test_distinct_empty_tensors_are_not_aliases_of_each_other() -> None:
+    # empty tensors have no storage to share: each is looked up under its own name only
+    model = _WithEmpties()
+    src = {"lin.weight": torch.ones(2, 2), "lin.bias": torch.ones(2), "e1": torch.zeros(0)}
+    report = inherit_weights(model, src, strict=False)
+    assert report.missing == ["e2"] and report.inherited == ["lin.weight", "lin.bias", "e1"]
+    with pytest.raises(InheritError, match=r"missing 1: e2$"):
+        inherit_weights(model, src)
+
+
 # ----------------------------------------------------------------------------------------- freezing
 def test_freeze_inherited_returns_the_top_most_frozen_modules() -> None:
     model: Any = build_preset("tiny-student")
@@ -304,6 +322,15 @@ def test_student_options(
     # freeze_inherited without a source freezes nothing
     alone, _ = build_student(ModelCfg(name="tiny-student", inherit=True, source="", freeze_logit_scale=True))
     assert [n for n, p in alone.named_parameters() if not p.requires_grad] == ["logit_scale"]
+
+
+def test_student_sources_must_fit_exactly(
+    teacher_file: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    _, sd = teacher_file
+    partial = _save({k: v for k, v in sd.items() if k != "text.ln_final.bias"}, tmp_path / "partial.pt")
+    with pytest.raises(InheritError, match=r"missing 1: text\.ln_final\.bias$"):
+        build_student(ModelCfg(name="tiny-student", source=str(partial)))
 
 
 def test_an_unsimplified_student_inherits_everything_and_has_nothing_new(
