@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from siclip.config import ModelCfg, TeacherCfg
@@ -257,6 +257,28 @@ def test_distinct_empty_tensors_are_not_aliases_of_each_other() -> None:
         inherit_weights(model, src)
 
 
+class _TiedByStorage(nn.Module):
+    """Two distinct Parameters over one storage (what safetensors' save_model writes once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2, bias=False)
+        self.b = nn.Linear(2, 2, bias=False)
+        self.b.weight = nn.Parameter(self.a.weight.data)
+
+
+def test_tensors_sharing_storage_load_from_the_one_name_saved(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    saved = _TiedByStorage()
+    save_model(saved, str(tmp_path / "tied.safetensors"))
+    src = load_source_state_dict(str(tmp_path / "tied.safetensors"))
+    assert len(src) == 1
+    model = _TiedByStorage()
+    report = inherit_weights(model, src)
+    assert not report.missing and sorted(report.inherited) == ["a.weight", "b.weight"]
+    assert torch.equal(model.b.weight, saved.a.weight)
+
+
 # ----------------------------------------------------------------------------------------- freezing
 def test_freeze_inherited_returns_the_top_most_frozen_modules() -> None:
     model: Any = build_preset("tiny-student")
@@ -283,6 +305,13 @@ def test_without_frozen_bn_stats_frozen_modules_follow_the_model_mode() -> None:
     assert not any(p.requires_grad for p in model.text.parameters())
     set_train_mode(model, True)
     assert all(m.training for m in model.modules())
+
+
+def test_freezing_any_module_without_logit_parameters() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    assert freeze_inherited(model) == [""]
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not set_train_mode(model).training
 
 
 def test_freezing_a_model_without_sasp_blocks_freezes_it_whole() -> None:
