@@ -239,6 +239,20 @@ def test_a_float64_source_is_copied_into_the_model_dtype(
     assert all(state[k].dtype == v.dtype and torch.equal(state[k], v) for k, v in sd.items())
 
 
+def test_new_and_dropped_keys_of_an_unsimplified_source(
+    teacher_file: tuple[Path, dict[str, torch.Tensor]],
+) -> None:
+    _, sd = teacher_file
+    student: Any = build_preset("tiny-student")
+    student.logit_bias = nn.Parameter(torch.zeros(()))  # optional: a source need not have it
+    report = inherit_weights(student, sd)
+    state = student.state_dict()
+    assert report.new == [k for k in state if k == "logit_bias" or (k.startswith(LAST + ".") and k not in sd)]
+    assert report.dropped == [k for k in sd if k not in state]
+    assert report.dropped and all(k.startswith(LAST + ".") for k in report.dropped)
+    assert report.inherited == [k for k in state if k in sd]
+
+
 class _WithEmpties(nn.Module):
     def __init__(self) -> None:
         super().__init__()
