@@ -97,6 +97,22 @@ def preset_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+def _info(cfg: dict[str, Any], *, base: str | None, mobile: bool) -> PresetInfo:
+    """PresetInfo from an open_clip model config; keys it leaves out take open_clip's own defaults."""
+    import open_clip
+
+    return PresetInfo(
+        base=base,
+        image_size=int(cfg["vision_cfg"].get("image_size", 224)),
+        # MobileCLIP-style models: mean 0 / std 1, bilinear; otherwise open_clip's (OpenAI, bicubic) (FACTS.md).
+        mean=MOBILECLIP_MEAN if mobile else tuple(open_clip.OPENAI_DATASET_MEAN),  # type: ignore[arg-type]
+        std=MOBILECLIP_STD if mobile else tuple(open_clip.OPENAI_DATASET_STD),  # type: ignore[arg-type]
+        interpolation="bilinear" if mobile else "bicubic",
+        context_length=int(cfg["text_cfg"].get("context_length", 77)),
+        embed_dim=int(cfg["embed_dim"]),
+    )
+
+
 def _open_clip_info(name: str) -> PresetInfo | None:
     """PresetInfo for a plain open_clip model name (a teacher that is not a preset), else None."""
     import open_clip
@@ -104,17 +120,7 @@ def _open_clip_info(name: str) -> PresetInfo | None:
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         return None
-    mobile = name.lower().startswith("mobileclip")
-    return PresetInfo(
-        base=None,
-        image_size=int(cfg["vision_cfg"].get("image_size", 224)),
-        # open_clip's defaults (OpenAI statistics, bicubic) unless it is a MobileCLIP model (FACTS.md).
-        mean=MOBILECLIP_MEAN if mobile else tuple(open_clip.OPENAI_DATASET_MEAN),  # type: ignore[arg-type]
-        std=MOBILECLIP_STD if mobile else tuple(open_clip.OPENAI_DATASET_STD),  # type: ignore[arg-type]
-        interpolation="bilinear" if mobile else "bicubic",
-        context_length=int(cfg["text_cfg"].get("context_length", 77)),
-        embed_dim=int(cfg["embed_dim"]),
-    )
+    return _info(cfg, base=None, mobile=name.lower().startswith("mobileclip"))
 
 
 def preset_info(name: str) -> PresetInfo:
@@ -129,18 +135,8 @@ def preset_info(name: str) -> PresetInfo:
         info = _open_clip_info(name)
         if info is not None:
             return info
-    spec = _spec(name)
-    cfg = preset_config(name)
-    # Every preset here is a MobileCLIP-style model: mean 0 / std 1, bilinear resize (FACTS.md).
-    return PresetInfo(
-        base=spec.base,
-        image_size=int(cfg["vision_cfg"].get("image_size", 224)),
-        mean=MOBILECLIP_MEAN,
-        std=MOBILECLIP_STD,
-        interpolation="bilinear",
-        context_length=int(cfg["text_cfg"].get("context_length", 77)),
-        embed_dim=int(cfg["embed_dim"]),
-    )
+    # Every preset here is a MobileCLIP-style model (one config reader for presets and open_clip names).
+    return _info(preset_config(name), base=_spec(name).base, mobile=True)
 
 
 class _QuietNoWeights(logging.Filter):
