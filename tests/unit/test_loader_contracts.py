@@ -138,6 +138,16 @@ def test_a_cut_shard_logs_the_rest_of_it_as_skipped(tmp_path, caplog) -> None:
     assert f"skipping the rest of shard {url}: TruncatedMemberError" in caplog.text
 
 
+def test_a_caption_that_is_not_utf8_is_skipped(tmp_path, caplog) -> None:
+    with AtomicShardWriter(tmp_path / "u-000000.tar") as w:
+        for i in range(3):
+            w.write({"__key__": f"{i:06d}", "png": _jpeg(i), "txt": b"\xff" if i == 1 else f"cap {i} 0"})
+    with caplog.at_level(logging.WARNING, logger="siclip.data.loader"):
+        b = next(_loader([str(tmp_path / "u-000000.tar")], batch_size=4, shuffle_buffer=0))
+    assert _ids(b) == [0, 2, 0, 2]
+    assert "skipping sample '000001'" in caplog.text and "UnicodeDecodeError" in caplog.text
+
+
 def _write_mixed(path: Path, npz: bool) -> str:
     """Samples 0-3 with synthetic captions, 4 with an empty list, 5 with no ``syn_text``, 6-7 without syn.json."""
     with AtomicShardWriter(path) as w:
