@@ -16,6 +16,7 @@ import io
 import json
 import os
 import tarfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,13 @@ def _tar(path: Path, members: list[tuple[str, bytes | None]]) -> str:
 
 # ------------------------------------------------------------------------------------------ manifest
 def test_manifest_file_is_sorted_indented_json_with_a_final_newline(tmp_path) -> None:
-    path = write_manifest(str(tmp_path) + "/", MANIFEST)  # a trailing slash is the same folder
-    assert path == f"{tmp_path}/manifest.json"
+    folder = tmp_path / "runX"  # a trailing slash is the same folder (and only slashes are trimmed)
+    folder.mkdir()
+    path = write_manifest(str(folder) + "/", MANIFEST)
+    assert path == f"{folder}/manifest.json"
     assert Path(path).read_text() == json.dumps(MANIFEST.to_dict(), indent=2, sort_keys=True) + "\n"
-    assert os.listdir(tmp_path) == ["manifest.json"]
-    assert list_shards(str(tmp_path) + "/") == [f"{tmp_path}/w-000000.tar", f"{tmp_path}/w-000001.tar"]
+    assert os.listdir(folder) == ["manifest.json"]
+    assert list_shards(str(folder) + "/") == [f"{folder}/w-000000.tar", f"{folder}/w-000001.tar"]
 
 
 def test_manifest_into_new_nested_and_relative_folders(tmp_path, monkeypatch) -> None:
@@ -262,15 +265,16 @@ def test_file_uri_writer_uses_a_temporary_file(tmp_path) -> None:
 
 def test_memory_uri_writer_abort_and_finished() -> None:
     fs = fsspec.filesystem("memory")
-    base = "memory://siclip-contracts"
+    root = f"/siclip-contracts-{uuid.uuid4().hex}"  # the memory file system lives as long as the process
+    base = f"memory://{root}"
     with pytest.raises(RuntimeError, match="boom"), AtomicShardWriter(f"{base}/a.tar") as w:
         w.write({"__key__": "a", "txt": "t"})
         raise RuntimeError("boom")
-    assert not fs.exists("/siclip-contracts/a.tar") and not fs.exists("/siclip-contracts/a.tar.tmp")
+    assert not fs.exists(f"{root}/a.tar") and not fs.exists(f"{root}/a.tar.tmp")
     assert not finished(f"{base}/a.tar")
     with AtomicShardWriter(f"{base}/b.tar") as w:
         w.write({"__key__": "a", "txt": "t"})
-    assert finished(f"{base}/b.tar") and not fs.exists("/siclip-contracts/b.tar.tmp")
+    assert finished(f"{base}/b.tar") and fs.ls(root, detail=False) == [f"{root}/b.tar"]
 
 
 def test_finished_only_for_a_file(tmp_path) -> None:
