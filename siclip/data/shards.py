@@ -399,12 +399,13 @@ def register_fsspec_schemes(
     schemes: Iterable[str] = ("s3", "gcs", "gs", "az", "abfs", "abfss", "hdfs"),
 ) -> None:
     """Let webdataset open these URI schemes through fsspec (webdataset itself knows pipe:, http(s), gs)."""
-    from webdataset import gopen
+    # The module's table (``from webdataset import gopen`` is webdataset's gopen *function*, not the module).
+    from webdataset.gopen import gopen_schemes
 
     for scheme in schemes:
-        if scheme == "gs" and "gs" in gopen.gopen_schemes:
+        if scheme == "gs" and "gs" in gopen_schemes:
             continue  # webdataset's gsutil handler works where gsutil exists; keep it
-        gopen.gopen_schemes[scheme] = _fsspec_gopen
+        gopen_schemes[scheme] = _fsspec_gopen
 
 
 def open_url(url: str, mode: str = "rb") -> IO[bytes]:

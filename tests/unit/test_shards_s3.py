@@ -47,3 +47,42 @@ def test_missing_object_and_dead_server_are_io_errors(s3_server: S3Server) -> No
     s3_server.stop()
     with pytest.raises(ShardIOError, match="cannot read"):
         list(iter_tar_members("s3://shards/a.tar"))
+
+
+def test_direct_upload_moves_nothing(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    import s3fs
+
+    s3_server.filesystem().mkdir("shards")
+    moves: list[tuple[object, ...]] = []
+    monkeypatch.setattr(s3fs.S3FileSystem, "mv", lambda self, *args, **kw: moves.append(args))
+    with AtomicShardWriter("s3://shards/e.tar") as w:
+        w.write(_sample(0))
+    assert moves == []  # no temporary key to copy and delete (S3 has no rename)
+    assert [s["__key__"] for s in iter_raw_samples("s3://shards/e.tar")] == ["k0"]
+
+
+def test_aborted_upload_stays_aborted(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    import gc
+    import sys
+
+    import webdataset as wds
+
+    fs = s3_server.filesystem()
+    fs.mkdir("shards")
+    close = wds.TarWriter.close
+
+    def broken_close(self: object) -> None:  # the tar is finished, but flushing it fails
+        close(self)  # type: ignore[arg-type]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(wds.TarWriter, "close", broken_close)
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    # the caller's error is what propagates, even though closing the tar fails too
+    with pytest.raises(KeyError, match="mine"), AtomicShardWriter("s3://shards/d.tar") as w:
+        w.write(_sample(0))
+        raise KeyError("mine")
+    del w
+    gc.collect()  # a discarded upload has nothing to flush when it is collected
+    assert unraisable == []
+    assert fs.ls("shards", refresh=True) == []
