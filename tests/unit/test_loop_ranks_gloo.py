@@ -59,23 +59,24 @@ def _results(rank: int, world_size: int) -> dict[str, Any]:
         "to_host": to_host({"a": torch.tensor(float(rank + 1)), "b": 7.0 + rank}, world_size=world_size),
         "to_host_local": to_host({"a": torch.tensor(float(rank + 1))}),
     }
-    task = Probe(poison={1} if rank == 1 else set())  # rank 1's first step has a NaN loss
-    optimizer, scheduler = _sgd(task)
-    out["ok"] = [
-        train_step(
-            task,
-            next(data(rank)),
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=None,
-            precision="fp32",
-            device=CPU,
-            grad_clip=1.0,
-            rank=rank,
-            world_size=world_size,
-        )[0]
-        for _ in range(2)
-    ]
+    for key, size in (("ok", world_size), ("ok_local", 1)):
+        task = Probe(poison={1} if rank == 1 else set())  # rank 1's first step has a NaN loss
+        optimizer, scheduler = _sgd(task)
+        out[key] = [
+            train_step(
+                task,
+                next(data(rank)),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=None,
+                precision="fp32",
+                device=CPU,
+                grad_clip=1.0,
+                rank=rank,
+                world_size=size,
+            )[0]
+            for _ in range(2)
+        ]
     batch = next(data(rank))
     out["unused"] = unused_parameters(Branchy(), batch, device=CPU, rank=rank, world_size=world_size)
     out["unused_local"] = unused_parameters(Branchy(), batch, device=CPU, rank=rank)
@@ -136,9 +137,11 @@ def test_to_host_averages_device_scalars_over_ranks_and_world_size_1_stays_local
         assert got["to_host_local"] == local["to_host_local"] == {"a": rank + 1.0}
 
 
-def test_a_nan_on_one_rank_skips_the_step_on_every_rank(ranks: list[dict[str, Any]]) -> None:
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank_of_the_world(ranks: list[dict[str, Any]]) -> None:
     assert [_results(r, 1)["ok"] for r in range(WORLD)] == [[True, True], [False, True]]
     assert [got["ok"] for got in ranks] == [[False, True]] * WORLD
+    # world_size=1 is this process's own step, even inside a process group
+    assert [got["ok_local"] for got in ranks] == [[True, True], [False, True]]
 
 
 def test_a_parameter_unused_on_any_rank_is_reported_by_every_rank(ranks: list[dict[str, Any]]) -> None:
