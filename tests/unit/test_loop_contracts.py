@@ -142,6 +142,10 @@ def test_schedule_edges_and_the_scheduler_follow_lr_factor() -> None:
         lr_factor(2, OptimCfg(warmup_steps=2, min_lr_ratio=0.25), 6) == 1.0
     )  # the cosine starts at the peak
     cfg = OptimCfg(lr=0.5, warmup_steps=3, min_lr_ratio=0.1)
+    expected = [1 / 3, 2 / 3, 1.0, *(0.1 + 0.45 * (1 + math.cos(math.pi * t / 6)) for t in range(6)), 0.1]
+    assert [lr_factor(s, cfg, 9) for s in range(10)] == pytest.approx(expected)
+    constant = OptimCfg(warmup_steps=3, schedule="constant", min_lr_ratio=0.1)
+    assert [lr_factor(s, constant, 9) for s in range(5)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0, 1.0])
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
     scheduler = build_scheduler(optimizer, cfg, 9)
     for step in range(12):
