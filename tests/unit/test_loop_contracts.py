@@ -561,10 +561,13 @@ def test_without_a_process_group_world_size_scales_the_sample_counts_only() -> N
     alone = logs_of(Probe(), 4, log_every=2)
     task = Probe()
     logs: list[tuple[int, dict[str, float]]] = []
-    state = train(
-        task, 4, hooks=LoopHooks(on_log=lambda s, m: logs.append((s, m))), log_every=2, world_size=2
+    saved: list[tuple[int, dict[str, float]]] = []
+    hooks = LoopHooks(
+        on_log=lambda s, m: logs.append((s, m)), on_checkpoint=lambda s, m: saved.append((s, m))
     )
+    state = train(task, 4, hooks=hooks, log_every=2, world_size=2)
     assert state.samples_seen == 4 * B * 2
+    assert [s for s, _ in saved] == [4] and "val/score" not in saved[0][1]  # no eval hook, no eval metrics
     assert {(s["rank"], s["world_size"]) for s in task.seen} == {(0, 2)}
     for (_, got), (_, ref) in zip(logs, alone, strict=True):
         assert got["perf/samples_per_s"] * got["perf/step_time_s"] == pytest.approx(2 * B)
