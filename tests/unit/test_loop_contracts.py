@@ -338,6 +338,7 @@ def test_a_parameter_the_loss_does_not_reach_this_step_stays_put() -> None:
     assert torch.equal(task.b.detach(), b_after_first)  # no momentum step, no decay: AdamW skipped it
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # the scaler skipped optimizer.step()
 def test_the_grad_scaler_scales_unscales_and_owns_overflow() -> None:
     def scaler(scale: float) -> torch.amp.GradScaler:
         return torch.amp.GradScaler("cpu", init_scale=scale)
