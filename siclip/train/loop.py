@@ -196,7 +196,7 @@ def unused_parameters(
     rank: int = 0,
     world_size: int = 1,
 ) -> list[str]:
-    """Trainable parameters that no rank's loss reaches on ``batch`` (DDP then needs
+    """Trainable parameters that some rank's loss does not reach on ``batch`` (DDP then needs
     ``find_unused_parameters``, which costs a graph traversal every step, so it is only turned on for them).
 
     One forward and ``autograd.grad`` on the unwrapped task, a collective when ``world_size > 1``: no
