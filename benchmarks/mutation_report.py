@@ -2,7 +2,8 @@
 
 Score per module = killed / (killed + survived + no tests), over the mutants mutmut has checked; timeouts
 count as killed (the mutant hung the tests), "not checked" mutants are listed separately so a partial run is
-visible as partial. Everything after the ``<!-- notes -->`` line of the existing file (the hand-written
+visible as partial. When only a random sample was checked (``make mutate-sample``) the score is an estimate:
+the table gives its 95 % Wilson interval, and one row per package. Everything after the ``<!-- notes -->`` line of the existing file (the hand-written
 explanation of each survivor) is kept.
 
     python benchmarks/mutation_report.py [--results FILE] [--out benchmarks/mutation.md] [--note TEXT]
@@ -11,6 +12,7 @@ explanation of each survivor) is kept.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import subprocess
 import sys
@@ -36,14 +38,18 @@ def table(results: dict[str, str]) -> tuple[str, list[str]]:
     for name, status in results.items():
         per[module_of(name)][status] += 1
     rows = [
-        "| module | mutants | checked | killed | survived / no tests | score |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| module | mutants | checked | killed | survived / no tests | score | 95 % interval |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     total: Counter[str] = Counter()
+    packages: dict[str, Counter[str]] = defaultdict(Counter)
     for module in sorted(per):
         c = per[module]
         total.update(c)
+        packages[module.rsplit(".", 1)[0]].update(c)
         rows.append(_row(module, c))
+    for package in sorted(packages):
+        rows.append(_row(f"**{package} (all)**", packages[package]))
     rows.append(_row("**all checked**", total))
     survivors = sorted(n for n, s in results.items() if s in LIVE)
     return "\n".join(rows), survivors
@@ -54,7 +60,19 @@ def _row(label: str, c: Counter[str]) -> str:
     live = sum(c[s] for s in LIVE)
     checked = killed + live
     score = f"{100 * killed / checked:.1f} %" if checked else "-"
-    return f"| {label} | {sum(c.values())} | {checked} | {killed} | {live} | {score} |"
+    lo, hi = wilson(killed, checked)
+    interval = f"{100 * lo:.0f}-{100 * hi:.0f} %" if checked else "-"
+    return f"| {label} | {sum(c.values())} | {checked} | {killed} | {live} | {score} | {interval} |"
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n``: the score of a random sample of mutants is an estimate."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from mutation_report import parse, table
+from mutation_report import parse, table, wilson
 from mutation_sample import sample
 
 RESULTS = "\n".join(
@@ -27,10 +29,20 @@ def test_score_counts_timeouts_as_kills_and_ignores_unchecked() -> None:
     assert len(results) == 29 and results["siclip.a.xǁCǁg__mutmut_1"] == "survived"
     body, survivors = table(results)
     rows = {line.split(" | ")[0].strip("| "): line for line in body.splitlines()[2:]}
-    assert rows["siclip.a"] == "| siclip.a | 8 | 8 | 7 | 1 | 87.5 % |"
-    assert rows["siclip.b"] == "| siclip.b | 21 | 1 | 0 | 1 | 0.0 % |"
-    assert rows["**all checked**"] == "| **all checked** | 29 | 9 | 7 | 2 | 77.8 % |"
+    assert rows["siclip.a"] == "| siclip.a | 8 | 8 | 7 | 1 | 87.5 % | 53-98 % |"
+    assert rows["siclip.b"] == "| siclip.b | 21 | 1 | 0 | 1 | 0.0 % | 0-79 % |"
+    assert rows["**siclip (all)**"] == "| **siclip (all)** | 29 | 9 | 7 | 2 | 77.8 % | 45-94 % |"
+    assert rows["**all checked**"] == "| **all checked** | 29 | 9 | 7 | 2 | 77.8 % | 45-94 % |"
     assert survivors == ["siclip.a.xǁCǁg__mutmut_1", "siclip.b.x_h__mutmut_21"]
+
+
+def test_wilson_interval_matches_the_textbook_formula() -> None:
+    k, n, z = 45, 50, 1.96
+    p = k / n
+    centre = (p + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z / (1 + z**2 / n) * (p * (1 - p) / n + z**2 / (4 * n**2)) ** 0.5
+    assert wilson(k, n) == pytest.approx((centre - half, centre + half))
+    assert wilson(0, 0) == (0.0, 1.0) and wilson(10, 10)[1] == 1.0
 
 
 def test_sample_is_seeded_per_module_and_skips_checked_mutants() -> None:
