@@ -29,6 +29,12 @@ def parse(text: str) -> dict[str, str]:
     return {m["name"]: m["status"] for m in map(LINE.match, text.splitlines()) if m}
 
 
+def mutmut_results() -> str:
+    """The text of ``mutmut results --all true`` for the current folder's ``mutants/``."""
+    cmd = [sys.executable, "-m", "mutmut", "results", "--all", "true"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
 def module_of(name: str) -> str:
     return re.split(r"\.(?:x_|xǁ)", name, maxsplit=1)[0]
 
@@ -81,15 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/mutation.md")
     ap.add_argument("--note", default="", help="a line about the run (machine, what was covered)")
     args = ap.parse_args(argv)
-    if args.results:
-        text = Path(args.results).read_text()
-    else:
-        text = subprocess.run(
-            [sys.executable, "-m", "mutmut", "results", "--all", "true"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+    text = Path(args.results).read_text() if args.results else mutmut_results()
     results = parse(text)
     if not results:
         print("mutation_report: no mutmut results found (run `make mutate` first)", file=sys.stderr)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import random
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mutation_report import module_of, parse
+from mutation_report import module_of, mutmut_results, parse
 
 
 def sample(results: dict[str, str], patterns: list[str], fraction: float, seed: int) -> list[str]:
@@ -44,13 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0 < args.fraction <= 1:
         ap.error(f"--fraction must be in (0, 1], got {args.fraction}")
-    text = subprocess.run(
-        [sys.executable, "-m", "mutmut", "results", "--all", "true"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    print("\n".join(sample(parse(text), args.patterns, args.fraction, args.seed)))
+    print("\n".join(sample(parse(mutmut_results()), args.patterns, args.fraction, args.seed)))
     return 0
 
 
