@@ -7,6 +7,7 @@ wrong thing, or a setting silently dropped on its way into the module, changes n
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -87,6 +88,11 @@ def test_pm_and_sampling_errors_name_the_problem() -> None:
         ValueError, match=r"^sim must be \[n, m\] with offset \+ n <= m, got \(3, 4\), offset 2$"
     ):
         sample_negatives(torch.zeros(3, 4), k=1, mode="hard", offset=2)
+    for shape in ((4,), (2, 4, 4)):  # not a matrix: the same one-line error, not an IndexError
+        with pytest.raises(
+            ValueError, match=rf"^sim must be \[n, m\] .*, got {re.escape(str(shape))}, offset 0$"
+        ):
+            sample_negatives(torch.zeros(shape), k=1, mode="hard")
     for k in (0, 4):
         with pytest.raises(ValueError, match=rf"^need 1 <= k <= m - 1 negatives per anchor \(k={k}, m=4\)$"):
             sample_negatives(torch.zeros(4, 4), k=k, mode="hard")

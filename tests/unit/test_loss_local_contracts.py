@@ -221,6 +221,30 @@ def test_local_without_a_gather_is_the_plain_local_loss(gathers: list, gather: b
     assert not gathers
 
 
+@pytest.mark.parametrize(
+    ("weights", "want"),
+    [
+        ({"clip_weight": 0.0, "crd_weight": 0.0, "icl_weight": 0.0, "fd_weight": 1.0}, 0),  # FD is per-sample
+        (
+            {"clip_weight": 1.0, "crd_weight": 0.0, "icl_weight": 0.0, "fd_weight": 1.0},
+            2,
+        ),  # student pair only
+        (
+            {"clip_weight": 0.0, "crd_weight": 1.0, "icl_weight": 0.0, "fd_weight": 0.0},
+            4,
+        ),  # and the teacher's
+    ],
+)
+def test_only_what_a_term_needs_is_gathered(gathers: list, weights: dict[str, float], want: int) -> None:
+    """A step gathers the student pair only for a batch-wide term, the teacher pair only for CRD/ICL."""
+    cfg = replace(LOCAL, local=False, **weights)
+    out, _, _ = _on_rank(_build(cfg, DT), _batch(3), 1)
+    assert len(gathers) == want
+    assert {k for k in out if k.endswith("_loss")} == {
+        f"{k.removesuffix('_weight')}_loss" for k, w in weights.items() if w > 0
+    }
+
+
 def _pm_naive_rows(
     pm: PMLoss, img: Tensor, txt: Tensor, own: slice, scale: float, seed: int, k: int
 ) -> tuple[Tensor, float]:

@@ -160,14 +160,17 @@ def test_crd_scales(teacher_scale: str, student_scale: str) -> None:
     loss = build_loss(cfg, student_dim=6, teacher_dim=6).double()
     si, st, ti, tt = (_unit(5, 6, s) for s in range(4))
     clip_log, teacher_log = torch.tensor(math.log(30.0)), torch.tensor(math.log(70.0))
-    got = loss(si, st, clip_log, ti, tt, t_logit_scale=teacher_log)["crd_loss"]
+    out = loss(si, st, clip_log, ti, tt, t_logit_scale=teacher_log)
     t_want = 70.0 if teacher_scale == "teacher" else 1 / 0.05
     s_want = 30.0 if student_scale == "clip" else 1 / 0.1
-    assert float(got) == pytest.approx(_ref_crd(si, st, ti, tt, s_want, t_want), rel=1e-6)
+    assert float(out["crd_loss"]) == pytest.approx(_ref_crd(si, st, ti, tt, s_want, t_want), rel=1e-6)
+    assert float(out["temp/crd_student"]) == pytest.approx(1 / s_want)  # the scale in use is the one logged
     trainable = [n for n, p in loss.named_parameters() if p.requires_grad]
     assert trainable == ([] if student_scale == "clip" else ["crd.student_log_scale"])
     if teacher_scale == "teacher":
-        with pytest.raises(ValueError, match="teacher logit scale"):
+        with pytest.raises(
+            ValueError, match=r"^loss\.crd_teacher_scale is 'teacher' but no teacher logit scale was passed$"
+        ):
             loss(si, st, clip_log, ti, tt)
 
 
