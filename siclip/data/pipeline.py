@@ -123,29 +123,25 @@ class ShardBuildError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool, int]:
+def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool]:
     """Group a tar's members into samples by key, like webdataset.
 
-    Returns ``(groups, readable, duplicates)``: ``groups`` in file order (a key seen again later in the
-    file, or an extension repeated within one key, makes a group marked with the ``"__duplicate__"``
-    member), ``readable`` False when the tar's content is damaged before its end (the group being read then
-    is dropped), ``duplicates`` the number of groups marked. Raises
+    Returns ``(groups, readable)``: ``groups`` in file order (a key seen again later in the file, or an
+    extension repeated within one key, makes a group marked with the ``"__duplicate__"`` member, which
+    validation skips as ``duplicate_key``), ``readable`` False when the tar's content is damaged before its
+    end (the group being read then is dropped). Raises
     :class:`~siclip.data.shards.ShardIOError` when the tar cannot be read for any other reason.
     """
     groups: list[tuple[str, dict[str, bytes]]] = []
     seen: set[str] = set()
-    duplicates = 0
     current_key: str | None = None
     current: dict[str, bytes] = {}
 
     def flush() -> None:
-        nonlocal duplicates
         if current_key is None:
             return
         if current_key in seen:
             current["__duplicate__"] = b""
-        if "__duplicate__" in current:
-            duplicates += 1
         seen.add(current_key)
         groups.append((current_key, current))
 
@@ -161,9 +157,9 @@ def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool,
         if isinstance(exc, TruncatedMemberError) and exc.key != current_key:
             flush()  # the damage starts a new sample: the one before it is complete
         log.warning("%s: damaged tar (%s); kept %d samples read before the damage", url, exc, len(groups))
-        return groups, False, duplicates
+        return groups, False
     flush()
-    return groups, True, duplicates
+    return groups, True
 
 
 # ----------------------------------------------------------------------------------------- validating
@@ -275,7 +271,7 @@ def prepare_shard(
     Never raises for bad data (it is counted, ``samples_in == len(keys) + sum(skipped)``); raises
     :class:`~siclip.data.shards.ShardIOError` when the shard cannot be read.
     """
-    groups, readable, _ = read_tar_groups(url)
+    groups, readable = read_tar_groups(url)
     out = PreparedShard()
     skipped: Counter[str] = Counter()
     for key, members in groups:
@@ -551,13 +547,13 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
 
     c = cfg.caption
     pools = 2 if c.teacher_embeddings else 1
-    what = "captioner and teacher pools" if pools == 2 else "captioner pool"
+    what, need = ("captioner and teacher pools", "need") if pools == 2 else ("captioner pool", "needs")
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0))
     need_gpus = pools * c.min_actors * c.num_gpus_per_actor
     if need_gpus > gpus + 1e-9:
         raise RuntimeError(
-            f"caption.num_gpus_per_actor={c.num_gpus_per_actor:g}: the {what} need at least {pools} x "
+            f"caption.num_gpus_per_actor={c.num_gpus_per_actor:g}: the {what} {need} at least {pools} x "
             f"{c.min_actors} (caption.min_actors) x {c.num_gpus_per_actor:g} = {need_gpus:g} GPUs but the Ray "
             f"cluster has {gpus:g}; lower caption.min_actors or caption.num_gpus_per_actor (0: caption on "
             "CPUs), or connect to a cluster with more GPUs (ray.address / RAY_ADDRESS)."
@@ -566,18 +562,19 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
     if need_cpus + prepare_cpus > cpus + 1e-9:
         raise RuntimeError(
             f"caption.num_cpus_per_actor={c.num_cpus_per_actor:g} leaves no CPU for reading shards: the "
-            f"cluster has {cpus:g} CPUs, the {what} need {pools} x {c.min_actors} x "
+            f"cluster has {cpus:g} CPUs, the {what} {need} {pools} x {c.min_actors} x "
             f"{c.num_cpus_per_actor:g} = {need_cpus:g} and a read task {prepare_cpus:g}. Lower "
             "caption.num_cpus_per_actor or caption.min_actors."
         )
     full = pools * c.num_actors * c.num_gpus_per_actor
     if full > gpus + 1e-9:
         log.warning(
-            "the %s would need %g GPUs at caption.num_actors=%d but the cluster has %g: they stay smaller",
+            "the %s would need %g GPUs at caption.num_actors=%d but the cluster has %g: %s smaller",
             what,
             full,
             c.num_actors,
             gpus,
+            "they stay" if pools == 2 else "it stays",
         )
 
 

@@ -40,9 +40,13 @@ def test_icl_default_clamp_is_100() -> None:
 def test_hard_negatives_default_to_scale_1() -> None:
     sim = _unit(6, 4, 0) @ _unit(6, 4, 1).T * 5.0  # spread so that scale 1 and 2 draw differently
 
-    def draw(**scale: float) -> torch.Tensor:
+    def draw(scale: float | None = None) -> torch.Tensor:
         g = torch.Generator().manual_seed(3)
-        return torch.stack([sample_negatives(sim, k=3, mode="hard", generator=g, **scale) for _ in range(20)])
+        if scale is None:  # the default
+            return torch.stack([sample_negatives(sim, k=3, mode="hard", generator=g) for _ in range(20)])
+        return torch.stack(
+            [sample_negatives(sim, k=3, mode="hard", scale=scale, generator=g) for _ in range(20)]
+        )
 
     assert torch.equal(draw(), draw(scale=1.0))
     assert not torch.equal(draw(), draw(scale=2.0))
@@ -53,7 +57,7 @@ def test_pm_loss_default_scale_is_1() -> None:
     pm = PMLoss(4, head="cosine", per_anchor=2)
 
     def value(**scale: float) -> float:
-        return float(copy.deepcopy(pm)(img, txt, generator=torch.Generator().manual_seed(1), **scale))
+        return copy.deepcopy(pm)(img, txt, generator=torch.Generator().manual_seed(1), **scale).item()
 
     assert value() == value(scale=1.0)
     assert value() != pytest.approx(value(scale=2.0))

@@ -8,6 +8,7 @@ malformed shard entry) is refused with a one-line ``ManifestError`` that names t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +109,15 @@ def test_a_manifest_file_on_disk_reads_back_and_a_non_object_is_refused(m: Manif
     path.write_text(json.dumps([m.to_dict()]))
     with pytest.raises(ManifestError, match="expected a JSON object, got list"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("wrong", WRONG, ids=[f"{k}={v!r}" for k, v, _ in WRONG])
+def test_each_corruption_is_refused_on_a_fixed_manifest(wrong: tuple[str, Any, str]) -> None:
+    """Every entry of WRONG at least once, whatever examples hypothesis happens to draw."""
+    key, value, named = wrong
+    data = Manifest(
+        kind="demo-web", shards=[{"name": "a.tar", "samples": 2}], samples_in=2, samples_out=2
+    ).to_dict()
+    data[key] = value
+    with pytest.raises(ManifestError, match=rf"^{re.escape(SOURCE)}: .*{re.escape(named)}"):
+        Manifest.from_dict(data, source=SOURCE)

@@ -46,3 +46,26 @@ def test_min_actors_above_num_actors_is_a_config_error() -> None:
         ConfigError, match=r"^caption.min_actors: got 3; allowed: at most caption.num_actors \(2\)$"
     ):
         load_config(None, ["caption.min_actors=3", "caption.num_actors=2"], check_files=False)
+
+
+def test_a_cpu_only_cluster_captions_on_cpus(cluster: dict[str, float]) -> None:
+    """Ray lists no "GPU" key on a cluster without GPUs: that is 0 GPUs, not an error."""
+    del cluster["GPU"]
+    _check_resources(_cfg(num_gpus_per_actor=0.0), 1.0)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError) as info:
+        _check_resources(_cfg(), 1.0)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "caption.num_gpus_per_actor=1: the captioner pool needs at least 1 x 1 (caption.min_actors) x 1 = 1 GPUs "
+        "but the Ray cluster has 0; lower caption.min_actors or caption.num_gpus_per_actor (0: caption on CPUs), "
+        "or connect to a cluster with more GPUs (ray.address / RAY_ADDRESS)."
+    )
+
+
+def test_a_cluster_listing_no_cpus_has_none_to_give(cluster: dict[str, float]) -> None:
+    del cluster["CPU"]
+    with pytest.raises(RuntimeError) as info:
+        _check_resources(_cfg(), 0.5)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "caption.num_cpus_per_actor=1 leaves no CPU for reading shards: the cluster has 0 CPUs, the captioner "
+        "pool needs 1 x 1 x 1 = 1 and a read task 0.5. Lower caption.num_cpus_per_actor or caption.min_actors."
+    )

@@ -53,7 +53,7 @@ def test_duplicates_and_a_cut_tar_are_counted(tmp_path: Path) -> None:
         end = tar.getmember("d2.jpg").offset_data + 100  # inside the 3rd sample's image
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole.read_bytes()[:end])
-    groups, readable, _ = read_tar_groups(str(cut))
+    groups, readable = read_tar_groups(str(cut))
     assert not readable and [k for k, _ in groups] == ["d0", "d1"]
     out = prepare_shard(str(cut), image_size=8)
     assert out.keys == ["d0", "d1"] and out.skipped == {"unreadable_tar": 1} and out.samples_in == 3
