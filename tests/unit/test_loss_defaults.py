@@ -15,7 +15,7 @@ from siclip.config import LossCfg, LossStageCfg
 from siclip.losses.crd import CRDLoss
 from siclip.losses.icl import ICLLoss
 from siclip.losses.pm import PMLoss, sample_negatives
-from siclip.losses.total import build_loss
+from siclip.losses.total import WIKDLoss, build_loss
 
 torch.set_num_threads(1)
 
@@ -79,3 +79,9 @@ def test_a_term_scheduled_off_is_not_computed_or_reported() -> None:
     out = loss(*args, keep_terms=True)
     assert "crd_loss" not in out and "term/crd" not in out
     assert float(out["loss"]) == pytest.approx(float(out["clip_loss"]))
+
+
+def test_a_new_loss_uses_the_step_0_weights_and_no_gather_gradient() -> None:
+    cfg = LossCfg(crd_weight=1.0, schedule=(LossStageCfg(from_step=1, weights={"crd": 3.0}),))
+    loss = WIKDLoss(cfg, student_dim=4, teacher_dim=4)
+    assert loss.weights["crd"] == 1.0 and not loss.gather_with_grad

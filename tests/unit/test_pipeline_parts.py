@@ -20,7 +20,7 @@ from PIL import Image
 import siclip.data.pipeline as pipeline
 from siclip.config import ConfigError, from_dict, to_dict
 from siclip.data.shards import Manifest, ShardIOError, iter_raw_samples, read_manifest, write_manifest
-from tests.integration.test_pipeline import _good, _tar
+from tests.integration.test_pipeline import _good, _jpeg, _tar
 
 
 @pytest.fixture
@@ -77,23 +77,29 @@ def test_decode_images_gives_rgb_of_the_same_size() -> None:
 
 def _shard(tmp_path: Path, keys: list[str], name: str = "00000.tar") -> str:
     members = [m for i, k in enumerate(keys) for m in _good(k, i)]
+    odd = [
+        ("small.jpg", _jpeg(7, (40, 11))),
+        ("small.txt", b"x"),
+        ("wide.jpg", _jpeg(8, (120, 30))),
+        ("wide.txt", b"x"),
+    ]
     path = tmp_path / name
-    _tar(path, [*members, ("bad.txt", b"a caption without an image")])
+    _tar(path, [*members, ("bad.txt", b"a caption without an image"), *odd])
     return str(path)
 
 
 def test_prepare_row_hands_on_the_shard_as_one_row(tmp_path: Path) -> None:
-    url = _shard(tmp_path, ["a", "b"])
+    url = _shard(tmp_path, ["a", "b"])  # a, b: 40x28
     row = pipeline._prepare_row(
         {"url": url, "name": "00000.tar"},
         image_size=16,
         center_crop=True,
-        min_image_size=0,
-        max_aspect_ratio=10.0,
+        min_image_size=12,
+        max_aspect_ratio=3.5,
         retry_delay_s=0.0,
     )
-    assert row["shard"] == "00000.tar" and row["samples_in"] == 3
-    assert row["skipped"] == '{"missing_image": 1}'
+    assert row["shard"] == "00000.tar" and row["samples_in"] == 5
+    assert row["skipped"] == '{"bad_aspect": 1, "missing_image": 1, "too_small": 1}'
     assert row["keys"] == ["a", "b"] and row["txt"] == ["photo a", "photo b"]
     assert [json.loads(m) for m in row["json"]] == [{"url": "http://x/a.jpg"}, {"url": "http://x/b.jpg"}]
     assert [Image.open(io.BytesIO(j)).size for j in row["jpg"]] == [(16, 16)] * 2  # center-cropped to 16
@@ -235,7 +241,8 @@ def test_resolve_inputs_errors_name_the_problem(tmp_path: Path) -> None:
     ):
         pipeline._resolve_inputs(_cfg(input_shards=missing))
     with pytest.raises(
-        ConfigError, match=r"^caption\.input_shards: two inputs share the shard name '00000\.tar'; "
+        ConfigError,
+        match=r"^caption\.input_shards: two inputs share the shard name '00000\.tar'; output shards keep the input's base name, so names must be unique$",
     ):
         pipeline._resolve_inputs(_cfg(input_shards=[str(tmp_path / "[ab]" / "00000.tar")]))
 
@@ -253,6 +260,12 @@ def test_load_previous_reads_an_earlier_run_by_shard_name(tmp_path: Path) -> Non
     assert pipeline._load_previous(str(tmp_path), _cfg(seed=3, num_actors=4)) == {
         s["name"]: s for s in shards
     }
+
+
+def test_load_previous_takes_a_manifest_without_caption_settings(tmp_path: Path) -> None:
+    """A folder whose manifest records no caption settings (hand-made, older) has nothing to contradict."""
+    write_manifest(str(tmp_path), Manifest(kind="cc12m-syn", shards=[{"name": "a.tar", "samples": 1}]))
+    assert pipeline._load_previous(str(tmp_path), _cfg(seed=9)) == {"a.tar": {"name": "a.tar", "samples": 1}}
 
 
 @pytest.mark.parametrize(
@@ -355,13 +368,12 @@ def test_unfinished_error_names_up_to_five_shards_of_each_kind() -> None:
     assert only.startswith(
         "siclip data: 5 shards could not be built (00000.tar, 00001.tar, 00002.tar, 00003.tar, 00004.tar); see"
     )
-    recorded = str(pipeline._unfinished_error("out", [], failed))
-    assert recorded.startswith(
-        "siclip data: 7 built shards could not be recorded in out/manifest.json (00000.tar,"
+    recorded = str(pipeline._unfinished_error("out", [], failed[:6]))  # one past five: the list is cut
+    assert recorded == (
+        "siclip data: 6 built shards could not be recorded in out/manifest.json (00000.tar, 00001.tar, "
+        "00002.tar, 00003.tar, 00004.tar, ...); see the errors above, then run the same command again to finish them"
     )
-    assert "..." in recorded and isinstance(
-        pipeline._unfinished_error("o", ["a"], []), pipeline.ShardBuildError
-    )
+    assert isinstance(pipeline._unfinished_error("o", ["a"], []), pipeline.ShardBuildError)
 
 
 # ---- one sample: validation and resizing ------------------------------------------------------------------------
