@@ -97,17 +97,17 @@ class _ShardStream(IterableDataset):  # type: ignore[type-arg]
                 worker=worker,
                 num_workers=num_workers,
             )
-            index = kept = 0
+            index, kept = 0, False
             for url in shards:
                 try:
                     for raw in iter_raw_samples(url):
                         if index % modulus == remainder:
-                            kept += 1
+                            kept = True
                             yield raw
                         index += 1
                 except Exception as err:  # a truncated or unreadable shard: keep what was read, go on
                     counters.skip(f"the rest of shard {url}", err)
-            if kept == 0:
+            if not kept:
                 raise RuntimeError(
                     f"rank {kw['rank']} loader worker {worker} got no samples in epoch {epoch} from "
                     f"{len(shards)} of {len(self.urls)} shards (modulus {modulus}): fewer usable samples than "
