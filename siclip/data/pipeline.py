@@ -547,7 +547,11 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
 
     c = cfg.caption
     pools = 2 if c.teacher_embeddings else 1
-    what, need = ("captioner and teacher pools", "need") if pools == 2 else ("captioner pool", "needs")
+    what, need, stays = (
+        ("captioner and teacher pools", "need", "they stay")
+        if pools == 2
+        else ("captioner pool", "needs", "it stays")
+    )
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0))
     need_gpus = pools * c.min_actors * c.num_gpus_per_actor
@@ -574,7 +578,7 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
             full,
             c.num_actors,
             gpus,
-            "they stay" if pools == 2 else "it stays",
+            stays,
         )
 
 
