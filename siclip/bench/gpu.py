@@ -112,8 +112,9 @@ def measure_training(
     """Train ``task`` for ``warmup + steps`` steps; samples/s over the timed steps and peak device memory."""
     from siclip.config import OptimCfg
     from siclip.train.loop import build_optimizer, build_scheduler, train_step
+    from siclip.train.memory_format import place
 
-    task.to(device)
+    place(task, device)
     task.train()
     optim_cfg = OptimCfg(warmup_steps=0, schedule="constant")
     optimizer = build_optimizer(task, optim_cfg)

@@ -34,12 +34,14 @@ def _steps_per_s(rows: list[dict[str, float]], *, log_every: int) -> float:
 def _plain_loop(cfg: SiclipCfg, max_steps: int) -> tuple[float, float]:
     from siclip.train.checkpoint import save_checkpoint
     from siclip.train.loop import LoopHooks, LoopState, build_optimizer, build_scheduler, run_loop
+    from siclip.train.memory_format import place
     from siclip.train.worker import build_batches, build_task
 
     started = time.perf_counter()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     task, _ = build_task(cfg)
+    place(task, "cpu")
     optimizer = build_optimizer(task, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
     batches = build_batches(cfg, rank=0, world_size=1, epoch_offset=0, with_teacher=task.teacher is not None)

@@ -39,6 +39,7 @@ from siclip.train.loop import (
     run_loop,
     unused_parameters,
 )
+from siclip.train.memory_format import place
 
 # re-exported: the metrics table moved to a Ray-free module; callers may still import it from here
 from siclip.train.metrics_table import METRICS_TABLE, last_grad_shares, read_metrics
@@ -81,9 +82,7 @@ def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
         gather_with_grad=cfg.loss.gather_with_grad,
     )
     info = {"inherit_report": report.summary() if report is not None else None}
-    task = SiclipTask(student, loss, teacher, caption_sets=cfg.loss.caption_sets)
-    task.to(memory_format=torch.channels_last)  # matches the channels-last images from the loop
-    return task, info
+    return SiclipTask(student, loss, teacher, caption_sets=cfg.loss.caption_sets), info
 
 
 def _same_preprocessing(a: str, b: str) -> bool:
@@ -259,7 +258,7 @@ def train_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     task, info = build_task(cfg)
-    task.to(device)
+    place(task, device)  # the memory format the loop gives the images on this device
     optimizer = build_optimizer(task, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
     precision = resolve_precision(cfg.train.precision, device)
