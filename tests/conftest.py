@@ -31,8 +31,22 @@ def ray_session() -> Iterator[None]:
     """One local Ray for the whole test session (about 8 s and 1 GB to start)."""
     from siclip.config import RayCfg
     from siclip.ray_session import init_ray
+    from tests.helpers import AVX2_KERNELS
 
-    init_ray(RayCfg(num_cpus=2, object_store_memory_mb=256))  # as `siclip train` starts it (no dashboard)
+    # Ray's processes (raylet, Train workers, Data actors) inherit the environment ray.init starts them in:
+    # they run oneDNN's AVX2 kernels, as on an AVX2-only CPU, so a kernel that crashes there fails the test
+    # that trained through Ray. This process keeps its own kernels (the variable is restored before any
+    # convolution runs here; oneDNN reads it once, at its first one).
+    saved = {k: os.environ.get(k) for k in AVX2_KERNELS}
+    os.environ.update({k: os.environ.get(k) or v for k, v in AVX2_KERNELS.items()})
+    try:
+        init_ray(RayCfg(num_cpus=2, object_store_memory_mb=256))  # as `siclip train` starts it (no dashboard)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield
     # left running for other tests; pytest's exit shuts it down
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,11 +40,33 @@ def write_config(root: Path, name: str, overrides: list[str], *, out: str = "cfg
     return path
 
 
+AVX2_KERNELS = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+"""oneDNN's AVX2 kernels, as an AVX2-only CPU runs them (some crash where AVX-512 ones do not)."""
+
+
 def subprocess_env() -> dict[str, str]:
+    """The environment of every child process the tests start: AVX2 kernels unless the caller chose an ISA,
+    so a kernel that crashes on AVX2-only machines fails the suite on any x86 machine."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["PYTHONUNBUFFERED"] = "1"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    for key, value in AVX2_KERNELS.items():
+        env.setdefault(key, value)
     return env
+
+
+def child_report(proc: subprocess.CompletedProcess[str], *, tail: int = 4000) -> str:
+    """How a child process ended (the signal named when one killed it) and the end of its output."""
+    code = proc.returncode
+    if code is not None and code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit status {code}"
+    out = (proc.stdout or "") + (proc.stderr or "")
+    return f"child {how}; output ends:\n{out[-tail:]}"
 
 
 SICLIP = [sys.executable, "-m", "siclip.cli"]
