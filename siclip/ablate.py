@@ -1,6 +1,6 @@
 """``siclip ablate``: the paper's ablation rows over several seeds, on the demo world or on any config's data.
 
-Rows (METHOD.md section 7): baseline (SiCLIP architecture from scratch, CLIP loss), WI (inherit + freeze,
+Rows (docs/method.md section 7): baseline (SiCLIP architecture from scratch, CLIP loss), WI (inherit + freeze,
 CLIP loss), WIKD (+ FD, CRD, ICL), WIKD+PM; and the data claim: web (real) captions only vs CC12M-SYN
 (real + synthetic) captions, for the baseline and for WIKD+PM. Every row is one student config (the demo's,
 or ``--config FILE`` with its own data, teacher and held-out sets) plus a few overrides, trained by the

@@ -27,7 +27,10 @@ from siclip.train.grad_share import format_shares
 
 __all__ = ["DEMO_SIZES", "DemoPrep", "demo_config", "prepare_demo", "run_demo"]
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+_PACKAGED = Path(__file__).resolve().parent / "configs"
+CONFIGS = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+"""The shipped configs: ``siclip/configs/`` in an installed wheel (setup.py copies them in), else a
+checkout's top-level ``configs/``."""
 DEFAULT_ROOT = "runs/demo"
 
 DEMO_SIZES: dict[str, dict[str, Any]] = {

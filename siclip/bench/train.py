@@ -1,15 +1,24 @@
-"""``siclip bench train``: Ray Train's overhead and 2-worker scaling, side by side in one run.
+"""``siclip bench train``: Ray Train's overhead and 2-worker scaling, and the CPU memory formats.
 
 Three runs of the same model, loss, data and global batch: the Ray-free loop in this process (plain
 PyTorch), the same loop under a 1-worker ``TorchTrainer``, and under 2 workers (gloo on CPU). Each run
 checkpoints at the same steps. Throughput is measured after a warm-up interval from the loop's own step
 timer, so the ratio is per-step overhead; the fixed cost of starting ``fit()`` is reported separately.
+
+Then the CPU step time in NCHW vs channels-last, with this CPU's own oneDNN kernels and with the AVX2 ones
+(``ONEDNN_MAX_CPU_ISA=AVX2``, as on an AVX2-only machine): each cell is a child process, so a kernel that
+crashes is reported by its signal instead of ending the benchmark, and the rounds alternate the cells so a
+busy machine slows them alike.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +29,22 @@ import torch
 from siclip.config import SiclipCfg, replace
 from siclip.eval.tables import save_table
 
-__all__ = ["format_table", "run_bench_train"]
+__all__ = ["format_formats_table", "format_table", "run_bench_formats", "run_bench_train"]
+
+KERNELS = {"this CPU's": None, "AVX2 (ONEDNN_MAX_CPU_ISA=AVX2)": "AVX2"}
+FORMATS = {"NCHW": "0", "channels-last": "1"}
+
+# One cell: the demo student (SAS-P, inherited backbone frozen) and the tiny teacher trained from scratch
+# (every weight, the stem included), random data, the memory format forced; prints {row: step seconds}.
+_FORMAT_CELL = """
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[3]))
+from siclip.bench.gpu import run_bench_gpu
+result, _ = run_bench_gpu(model="tiny-student", batch=int(sys.argv[1]), steps=int(sys.argv[2]), warmup=2,
+                          device="cpu", out=None)
+print(json.dumps({("student" if "inheritance" in k else "teacher"): r["step_time_s"]
+                  for k, r in result["rows"].items()}))
+"""
 
 
 def _steps_per_s(rows: list[dict[str, float]], *, log_every: int) -> float:
@@ -133,9 +157,69 @@ def run_bench_train(
         "ratio_trainer_over_plain": one_sps / plain_sps,
         "scaling_2_over_1": two_sps / one_sps,
     }
-    table = format_table(result)
+    result["formats"] = run_bench_formats()
+    table = format_table(result) + "\n\n" + format_formats_table(result["formats"])
     save_table(table, out)
     return result, table
+
+
+def _format_cell(isa: str | None, force: str, *, batch: int, steps: int, threads: int) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    env["SICLIP_CPU_CHANNELS_LAST"] = force
+    if isa:
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    cmd = [sys.executable, "-c", _FORMAT_CELL, str(batch), str(steps), str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
+    if done.returncode == 0:
+        return {"ok": True, **json.loads(done.stdout.strip().splitlines()[-1])}
+    code = done.returncode
+    how = f"crashed ({signal.Signals(-code).name})" if code < 0 else f"failed (exit {code})"
+    return {"ok": False, "error": how}
+
+
+def run_bench_formats(
+    *, batch: int = 32, steps: int = 10, rounds: int = 2, threads: int | None = None
+) -> dict[str, Any]:
+    """CPU step time per (kernels, memory format): the fastest of ``rounds`` alternating child runs."""
+    threads = threads or max(1, min(os.cpu_count() or 1, 2))
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for _ in range(rounds):
+        for kernels, isa in KERNELS.items():
+            for fmt, force in FORMATS.items():
+                cell = _format_cell(isa, force, batch=batch, steps=steps, threads=threads)
+                cells.setdefault((kernels, fmt), []).append(cell)
+    rows: dict[str, dict[str, Any]] = {}
+    for (kernels, fmt), runs in cells.items():
+        good = [r for r in runs if r["ok"]]
+        row = rows.setdefault(kernels, {})
+        if len(good) < len(runs):
+            row[fmt] = {"error": next(r["error"] for r in runs if not r["ok"])}
+        else:
+            row[fmt] = {m: min(r[m] for r in good) for m in ("student", "teacher")}
+    return {"batch": batch, "steps": steps, "rounds": rounds, "threads": threads, "rows": rows}
+
+
+def format_formats_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"## CPU memory format: NCHW vs channels-last, batch {result['batch']}, {result['threads']} threads",
+        "",
+        "Seconds per training step (fastest of "
+        f"{result['rounds']} alternating rounds of {result['steps']} timed steps after 2 warm-up steps; each "
+        "cell a child process). Student: the demo student (SAS-P, inherited backbone frozen) with WIKD + PM; "
+        "teacher: the tiny teacher trained from scratch (its stem's backward is the kernel that crashes). "
+        "Training picks channels-last on CPU only when a child-process probe survives it.",
+        "",
+        "| oneDNN kernels | model | NCHW s/step | channels-last s/step | channels-last / NCHW |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for kernels, row in result["rows"].items():
+        for model in ("student", "teacher"):
+            nchw, cl = row["NCHW"], row["channels-last"]
+            a = f"{nchw[model]:.3f}" if model in nchw else nchw["error"]
+            b = f"{cl[model]:.3f}" if model in cl else cl["error"]
+            ratio = f"{cl[model] / nchw[model]:.2f}" if model in nchw and model in cl else "-"
+            lines.append(f"| {kernels} | {model} | {a} | {b} | {ratio} |")
+    return "\n".join(lines)
 
 
 def format_table(result: dict[str, Any]) -> str:

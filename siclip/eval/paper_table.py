@@ -1,7 +1,7 @@
 """The paper's results table: a checkpoint's numbers on the six datasets next to published reference numbers.
 
 Only numbers copied from a named public source are listed (values in %). The SiCLIP paper's per-dataset
-numbers are not: its full text was not available to us (``/work/shared/METHOD.md``), so the table says so
+numbers are not: its full text was not available to us (``docs/method.md``), so the table says so
 instead of guessing. MobileCLIP-S0's numbers are CLIP_benchmark outputs: COCO is the 2014 Karpathy 5k
 test split, not COCO 2017 val, so a checkpoint evaluated on the 2017 layout is marked as such.
 """

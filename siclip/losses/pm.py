@@ -1,7 +1,7 @@
 """Pair matching (PM): a binary task that tells matching image-text pairs from sampled non-matching ones.
 
 The paper: "a binary matching task predicts whether an image-text pair matches, using logits derived from
-positive and sampled negative pairs". Its head and negative sampling are unknown (METHOD.md section 4). The
+positive and sampled negative pairs". Its head and negative sampling are unknown (docs/method.md section 4). The
 default ``cosine`` head makes the logit the pair's scaled cosine similarity plus a learnable bias, so the BCE
 acts on the embeddings themselves (a linear head on fused features barely reached them: 0.005 % of the
 student's gradient at weight 0.1). ``linear`` keeps that head, with its fusion and optional hidden layer.

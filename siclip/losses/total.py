@@ -23,7 +23,7 @@ KD_TERMS = ("fd", "crd", "icl")
 
 
 class WIKDLoss(nn.Module):
-    """Weighted sum of the CLIP, FD, CRD, ICL and PM terms (METHOD.md sections 3-4).
+    """Weighted sum of the CLIP, FD, CRD, ICL and PM terms (docs/method.md sections 3-4).
 
     A term whose weight is 0 for the whole run (every ``loss.schedule`` stage included) is never built; a term
     whose weight is 0 at the current step (:meth:`set_step`) is not computed; both are absent from the output,

@@ -104,7 +104,7 @@ def _info(cfg: dict[str, Any], *, base: str | None, mobile: bool) -> PresetInfo:
     return PresetInfo(
         base=base,
         image_size=int(cfg["vision_cfg"].get("image_size", 224)),
-        # MobileCLIP-style models: mean 0 / std 1, bilinear; otherwise open_clip's (OpenAI, bicubic) (FACTS.md).
+        # MobileCLIP-style models: mean 0 / std 1, bilinear; otherwise open_clip's (OpenAI, bicubic) (docs/platform.md).
         mean=MOBILECLIP_MEAN if mobile else tuple(open_clip.OPENAI_DATASET_MEAN),  # type: ignore[arg-type]
         std=MOBILECLIP_STD if mobile else tuple(open_clip.OPENAI_DATASET_STD),  # type: ignore[arg-type]
         interpolation="bilinear" if mobile else "bicubic",

@@ -1,4 +1,4 @@
-"""The loss modules' documented defaults (METHOD.md: temperatures 0.07, logit scale clamped at 100, PM's hard
+"""The loss modules' documented defaults (docs/method.md: temperatures 0.07, logit scale clamped at 100, PM's hard
 negatives at scale 1 unless the caller passes the CLIP scale), and that a built term whose scheduled weight is 0
 is neither computed nor reported."""
 
