@@ -34,6 +34,7 @@ from siclip.train.loop import (
     train_step,
     unused_parameters,
 )
+from siclip.train.memory_format import memory_format_for
 
 B = 8
 CPU = torch.device("cpu")
@@ -426,7 +427,7 @@ class DeviceProbe(nn.Module):
             {
                 k: (
                     v.device.type,
-                    v.is_contiguous(memory_format=torch.channels_last) if v.dim() == 4 else None,
+                    v.is_contiguous(memory_format=memory_format_for(v.device)) if v.dim() == 4 else None,
                 )
                 if isinstance(v, Tensor)
                 else v
@@ -442,7 +443,8 @@ def _batch() -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_the_batch_reaches_the_task_on_the_loops_device_with_images_channels_last(device: str) -> None:
+def test_the_batch_reaches_the_task_on_the_loops_device_in_its_training_format(device: str) -> None:
+    # images in the device's training memory format (channels-last only where it is safe), other tensors moved
     task = DeviceProbe()
     optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
     run_loop(
