@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import time
@@ -34,6 +35,7 @@ from siclip.config import (
     replace,
     save_config,
     to_dict,
+    typed_value,
 )
 
 __all__ = [
@@ -53,6 +55,11 @@ DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 # Sweeping these would break the sweep itself: trials name their own runs, and tune/ray are the driver's.
 _NOT_SEARCHABLE = ("tune.", "ray.", "train.run_name", "train.runs_dir")
+
+_MAX_COMBINATIONS = 4096
+"""Search spaces with more value combinations than this are checked pair by pair of keys."""
+_MAX_RANDINT_VALUES = 64
+"""Integer ranges up to this many values are checked value by value, longer ones at their ends."""
 
 STOPPED = "STOPPED"
 """Status of a trial the scheduler stopped before its last report (ASHA / median stopping)."""
@@ -90,18 +97,74 @@ def _spec_values(key: str, spec: Any) -> tuple[str, list[Any]]:
     return name, [lo, hi] if name == "randint" else [float(lo), float(hi)]
 
 
-def _check_key(key: str, values: list[Any], base: dict[str, Any]) -> None:
-    """The key must name a config value, and every value the sampler may return must pass the schema."""
+def _check_key(key: str, values: list[Any]) -> list[Any]:
+    """The key must name a config value, and every value the sampler may return must pass that field's type
+    and range checks; return those values as the config holds them (tuples, ``'yes'`` for ``true``, ...)."""
     if key.startswith(_NOT_SEARCHABLE) or key in ("tune", "ray"):
         raise ConfigError(
             f"tune.space.{key}: cannot be searched; allowed: keys outside tune.*, ray.*, "
             "train.run_name and train.runs_dir"
         )
+    typed = []
     for value in values:
         try:
-            from_dict(apply_overrides(base, [f"{key}={json.dumps(value)}"]))
+            typed.append(typed_value(key, value))
         except ConfigError as exc:
             raise ConfigError(f"tune.space.{key}: {exc}") from exc
+    return typed
+
+
+def _show(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def _replace_many(cfg: Any, changes: dict[str, Any]) -> Any:
+    """``cfg`` with dotted values replaced, each dataclass rebuilt once with all of its changes (so the
+    checks between its fields see the new values together, never a half-changed section)."""
+    own: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for dotted, value in changes.items():
+        head, _, rest = dotted.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            own[head] = value
+    for head, sub in nested.items():
+        own[head] = _replace_many(getattr(cfg, head), sub)
+    return replace(cfg, **own)
+
+
+def _fails(cfg: SiclipCfg, combo: dict[str, Any]) -> ConfigError | None:
+    try:
+        _replace_many(cfg, combo)
+    except ConfigError as exc:
+        return exc
+    return None
+
+
+def _check_combinations(typed: dict[str, list[Any]], shown: dict[str, list[Any]], base: SiclipCfg) -> None:
+    """Every combination of the keys' values must make a valid config with ``base`` (the rules between
+    fields, such as ``data.batch_size`` a multiple of ``train.num_workers``). Up to ``_MAX_COMBINATIONS``
+    the full product is tried, beyond it every pair of keys. A bad combination is reported with the keys it
+    needs: those for which another of their values (or the base config's) makes it valid."""
+    keys = list(typed)
+    n_product = math.prod(len(typed[k]) for k in keys)
+    groups = [keys] if n_product <= _MAX_COMBINATIONS else [list(p) for p in itertools.combinations(keys, 2)]
+    for group in groups:
+        for picks in itertools.product(*(range(len(typed[k])) for k in group)):
+            combo = {k: typed[k][i] for k, i in zip(group, picks, strict=True)}
+            exc = _fails(base, combo)
+            if exc is None:
+                continue
+            needed = [
+                k
+                for k in group
+                if _fails(base, {j: v for j, v in combo.items() if j != k}) is None
+                or any(_fails(base, {**combo, k: v}) is None for v in typed[k])
+            ]
+            at = dict(zip(group, picks, strict=True))
+            together = " with ".join(_show(k, shown[k][at[k]]) for k in needed or group)
+            raise ConfigError(f"tune.space.{(needed or group)[0]}: {together}: {exc}")
 
 
 def _to_tune(name: str, values: list[Any]) -> Any:
@@ -123,7 +186,10 @@ def parse_space(space: dict[str, Any], *, base: dict[str, Any] | None = None) ->
 
     ``base`` is the config dict the overrides apply to (schema defaults when None): every key must name a
     config value there, and both range ends (or every listed value) must pass the schema's type and range
-    checks, so a bad space fails with a :class:`ConfigError` naming its key before any trial starts.
+    checks. Then every combination of the keys' values (listed values, small integer ranges in full, the ends
+    of other ranges) must make a valid config together with ``base``: the rules between fields, such as
+    ``data.batch_size`` a multiple of ``train.num_workers``. A bad space fails with one-line
+    :class:`ConfigError` naming its key (and the failing combination) before any trial starts.
     """
     if not isinstance(space, dict):
         raise ConfigError(f"tune.space: got {space!r}; allowed: a mapping of dotted config keys")
@@ -131,12 +197,21 @@ def parse_space(space: dict[str, Any], *, base: dict[str, Any] | None = None) ->
         raise ConfigError("tune.space: got {}; allowed: at least one dotted config key to search")
     base = base if base is not None else {}
     params: dict[str, Any] = {}
+    typed: dict[str, list[Any]] = {}
+    shown: dict[str, list[Any]] = {}
     for key in sorted(space):
         if not isinstance(key, str) or not key:
             raise ConfigError(f"tune.space: key {key!r}; allowed: a dotted config key such as loss.fd_weight")
         name, values = _spec_values(key, space[key])
-        _check_key(key, values, base)
+        checked = _check_key(key, values)
+        if name == "randint" and values[1] - values[0] < _MAX_RANDINT_VALUES:
+            # a small integer range in full: train.num_workers {randint: [1, 4]} samples 3 as well as the ends
+            shown[key] = list(range(values[0], values[1] + 1))
+            typed[key] = [type(checked[0])(v) for v in shown[key]]
+        else:
+            shown[key], typed[key] = values, checked
         params[key] = _to_tune(name, values)
+    _check_combinations(typed, shown, from_dict(base))
     return params
 
 

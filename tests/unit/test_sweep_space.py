@@ -116,6 +116,77 @@ def test_key_is_checked_against_the_base_config() -> None:
         parse_space({"model.sasp.share": {"choice": ["qk", "heads"]}}, base=base)
 
 
+@pytest.mark.parametrize(
+    ("space", "keys"),
+    [
+        # the sweep: 3 workers would split a global batch of 8 into 2 per rank (6 in all)
+        ({"train.num_workers": {"choice": [1, 3]}}, ["train.num_workers=3"]),
+        ({"train.num_workers": {"randint": [1, 4]}}, ["train.num_workers=3"]),  # 3 lies between the ends
+        (
+            {"loss.local": {"choice": [False, True]}, "loss.gather": {"grid": [True, False]}},
+            ["loss.gather=false", "loss.local=true"],
+        ),
+        (
+            {
+                "train.num_workers": {"grid": [2, 4]},
+                "data.batch_size": {"choice": [8, 6]},
+                "optim.lr": {"loguniform": [1e-4, 1e-2]},
+            },
+            ["data.batch_size=6", "train.num_workers=4"],
+        ),
+    ],
+)
+def test_an_invalid_combination_fails_before_any_trial(space: dict, keys: list[str]) -> None:
+    base = to_dict(from_dict({"data": {"batch_size": 8}}))
+    with pytest.raises(ConfigError) as err:
+        parse_space(space, base=base)
+    message = str(err.value)
+    assert message.startswith("tune.space.") and "\n" not in message, message
+    for key in keys:
+        assert key in message, message
+    assert "optim.lr" not in message, message  # only the keys the failure needs
+
+
+def test_combinations_are_judged_together_not_against_the_base_value() -> None:
+    # 4 workers alone would not divide the base batch of 6, but every sampled batch here is a multiple of 4
+    base = to_dict(from_dict({"data": {"batch_size": 6}}))
+    assert parse_space(
+        {"train.num_workers": {"grid": [2, 4]}, "data.batch_size": {"grid": [8, 16]}}, base=base
+    )
+    assert parse_space(
+        {"caption.min_actors": {"choice": [2, 3]}, "caption.num_actors": {"choice": [3, 4]}}, base=base
+    )
+
+
+def test_the_sweep_refuses_an_invalid_combination_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import siclip.ray_session
+    from siclip.cli import main
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray started although the search space is invalid")
+
+    monkeypatch.setattr(siclip.ray_session, "init_ray", no_ray)
+    shard = tmp_path / "s-000000.tar"
+    shard.write_bytes(b"")
+    args = [
+        f"data.train_shards=[{shard}]",
+        "data.batch_size=8",
+        f"train.runs_dir={tmp_path / 'runs'}",
+        "train.max_steps=4",
+        "tune.metric=loss/total",
+        "tune.mode=min",
+        "tune.space={train.num_workers: {choice: [1, 3]}}",
+    ]
+    config = tmp_path / "base.yaml"
+    config.write_text("train: {progress: false}\n")
+    assert main(["tune", "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "tune.space.train.num_workers" in err and "3" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_space_file_merges_under_config_space(tmp_path: Path) -> None:
     space_file = tmp_path / "space.yaml"
     space_file.write_text(
