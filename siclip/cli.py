@@ -130,6 +130,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     result = run_sweep(cfg, resume=args.resume)
     print(format_table(result))
+    if result.errored:  # non-zero, so `ray job submit` (and any script) sees the failure
+        ids = ", ".join(r.trial_id for r in result.errored)
+        print(
+            f"siclip tune: {len(result.errored)} of {len(result.rows)} trials errored: {ids}", file=sys.stderr
+        )
+        return 1
     return 0
 
 

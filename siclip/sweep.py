@@ -425,6 +425,8 @@ class TrialRow:
     iterations: int
     step: int
     run_name: str
+    error: str = ""
+    """ERROR trials: the exception, on one line (Tune keeps the full trace in the trial's ``error.txt``)."""
 
 
 @dataclass(frozen=True)
@@ -443,6 +445,11 @@ class SweepResult:
     @property
     def table(self) -> str:
         return format_table(self)
+
+    @property
+    def errored(self) -> tuple[TrialRow, ...]:
+        """The trials that ended in ERROR (``siclip tune`` then exits non-zero)."""
+        return tuple(r for r in self.rows if r.status == "ERROR")
 
 
 def _fmt(value: Any) -> str:
@@ -474,7 +481,19 @@ def format_table(result: SweepResult) -> str:
         )
     else:
         lines.append(f"\nno trial reported {result.metric}")
+    for row in result.errored:
+        lines.append(f"ERROR: trial {row.trial_id} ({row.run_name}): {row.error or 'no message'}")
     return "\n".join(lines)
+
+
+def _one_line(error: BaseException | None, limit: int = 300) -> str:
+    """An exception as one line: its type and the last non-empty line of its message (Ray wraps the
+    trial's own exception in a long trace whose last line is the cause)."""
+    if error is None:
+        return ""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    text = f"{type(error).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _write_tables(result: SweepResult) -> None:
@@ -514,10 +533,9 @@ def _collect(
         trial_id = str(m.get("trial_id") or Path(res.path).name)
         run_name = f"{cfg.tune.experiment_name}-{trial_id}"
         iterations = int(m.get("training_iteration", 0))
-        expected = _expected_reports(trial_config(base, params, run_name=run_name))
         if res.error is not None:
             status = "ERROR"
-        elif iterations >= expected:
+        elif iterations >= _expected_reports(trial_config(base, params, run_name=run_name)):
             status = "TERMINATED"
         else:
             status = STOPPED
@@ -531,6 +549,7 @@ def _collect(
                 iterations=iterations,
                 step=int(m.get("step", 0)),
                 run_name=run_name,
+                error=_one_line(res.error) if status == "ERROR" else "",
             )
         )
     rows.sort(key=lambda r: _rank_key(r, mode))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,29 @@ def test_driver_sliver_is_taken_from_the_workers_or_refused(monkeypatch: pytest.
     greedy = from_dict({"train": {"cpus_per_worker": 2.0}, "tune": {"cpus_per_trial": 1.0}})
     with pytest.raises(ConfigError, match=r"^tune\.cpus_per_trial: got 1; .*cluster has 2"):
         _fit_resources(greedy)
+
+
+def test_an_errored_trial_is_named_and_the_command_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import siclip.sweep
+    from siclip.cli import main
+
+    ok = _result(tmp_path)
+    bad = TrialRow(
+        "t_00003", {"loss.fd_weight": 900.0}, None, "ERROR", 0, 0, "exp-t_00003", "ValueError: boom"
+    )
+    failed = replace(ok, rows=(*ok.rows, bad))
+    assert failed.errored == (bad,) and ok.errored == ()
+    table = format_table(failed)
+    assert "| t_00003 |" in table and "ERROR" in table
+    assert any("t_00003" in line and "ValueError: boom" in line for line in table.splitlines()[-3:])
+
+    config = tmp_path / "base.yaml"
+    config.write_text("train: {progress: false}\n")
+    for result, code in ((ok, 0), (failed, 1)):
+        monkeypatch.setattr(siclip.sweep, "run_sweep", lambda cfg, resume=False, result=result: result)
+        assert main(["tune", "--config", str(config)]) == code
+        out, err = capsys.readouterr()
+        assert "| t_00001 |" in out
+        assert ("t_00003" in err) == (code == 1), err
