@@ -228,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _config_args(add("train", cmd_train, "train (or resume) a run with Ray Train"))
     p = add("tune", cmd_tune, "Ray Tune sweep over dotted config keys (tune.space / tune.space_file)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep of this tune.experiment_name (it unpickles Tune's saved state: "
+        "resume only your own folder); without it an existing name gets a -2, -3, ... suffix",
+    )
     _config_args(p)
     p = add("eval", cmd_eval, "zero-shot classification and retrieval of a checkpoint; prints JSON")
     p.add_argument("--checkpoint", required=True, help="weights file, checkpoint folder, or run folder")

@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,11 @@ _MAX_COMBINATIONS = 4096
 """Search spaces with more value combinations than this are checked pair by pair of keys."""
 _MAX_RANDINT_VALUES = 64
 """Integer ranges up to this many values are checked value by value, longer ones at their ends."""
+
+PARAMS_FILE = "sweep_params.json"
+"""In each trial's run folder: the values sampled for it (dotted key -> value)."""
+SWEEP_FILE = "sweep.json"
+"""In the sweep's folder: its search space, sample count and base config (JSON; ``--resume`` checks it)."""
 
 STOPPED = "STOPPED"
 """Status of a trial the scheduler stopped before its last report (ASHA / median stopping)."""
@@ -280,9 +286,14 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], experiment: str) -> 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from siclip.train.launch import launch
+    from siclip.train.worker import run_location
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, run_name=f"{experiment}-{trial_id}")
+    # the sampled values, as JSON next to the trial's config.yaml and TensorBoard events
+    storage.write_text(
+        storage.join(run_location(cfg), PARAMS_FILE), json.dumps(params, indent=2, sort_keys=True)
+    )
     launch(cfg, callbacks=[TuneReportCallback()])
 
 
@@ -529,7 +540,7 @@ def _collect(
     rows = []
     for res in grid:
         m = dict(res.metrics or {})
-        params = {k: v for k, v in (res.config or {}).items() if k in param_keys}
+        params = dict(res.config or {})  # the trial's own sampled values, whatever the space is now
         trial_id = str(m.get("trial_id") or Path(res.path).name)
         run_name = f"{cfg.tune.experiment_name}-{trial_id}"
         iterations = int(m.get("training_iteration", 0))
@@ -553,6 +564,7 @@ def _collect(
             )
         )
     rows.sort(key=lambda r: _rank_key(r, mode))
+    param_keys = (*param_keys, *sorted({k for r in rows for k in r.params} - set(param_keys)))
     best = rows[0] if rows and rows[0].metric is not None and rows[0].status != "ERROR" else None
     best_path: Path | str | None = None
     if best is not None:
@@ -571,11 +583,55 @@ def _collect(
     )
 
 
-def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
-    """Run (or resume) the sweep ``tune.experiment_name``; print and write its table and best config.
+def _fresh_name(runs_dir: str, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... : the first whose folder under ``runs_dir`` does not exist."""
+    candidate, n = name, 1
+    while storage.exists(f"{runs_dir}/{candidate}"):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
 
-    A sweep whose folder already exists is restored (finished trials are not rerun, errored ones are
-    retried); ``resume=True`` additionally requires that folder to exist.
+
+def _sweep_record(cfg: SiclipCfg, base: dict[str, Any]) -> dict[str, Any]:
+    return {"space": cfg.tune.space, "num_samples": cfg.tune.num_samples, "base": base}
+
+
+def _resume_base(cfg: SiclipCfg, experiment_path: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The base config of the sweep being resumed, from its ``sweep.json``; refuse a changed space.
+
+    Tune restores the trials it already sampled and ignores today's space and ``num_samples``, so a change
+    there would be silently dropped; unfinished trials keep training the sweep's own base config.
+    """
+    try:
+        saved = json.loads(storage.read_text(storage.join(experiment_path, SWEEP_FILE)))
+    except FileNotFoundError:
+        print(f"siclip tune: {experiment_path} has no {SWEEP_FILE}; its trials resume with today's config")
+        return base
+    now = _sweep_record(cfg, base)
+    for key in ("space", "num_samples"):
+        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(now[key], sort_keys=True):
+            raise ConfigError(
+                f"tune.{key}: got {now[key]!r}, but the sweep at {experiment_path} has {saved.get(key)!r}; "
+                "allowed: its own value with --resume, or no --resume to start a new sweep"
+            )
+    old = saved.get("base") or base
+    changed = sorted(k for k in set(old) | set(base) if k != "tune" and old.get(k) != base.get(k))
+    if changed:
+        print(
+            f"siclip tune: resuming with the sweep's own base config (sections {', '.join(changed)} differ now)"
+        )
+    return dict(old)
+
+
+def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
+    """Run the sweep ``tune.experiment_name``, or with ``resume=True`` continue it; print and write its
+    table and best config.
+
+    Without ``resume`` a sweep never reuses an existing folder: when ``<runs_dir>/<experiment_name>`` exists,
+    the sweep is named ``<experiment_name>-2`` (``-3``, ...) instead. ``resume=True`` restores that folder
+    with ``Tuner.restore`` (finished trials are not rerun, errored ones are retried); that unpickles Ray
+    Tune's state, so resume only a folder no one else can write. The space and ``num_samples`` must be the
+    sweep's own (``sweep.json``).
     """
     cfg = _prepare(cfg)
     parse_space(cfg.tune.space, base=to_dict(cfg))  # fail on a bad space before Ray starts
@@ -594,26 +650,48 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
     check_cluster_storage(cfg)
     cfg = _fix_device(cfg)
     cfg = _fit_resources(cfg)
+    runs_dir = cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
+    runs_dir = runs_dir.rstrip("/")
+    experiment = cfg.tune.experiment_name
+    if not resume:
+        experiment = _fresh_name(runs_dir, experiment)
+        if experiment != cfg.tune.experiment_name:
+            print(
+                f"siclip tune: {runs_dir}/{cfg.tune.experiment_name} holds an earlier sweep (add --resume to "
+                f"continue it); this new sweep is {experiment!r}"
+            )
+            cfg = replace(cfg, tune=replace(cfg.tune, experiment_name=experiment))
+    experiment_path = f"{runs_dir}/{experiment}"
     base = to_dict(cfg)
     param_space = parse_space(cfg.tune.space, base=base)
     param_keys = tuple(param_space)
-    runs_dir = cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
-    experiment = cfg.tune.experiment_name
-    experiment_path = f"{runs_dir.rstrip('/')}/{experiment}"
     driver = {
         "CPU": cfg.tune.cpus_per_trial,
         **({"GPU": cfg.tune.gpus_per_trial} if cfg.tune.gpus_per_trial else {}),
     }
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, experiment=experiment), driver)
-    if tune.Tuner.can_restore(experiment_path):
-        print(f"siclip tune: resuming sweep {experiment!r} from {experiment_path}")
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
-    elif resume:
-        raise ConfigError(
-            f"tune.experiment_name: got {experiment!r}; no sweep to resume at {experiment_path}; "
-            "allowed: an existing sweep's name (or run without --resume)"
+    if resume:
+        if not tune.Tuner.can_restore(experiment_path):
+            raise ConfigError(
+                f"tune.experiment_name: got {experiment!r}; no sweep to resume at {experiment_path}; "
+                "allowed: an existing sweep's name (or run without --resume)"
+            )
+        base = _resume_base(cfg, experiment_path, base)
+        print(
+            f"siclip tune: resuming sweep {experiment!r} from {experiment_path}. Warning: this unpickles Ray "
+            "Tune's saved state (code runs from it): resume only a folder that no one else can write",
+            file=sys.stderr,
         )
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=base, experiment=experiment), driver
+        )
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     else:
+        storage.write_text(
+            storage.join(experiment_path, SWEEP_FILE), json.dumps(_sweep_record(cfg, base), indent=2)
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=base, experiment=experiment), driver
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
