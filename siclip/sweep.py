@@ -335,35 +335,82 @@ def _fix_device(cfg: SiclipCfg) -> SiclipCfg:
     return cfg
 
 
+def _trial_resources(cfg: SiclipCfg) -> dict[str, float]:
+    """What one trial holds while it trains: its driver (``tune.cpus_per_trial``, ``tune.gpus_per_trial``)
+    plus its Train workers (``train.num_workers`` x ``train.cpus_per_worker``, and a GPU each when
+    ``train.use_gpu`` is yes). Resources it does not need are left out."""
+    workers_gpu = cfg.train.num_workers if cfg.train.use_gpu == "yes" else 0
+    need = {
+        "CPU": cfg.tune.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker,
+        "GPU": cfg.tune.gpus_per_trial + workers_gpu,
+    }
+    return {k: v for k, v in need.items() if v > 0}
+
+
 def _fit_resources(cfg: SiclipCfg) -> SiclipCfg:
-    """A trial's driver plus its Train workers must fit the cluster, or Tune would wait for ever.
+    """Make one trial fit the cluster, and no more trials run at once than the cluster can ever hold.
+
+    Ray Train V2 inside a Tune trial reserves its workers in a placement group of its own, after the trial
+    has started (Tune only sees the driver's share, and a trial-level placement group cannot lend its bundles
+    to Train's). So the cap is on concurrency, as Ray's Train + Tune guide advises: at most as many trials as
+    the cluster (what it has now, or the most its autoscaler may launch) holds driver + workers for; the
+    others wait their turn in Tune's queue instead of timing out in ``train.worker_start_timeout_s``.
 
     When only the driver's sliver does not fit (``train.cpus_per_worker`` = every CPU, as in the demo),
     the workers give that sliver up; torch still gets ``int(cpus_per_worker)`` threads, at least one.
+    A driver GPU (``tune.gpus_per_trial``) that leaves no GPU for the workers is refused.
     """
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0.0)
-    if not total:  # an autoscaling cluster with no worker yet: Tune waits for nodes
+    from siclip.ray_compat import max_cluster_resources
+
+    now, most = ray.cluster_resources(), max_cluster_resources()
+    need = _trial_resources(cfg)
+    hold = {k: max(now.get(k, 0.0), most.get(k, 0.0)) for k in need}
+    if not all(hold.values()):  # an autoscaling cluster with no such node yet: Tune waits for nodes
         return cfg
+    total = hold.get("CPU", 0.0)
     workers = cfg.train.num_workers * cfg.train.cpus_per_worker
-    excess = cfg.tune.cpus_per_trial + workers - total
-    if excess <= 1e-9:
-        return cfg
-    if excess <= min(cfg.tune.cpus_per_trial, 0.1) and workers - excess > 0:  # a sliver, not a CPU
-        per = round(cfg.train.cpus_per_worker - excess / cfg.train.num_workers, 4)
-        print(
-            f"siclip tune: train.cpus_per_worker {cfg.train.cpus_per_worker:g} -> {per:g} to leave room "
-            f"for the trial driver (tune.cpus_per_trial {cfg.tune.cpus_per_trial:g})"
+    excess = need.get("CPU", 0.0) - total
+    if excess > 1e-9:
+        if excess <= min(cfg.tune.cpus_per_trial, 0.1) and workers - excess > 0:  # a sliver, not a CPU
+            per = round(cfg.train.cpus_per_worker - excess / cfg.train.num_workers, 4)
+            print(
+                f"siclip tune: train.cpus_per_worker {cfg.train.cpus_per_worker:g} -> {per:g} to leave room "
+                f"for the trial driver (tune.cpus_per_trial {cfg.tune.cpus_per_trial:g})"
+            )
+            cfg = replace(cfg, train=replace(cfg.train, cpus_per_worker=per))
+            need = _trial_resources(cfg)
+        else:
+            room = total - workers
+            allowed = f"<= {room:g}, e.g. 0.01 (the trial driver only waits)" if room > 0 else "none fits"
+            raise ConfigError(
+                f"tune.cpus_per_trial: got {cfg.tune.cpus_per_trial:g}; one trial needs it plus "
+                f"train.num_workers x train.cpus_per_worker = {workers:g} CPUs but the cluster has {total:g}; "
+                f"allowed: {allowed} (or lower train.cpus_per_worker)"
+            )
+    if need.get("GPU", 0.0) > hold.get("GPU", 0.0) + 1e-9:
+        workers_gpu = need["GPU"] - cfg.tune.gpus_per_trial
+        raise ConfigError(
+            f"tune.gpus_per_trial: got {cfg.tune.gpus_per_trial:g}; one trial needs it plus "
+            f"{workers_gpu:g} GPU(s) for its Train workers but the cluster holds {hold['GPU']:g}; allowed: 0 "
+            "(the trial driver only waits; its workers take their own GPUs)"
         )
-        return replace(cfg, train=replace(cfg.train, cpus_per_worker=per))
-    room = total - workers
-    allowed = f"<= {room:g}, e.g. 0.01 (the trial driver only waits)" if room > 0 else "none fits"
-    raise ConfigError(
-        f"tune.cpus_per_trial: got {cfg.tune.cpus_per_trial:g}; one trial needs it plus "
-        f"train.num_workers x train.cpus_per_worker = {workers:g} CPUs but the cluster has {total:g}; "
-        f"allowed: {allowed} (or lower train.cpus_per_worker)"
-    )
+    if cfg.tune.gpus_per_trial and cfg.train.use_gpu != "yes":
+        print(
+            f"siclip tune: tune.gpus_per_trial {cfg.tune.gpus_per_trial:g} holds a GPU nothing uses (train.use_gpu no)"
+        )
+    fit = min(int(hold[k] / v + 1e-9) for k, v in need.items())
+    if cfg.tune.max_concurrent_trials > fit:
+        what = ", ".join(f"{v:g} {k}" for k, v in need.items())
+        holds = ", ".join(f"{hold[k]:g} {k}" for k in need)
+        print(
+            f"siclip tune: tune.max_concurrent_trials {cfg.tune.max_concurrent_trials} -> {fit}: a trial holds "
+            f"{what} (driver + train.num_workers x per-worker share) and the cluster holds {holds}; "
+            "the other trials wait their turn"
+        )
+        cfg = replace(cfg, tune=replace(cfg.tune, max_concurrent_trials=fit))
+    return cfg
 
 
 def _release_orphaned_train_groups() -> int:

@@ -191,3 +191,19 @@ def test_errored_trial_fails_the_command_and_a_rerun_starts_a_new_sweep(
     _, err = capsys.readouterr()
     assert "unpickles" in err
     assert not (runs / "errs-3").exists()
+
+
+def test_trials_that_cannot_run_together_wait_their_turn(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two trials of 0.01 + 1.5 CPUs on 2 CPUs: the second starts after the first instead of its Train
+    workers timing out (10 s here, shorter than one trial) while the first still holds the CPUs."""
+    torch.set_num_threads(1)
+    data = _small_sweep(tmp_path, {"optim.lr": {"grid": [1e-3, 2e-3]}}, "turns")
+    data["train"].update({"cpus_per_worker": 1.5, "worker_start_timeout_s": 10})
+    data["tune"]["max_concurrent_trials"] = 2
+    assert _tune(tmp_path, data) == 0
+    out, _ = capsys.readouterr()
+    assert "max_concurrent_trials 2 -> 1" in out, out
+    rows = _rows(tmp_path / "runs" / "turns" / "trials.csv")
+    assert sorted(r["status"] for r in rows) == ["TERMINATED", "TERMINATED"], rows

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from siclip.config import ConfigError, from_dict, load_config, to_dict
+from siclip.config import ConfigError, SiclipCfg, from_dict, load_config, to_dict
 from siclip.sweep import (
     SweepResult,
     TrialRow,
@@ -326,6 +326,7 @@ def test_driver_sliver_is_taken_from_the_workers_or_refused(monkeypatch: pytest.
     from siclip.sweep import _fit_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr("siclip.ray_compat.max_cluster_resources", dict)  # no autoscaler
     demo = from_dict({"train": {"cpus_per_worker": 2.0}, "tune": {"cpus_per_trial": 0.01}})
     assert _fit_resources(demo).train.cpus_per_worker == pytest.approx(1.99)
     fits = from_dict({"train": {"cpus_per_worker": 0.99}, "tune": {"cpus_per_trial": 0.01}})
@@ -333,6 +334,46 @@ def test_driver_sliver_is_taken_from_the_workers_or_refused(monkeypatch: pytest.
     greedy = from_dict({"train": {"cpus_per_worker": 2.0}, "tune": {"cpus_per_trial": 1.0}})
     with pytest.raises(ConfigError, match=r"^tune\.cpus_per_trial: got 1; .*cluster has 2"):
         _fit_resources(greedy)
+
+
+def _sweep_on(monkeypatch: pytest.MonkeyPatch, now: dict, most: dict, **sections: dict) -> SiclipCfg:
+    import ray
+
+    from siclip.sweep import _fit_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(now))
+    monkeypatch.setattr("siclip.ray_compat.max_cluster_resources", lambda: dict(most))
+    return _fit_resources(from_dict(sections))
+
+
+def test_concurrent_trials_are_capped_at_what_the_cluster_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the case: 2 CPUs, two trials of 0.01 + 1.5 CPUs each: only one fits at a time
+    two_cpus = {"CPU": 2.0}
+    tune = {"max_concurrent_trials": 2, "cpus_per_trial": 0.01}
+    cfg = _sweep_on(monkeypatch, two_cpus, {}, train={"cpus_per_worker": 1.5}, tune=tune)
+    assert cfg.tune.max_concurrent_trials == 1
+    cfg = _sweep_on(monkeypatch, two_cpus, {}, train={"cpus_per_worker": 0.99}, tune=tune)
+    assert cfg.tune.max_concurrent_trials == 2  # 2 x 1.0 fits
+    # 8 concurrent trials of 1 GPU worker on a cluster whose autoscaler allows 4 GPUs: 4 at a time
+    gpu = {"use_gpu": "yes", "cpus_per_worker": 1.0}
+    eight = {"max_concurrent_trials": 8, "cpus_per_trial": 0.01}
+    cfg = _sweep_on(monkeypatch, {"CPU": 8.0}, {"CPU": 64.0, "GPU": 4.0}, train=gpu, tune=eight)
+    assert cfg.tune.max_concurrent_trials == 4
+    # two workers per trial: 2 trials
+    cfg = _sweep_on(monkeypatch, {"CPU": 64.0, "GPU": 4.0}, {}, train={**gpu, "num_workers": 2}, tune=eight)
+    assert cfg.tune.max_concurrent_trials == 2
+    # GPUs the cluster does not have yet and no known autoscaler limit: nothing to cap against
+    cfg = _sweep_on(monkeypatch, {"CPU": 8.0}, {}, train=gpu, tune=eight)
+    assert cfg.tune.max_concurrent_trials == 8
+
+
+def test_a_driver_gpu_that_starves_the_workers_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = {"use_gpu": "yes"}
+    with pytest.raises(ConfigError, match=r"^tune\.gpus_per_trial: got 1; .*holds 1; allowed: 0") as err:
+        _sweep_on(monkeypatch, {"CPU": 8.0, "GPU": 1.0}, {}, train=gpu, tune={"gpus_per_trial": 1.0})
+    assert "\n" not in str(err.value)
+    cfg = _sweep_on(monkeypatch, {"CPU": 8.0, "GPU": 2.0}, {}, train=gpu, tune={"gpus_per_trial": 1.0})
+    assert cfg.tune.max_concurrent_trials == 1
 
 
 def test_an_errored_trial_is_named_and_the_command_fails(
