@@ -187,9 +187,11 @@ def test_errored_trial_fails_the_command_and_a_rerun_starts_a_new_sweep(
     assert _tune(tmp_path, changed, "--resume") == 2
     _, err = capsys.readouterr()
     assert err.count("\n") == 1 and "tune.space" in err, err
-    assert _tune(tmp_path, data, "--resume") == 1  # the errored trial is retried, and fails again
-    _, err = capsys.readouterr()
+    changed["tune"]["experiment_name"] = "errs-2"
+    assert _tune(tmp_path, changed, "--resume") == 0  # every trial finished: nothing is rerun
+    out, err = capsys.readouterr()
     assert "unpickles" in err
+    assert _rows(runs / "errs-2" / "trials.csv") == [row]
     assert not (runs / "errs-3").exists()
 
 
