@@ -130,6 +130,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     result = run_sweep(cfg, resume=args.resume)
     print(format_table(result))
+    if result.errored:  # non-zero, so `ray job submit` (and any script) sees the failure
+        ids = ", ".join(r.trial_id for r in result.errored)
+        print(
+            f"siclip tune: {len(result.errored)} of {len(result.rows)} trials errored: {ids}", file=sys.stderr
+        )
+        return 1
     return 0
 
 
@@ -222,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _config_args(add("train", cmd_train, "train (or resume) a run with Ray Train"))
     p = add("tune", cmd_tune, "Ray Tune sweep over dotted config keys (tune.space / tune.space_file)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep of this tune.experiment_name (it unpickles Tune's saved state: "
+        "resume only your own folder); without it an existing name gets a -2, -3, ... suffix",
+    )
     _config_args(p)
     p = add("eval", cmd_eval, "zero-shot classification and retrieval of a checkpoint; prints JSON")
     p.add_argument("--checkpoint", required=True, help="weights file, checkpoint folder, or run folder")

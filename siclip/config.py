@@ -1,9 +1,18 @@
 """The one configuration schema of siclip: frozen ``*Cfg`` dataclasses, YAML loading, dotted overrides.
 
-Every stage (data build, training, evaluation, sweeps, Ray) reads one :class:`SiclipCfg`. It is validated
-once, at load time, before Ray starts: an unknown key, a wrong type, an out-of-range value or a missing
-file each raise :class:`ConfigError` naming the key, the bad value and what is allowed. The typed config
-crosses into Ray as a plain dict (:func:`to_dict`) and is rebuilt on the far side (:func:`from_dict`).
+Every stage (data build, training, evaluation, sweeps, Ray) reads one :class:`SiclipCfg`. An unknown key, a
+wrong type, an out-of-range value, a rule between fields or a missing file each raise :class:`ConfigError`
+naming the key, the bad value and what is allowed. Where each check runs:
+
+- types and ranges: in :func:`from_dict` (the YAML binder), from each field's metadata;
+- rules between fields (``data.batch_size`` a multiple of ``train.num_workers``, ``loss.local`` needs
+  ``loss.gather``, ...): in the ``__post_init__`` of the dataclass that owns them (the section, or
+  :class:`SiclipCfg` for rules spanning sections), so every way of building a config checks them:
+  :func:`from_dict`, :func:`load_config`, :func:`replace` and direct construction alike;
+- paths: in :func:`load_config` only (:func:`check_paths`), the one step that looks at the file system.
+
+The typed config crosses into Ray as a plain dict (:func:`to_dict`) and is rebuilt, and so checked again, on
+the far side (:func:`from_dict`); every sweep trial is built the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ __all__ = [
     "read_yaml_mapping",
     "save_config",
     "to_dict",
+    "typed_value",
 ]
 
 
@@ -142,6 +152,25 @@ class LossStageCfg:
     """Term name (clip, fd, crd, icl, pm) -> weight >= 0; terms not named keep their ``*_weight``."""
 
 
+LOSS_TERMS = ("clip", "fd", "crd", "icl", "pm")
+
+
+def _check_schedule(stages: tuple[LossStageCfg, ...]) -> None:
+    previous = -1
+    for i, stage in enumerate(stages):
+        key = f"loss.schedule[{i}]"
+        if stage.from_step <= previous:
+            raise ConfigError(
+                f"{key}.from_step: got {stage.from_step}; allowed: an integer > {previous} (stages ascend)"
+            )
+        previous = stage.from_step
+        for name, w in stage.weights.items():
+            if name not in LOSS_TERMS:
+                raise ConfigError(f"{key}.weights.{name}: unknown term; allowed: {', '.join(LOSS_TERMS)}")
+            if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
+                raise ConfigError(f"{key}.weights.{name}: got {w!r}; allowed: a number >= 0")
+
+
 @dataclass(frozen=True)
 class LossCfg:
     """WIKD + PM: ``L = clip + fd_weight*FD + crd_weight*CRD + icl_weight*ICL + pm_weight*PM``."""
@@ -191,6 +220,13 @@ class LossCfg:
     text, its texts against every image; open_clip's ``local_loss``): memory ``B/N x B`` instead of ``B x B``
     per rank, the same gradients as the global form (after DDP's averaging) for either ``gather_with_grad``.
     Logged loss values are then averaged over ranks. Needs ``gather``."""
+
+    def __post_init__(self) -> None:
+        _check_schedule(self.schedule)
+        if self.local and not self.gather:
+            raise ConfigError(
+                "loss.local: got true; allowed: false when loss.gather is false (nothing is gathered)"
+            )
 
 
 @dataclass(frozen=True)
@@ -293,6 +329,11 @@ class EvalCfg:
     loader_workers: int = field(default=2, metadata=_rng(0))
     """Data-loader processes reading the benchmarks' images."""
 
+    def __post_init__(self) -> None:
+        for i, t in enumerate(self.templates):
+            if "{}" not in t:
+                raise ConfigError(f"eval.templates[{i}]: got {t!r}; allowed: a string containing '{{}}'")
+
 
 @dataclass(frozen=True)
 class CaptionCfg:
@@ -338,6 +379,13 @@ class CaptionCfg:
     teacher_embeddings: bool = False
     """Also store the teacher's image/text embeddings per sample (``npz``)."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.min_actors > self.num_actors:
+            raise ConfigError(
+                f"caption.min_actors: got {self.min_actors}; allowed: at most caption.num_actors "
+                f"({self.num_actors})"
+            )
 
 
 @dataclass(frozen=True)
@@ -391,6 +439,14 @@ class SiclipCfg:
     eval: EvalCfg = EvalCfg()
     tune: TuneCfg = TuneCfg()
     ray: RayCfg = RayCfg()
+
+    def __post_init__(self) -> None:
+        # The checks that span sections; each section checks its own fields when it is built.
+        if self.data.batch_size % max(self.train.num_workers, 1):
+            raise ConfigError(
+                f"data.batch_size: got {self.data.batch_size}; allowed: a multiple of "
+                f"train.num_workers ({self.train.num_workers}), since it is the global batch"
+            )
 
 
 # ------------------------------------------------------------------------------------ building
@@ -526,6 +582,30 @@ def apply_profile(data: dict[str, Any]) -> dict[str, Any]:
         if not _has_dotted(data, dotted):
             _set_dotted(out, dotted, value)
     return out
+
+
+def typed_value(dotted: str, value: Any) -> Any:
+    """``value`` as the config holds it at ``dotted`` (type and range checked, as :func:`from_dict` does).
+
+    Only that field is checked; the rules between fields run when the value goes into a config (e.g. with
+    :func:`replace`). Raises :class:`ConfigError` naming the key.
+    """
+    cls: Any = SiclipCfg
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            raise ConfigError(f"{path}: unknown key; valid keys here: {', '.join(sorted(fields))}")
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            coerced = _coerce(path, value, tp)
+            _check_range(path, coerced, fields[part].metadata)
+            return coerced
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{path}: is a value ({_type_name(tp)}), not a section")
+        cls = tp
+    raise ConfigError(f"{dotted}: got an empty key")  # pragma: no cover - split() gives one part at least
 
 
 def from_dict(data: dict[str, Any]) -> SiclipCfg:
@@ -717,46 +797,6 @@ def check_paths(cfg: SiclipCfg, *, sections: tuple[str, ...] | None = None) -> N
             raise ConfigError(f"{key}: got {value!r}; no such directory")
 
 
-LOSS_TERMS = ("clip", "fd", "crd", "icl", "pm")
-
-
-def _check_schedule(stages: tuple[LossStageCfg, ...]) -> None:
-    previous = -1
-    for i, stage in enumerate(stages):
-        key = f"loss.schedule[{i}]"
-        if stage.from_step <= previous:
-            raise ConfigError(
-                f"{key}.from_step: got {stage.from_step}; allowed: an integer > {previous} (stages ascend)"
-            )
-        previous = stage.from_step
-        for name, w in stage.weights.items():
-            if name not in LOSS_TERMS:
-                raise ConfigError(f"{key}.weights.{name}: unknown term; allowed: {', '.join(LOSS_TERMS)}")
-            if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
-                raise ConfigError(f"{key}.weights.{name}: got {w!r}; allowed: a number >= 0")
-
-
-def _check_semantics(cfg: SiclipCfg) -> None:
-    _check_schedule(cfg.loss.schedule)
-    if cfg.data.batch_size % max(cfg.train.num_workers, 1):
-        raise ConfigError(
-            f"data.batch_size: got {cfg.data.batch_size}; allowed: a multiple of "
-            f"train.num_workers ({cfg.train.num_workers}), since it is the global batch"
-        )
-    if cfg.caption.min_actors > cfg.caption.num_actors:
-        raise ConfigError(
-            f"caption.min_actors: got {cfg.caption.min_actors}; allowed: at most caption.num_actors "
-            f"({cfg.caption.num_actors})"
-        )
-    if cfg.loss.local and not cfg.loss.gather:
-        raise ConfigError(
-            "loss.local: got true; allowed: false when loss.gather is false (nothing is gathered)"
-        )
-    for i, t in enumerate(cfg.eval.templates):
-        if "{}" not in t:
-            raise ConfigError(f"eval.templates[{i}]: got {t!r}; allowed: a string containing '{{}}'")
-
-
 def _yaml_problem(path: str, exc: yaml.YAMLError) -> str:
     """``file:line:column: not valid YAML: problem`` on one line (PyYAML's own message spans several)."""
     mark = getattr(exc, "problem_mark", None)
@@ -792,7 +832,6 @@ def load_config(
     data = read_yaml_mapping(path, key="--config") if path is not None else {}
     data = apply_overrides(data, list(overrides))
     cfg = from_dict(data)
-    _check_semantics(cfg)
     if check_files:
         check_paths(cfg, sections=check_files if isinstance(check_files, tuple) else None)
     return cfg

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from siclip.config import (
     replace,
     save_config,
     to_dict,
+    typed_value,
 )
 
 __all__ = [
@@ -53,6 +56,16 @@ DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 # Sweeping these would break the sweep itself: trials name their own runs, and tune/ray are the driver's.
 _NOT_SEARCHABLE = ("tune.", "ray.", "train.run_name", "train.runs_dir")
+
+_MAX_COMBINATIONS = 4096
+"""Search spaces with more value combinations than this are checked pair by pair of keys."""
+_MAX_RANDINT_VALUES = 64
+"""Integer ranges up to this many values are checked value by value, longer ones at their ends."""
+
+PARAMS_FILE = "sweep_params.json"
+"""In each trial's run folder: the values sampled for it (dotted key -> value)."""
+SWEEP_FILE = "sweep.json"
+"""In the sweep's folder: its search space, sample count and base config (JSON; ``--resume`` checks it)."""
 
 STOPPED = "STOPPED"
 """Status of a trial the scheduler stopped before its last report (ASHA / median stopping)."""
@@ -90,18 +103,74 @@ def _spec_values(key: str, spec: Any) -> tuple[str, list[Any]]:
     return name, [lo, hi] if name == "randint" else [float(lo), float(hi)]
 
 
-def _check_key(key: str, values: list[Any], base: dict[str, Any]) -> None:
-    """The key must name a config value, and every value the sampler may return must pass the schema."""
+def _check_key(key: str, values: list[Any]) -> list[Any]:
+    """The key must name a config value, and every value the sampler may return must pass that field's type
+    and range checks; return those values as the config holds them (tuples, ``'yes'`` for ``true``, ...)."""
     if key.startswith(_NOT_SEARCHABLE) or key in ("tune", "ray"):
         raise ConfigError(
             f"tune.space.{key}: cannot be searched; allowed: keys outside tune.*, ray.*, "
             "train.run_name and train.runs_dir"
         )
+    typed = []
     for value in values:
         try:
-            from_dict(apply_overrides(base, [f"{key}={json.dumps(value)}"]))
+            typed.append(typed_value(key, value))
         except ConfigError as exc:
             raise ConfigError(f"tune.space.{key}: {exc}") from exc
+    return typed
+
+
+def _show(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def _replace_many(cfg: Any, changes: dict[str, Any]) -> Any:
+    """``cfg`` with dotted values replaced, each dataclass rebuilt once with all of its changes (so the
+    checks between its fields see the new values together, never a half-changed section)."""
+    own: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for dotted, value in changes.items():
+        head, _, rest = dotted.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            own[head] = value
+    for head, sub in nested.items():
+        own[head] = _replace_many(getattr(cfg, head), sub)
+    return replace(cfg, **own)
+
+
+def _fails(cfg: SiclipCfg, combo: dict[str, Any]) -> ConfigError | None:
+    try:
+        _replace_many(cfg, combo)
+    except ConfigError as exc:
+        return exc
+    return None
+
+
+def _check_combinations(typed: dict[str, list[Any]], shown: dict[str, list[Any]], base: SiclipCfg) -> None:
+    """Every combination of the keys' values must make a valid config with ``base`` (the rules between
+    fields, such as ``data.batch_size`` a multiple of ``train.num_workers``). Up to ``_MAX_COMBINATIONS``
+    the full product is tried, beyond it every pair of keys. A bad combination is reported with the keys it
+    needs: those for which another of their values (or the base config's) makes it valid."""
+    keys = list(typed)
+    n_product = math.prod(len(typed[k]) for k in keys)
+    groups = [keys] if n_product <= _MAX_COMBINATIONS else [list(p) for p in itertools.combinations(keys, 2)]
+    for group in groups:
+        for picks in itertools.product(*(range(len(typed[k])) for k in group)):
+            combo = {k: typed[k][i] for k, i in zip(group, picks, strict=True)}
+            exc = _fails(base, combo)
+            if exc is None:
+                continue
+            needed = [
+                k
+                for k in group
+                if _fails(base, {j: v for j, v in combo.items() if j != k}) is None
+                or any(_fails(base, {**combo, k: v}) is None for v in typed[k])
+            ]
+            at = dict(zip(group, picks, strict=True))
+            together = " with ".join(_show(k, shown[k][at[k]]) for k in needed or group)
+            raise ConfigError(f"tune.space.{(needed or group)[0]}: {together}: {exc}")
 
 
 def _to_tune(name: str, values: list[Any]) -> Any:
@@ -123,7 +192,10 @@ def parse_space(space: dict[str, Any], *, base: dict[str, Any] | None = None) ->
 
     ``base`` is the config dict the overrides apply to (schema defaults when None): every key must name a
     config value there, and both range ends (or every listed value) must pass the schema's type and range
-    checks, so a bad space fails with a :class:`ConfigError` naming its key before any trial starts.
+    checks. Then every combination of the keys' values (listed values, small integer ranges in full, the ends
+    of other ranges) must make a valid config together with ``base``: the rules between fields, such as
+    ``data.batch_size`` a multiple of ``train.num_workers``. A bad space fails with one-line
+    :class:`ConfigError` naming its key (and the failing combination) before any trial starts.
     """
     if not isinstance(space, dict):
         raise ConfigError(f"tune.space: got {space!r}; allowed: a mapping of dotted config keys")
@@ -131,12 +203,21 @@ def parse_space(space: dict[str, Any], *, base: dict[str, Any] | None = None) ->
         raise ConfigError("tune.space: got {}; allowed: at least one dotted config key to search")
     base = base if base is not None else {}
     params: dict[str, Any] = {}
+    typed: dict[str, list[Any]] = {}
+    shown: dict[str, list[Any]] = {}
     for key in sorted(space):
         if not isinstance(key, str) or not key:
             raise ConfigError(f"tune.space: key {key!r}; allowed: a dotted config key such as loss.fd_weight")
         name, values = _spec_values(key, space[key])
-        _check_key(key, values, base)
+        checked = _check_key(key, values)
+        if name == "randint" and values[1] - values[0] < _MAX_RANDINT_VALUES:
+            # a small integer range in full: train.num_workers {randint: [1, 4]} samples 3 as well as the ends
+            shown[key] = list(range(values[0], values[1] + 1))
+            typed[key] = [type(checked[0])(v) for v in shown[key]]
+        else:
+            shown[key], typed[key] = values, checked
         params[key] = _to_tune(name, values)
+    _check_combinations(typed, shown, from_dict(base))
     return params
 
 
@@ -205,9 +286,14 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], experiment: str) -> 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from siclip.train.launch import launch
+    from siclip.train.worker import run_location
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, run_name=f"{experiment}-{trial_id}")
+    # the sampled values, as JSON next to the trial's config.yaml and TensorBoard events
+    storage.write_text(
+        storage.join(run_location(cfg), PARAMS_FILE), json.dumps(params, indent=2, sort_keys=True)
+    )
     launch(cfg, callbacks=[TuneReportCallback()])
 
 
@@ -249,35 +335,82 @@ def _fix_device(cfg: SiclipCfg) -> SiclipCfg:
     return cfg
 
 
+def _trial_resources(cfg: SiclipCfg) -> dict[str, float]:
+    """What one trial holds while it trains: its driver (``tune.cpus_per_trial``, ``tune.gpus_per_trial``)
+    plus its Train workers (``train.num_workers`` x ``train.cpus_per_worker``, and a GPU each when
+    ``train.use_gpu`` is yes). Resources it does not need are left out."""
+    workers_gpu = cfg.train.num_workers if cfg.train.use_gpu == "yes" else 0
+    need = {
+        "CPU": cfg.tune.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker,
+        "GPU": cfg.tune.gpus_per_trial + workers_gpu,
+    }
+    return {k: v for k, v in need.items() if v > 0}
+
+
 def _fit_resources(cfg: SiclipCfg) -> SiclipCfg:
-    """A trial's driver plus its Train workers must fit the cluster, or Tune would wait for ever.
+    """Make one trial fit the cluster, and no more trials run at once than the cluster can ever hold.
+
+    Ray Train V2 inside a Tune trial reserves its workers in a placement group of its own, after the trial
+    has started (Tune only sees the driver's share, and a trial-level placement group cannot lend its bundles
+    to Train's). So the cap is on concurrency, as Ray's Train + Tune guide advises: at most as many trials as
+    the cluster (what it has now, or the most its autoscaler may launch) holds driver + workers for; the
+    others wait their turn in Tune's queue instead of timing out in ``train.worker_start_timeout_s``.
 
     When only the driver's sliver does not fit (``train.cpus_per_worker`` = every CPU, as in the demo),
     the workers give that sliver up; torch still gets ``int(cpus_per_worker)`` threads, at least one.
+    A driver GPU (``tune.gpus_per_trial``) that leaves no GPU for the workers is refused.
     """
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0.0)
-    if not total:  # an autoscaling cluster with no worker yet: Tune waits for nodes
+    from siclip.ray_compat import max_cluster_resources
+
+    now, most = ray.cluster_resources(), max_cluster_resources()
+    need = _trial_resources(cfg)
+    hold = {k: max(now.get(k, 0.0), most.get(k, 0.0)) for k in need}
+    if not all(hold.values()):  # an autoscaling cluster with no such node yet: Tune waits for nodes
         return cfg
+    total = hold.get("CPU", 0.0)
     workers = cfg.train.num_workers * cfg.train.cpus_per_worker
-    excess = cfg.tune.cpus_per_trial + workers - total
-    if excess <= 1e-9:
-        return cfg
-    if excess <= min(cfg.tune.cpus_per_trial, 0.1) and workers - excess > 0:  # a sliver, not a CPU
-        per = round(cfg.train.cpus_per_worker - excess / cfg.train.num_workers, 4)
-        print(
-            f"siclip tune: train.cpus_per_worker {cfg.train.cpus_per_worker:g} -> {per:g} to leave room "
-            f"for the trial driver (tune.cpus_per_trial {cfg.tune.cpus_per_trial:g})"
+    excess = need.get("CPU", 0.0) - total
+    if excess > 1e-9:
+        if excess <= min(cfg.tune.cpus_per_trial, 0.1) and workers - excess > 0:  # a sliver, not a CPU
+            per = round(cfg.train.cpus_per_worker - excess / cfg.train.num_workers, 4)
+            print(
+                f"siclip tune: train.cpus_per_worker {cfg.train.cpus_per_worker:g} -> {per:g} to leave room "
+                f"for the trial driver (tune.cpus_per_trial {cfg.tune.cpus_per_trial:g})"
+            )
+            cfg = replace(cfg, train=replace(cfg.train, cpus_per_worker=per))
+            need = _trial_resources(cfg)
+        else:
+            room = total - workers
+            allowed = f"<= {room:g}, e.g. 0.01 (the trial driver only waits)" if room > 0 else "none fits"
+            raise ConfigError(
+                f"tune.cpus_per_trial: got {cfg.tune.cpus_per_trial:g}; one trial needs it plus "
+                f"train.num_workers x train.cpus_per_worker = {workers:g} CPUs but the cluster has {total:g}; "
+                f"allowed: {allowed} (or lower train.cpus_per_worker)"
+            )
+    if need.get("GPU", 0.0) > hold.get("GPU", 0.0) + 1e-9:
+        workers_gpu = need["GPU"] - cfg.tune.gpus_per_trial
+        raise ConfigError(
+            f"tune.gpus_per_trial: got {cfg.tune.gpus_per_trial:g}; one trial needs it plus "
+            f"{workers_gpu:g} GPU(s) for its Train workers but the cluster holds {hold['GPU']:g}; allowed: 0 "
+            "(the trial driver only waits; its workers take their own GPUs)"
         )
-        return replace(cfg, train=replace(cfg.train, cpus_per_worker=per))
-    room = total - workers
-    allowed = f"<= {room:g}, e.g. 0.01 (the trial driver only waits)" if room > 0 else "none fits"
-    raise ConfigError(
-        f"tune.cpus_per_trial: got {cfg.tune.cpus_per_trial:g}; one trial needs it plus "
-        f"train.num_workers x train.cpus_per_worker = {workers:g} CPUs but the cluster has {total:g}; "
-        f"allowed: {allowed} (or lower train.cpus_per_worker)"
-    )
+    if cfg.tune.gpus_per_trial and cfg.train.use_gpu != "yes":
+        print(
+            f"siclip tune: tune.gpus_per_trial {cfg.tune.gpus_per_trial:g} holds a GPU nothing uses (train.use_gpu no)"
+        )
+    fit = min(int(hold[k] / v + 1e-9) for k, v in need.items())
+    if cfg.tune.max_concurrent_trials > fit:
+        what = ", ".join(f"{v:g} {k}" for k, v in need.items())
+        holds = ", ".join(f"{hold[k]:g} {k}" for k in need)
+        print(
+            f"siclip tune: tune.max_concurrent_trials {cfg.tune.max_concurrent_trials} -> {fit}: a trial holds "
+            f"{what} (driver + train.num_workers x per-worker share) and the cluster holds {holds}; "
+            "the other trials wait their turn"
+        )
+        cfg = replace(cfg, tune=replace(cfg.tune, max_concurrent_trials=fit))
+    return cfg
 
 
 def _release_orphaned_train_groups() -> int:
@@ -350,6 +483,8 @@ class TrialRow:
     iterations: int
     step: int
     run_name: str
+    error: str = ""
+    """ERROR trials: the exception, on one line (Tune keeps the full trace in the trial's ``error.txt``)."""
 
 
 @dataclass(frozen=True)
@@ -368,6 +503,11 @@ class SweepResult:
     @property
     def table(self) -> str:
         return format_table(self)
+
+    @property
+    def errored(self) -> tuple[TrialRow, ...]:
+        """The trials that ended in ERROR (``siclip tune`` then exits non-zero)."""
+        return tuple(r for r in self.rows if r.status == "ERROR")
 
 
 def _fmt(value: Any) -> str:
@@ -399,7 +539,19 @@ def format_table(result: SweepResult) -> str:
         )
     else:
         lines.append(f"\nno trial reported {result.metric}")
+    for row in result.errored:
+        lines.append(f"ERROR: trial {row.trial_id} ({row.run_name}): {row.error or 'no message'}")
     return "\n".join(lines)
+
+
+def _one_line(error: BaseException | None, limit: int = 300) -> str:
+    """An exception as one line: its type and the last non-empty line of its message (Ray wraps the
+    trial's own exception in a long trace whose last line is the cause)."""
+    if error is None:
+        return ""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    text = f"{type(error).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _write_tables(result: SweepResult) -> None:
@@ -435,14 +587,13 @@ def _collect(
     rows = []
     for res in grid:
         m = dict(res.metrics or {})
-        params = {k: v for k, v in (res.config or {}).items() if k in param_keys}
+        params = dict(res.config or {})  # the trial's own sampled values, whatever the space is now
         trial_id = str(m.get("trial_id") or Path(res.path).name)
         run_name = f"{cfg.tune.experiment_name}-{trial_id}"
         iterations = int(m.get("training_iteration", 0))
-        expected = _expected_reports(trial_config(base, params, run_name=run_name))
         if res.error is not None:
             status = "ERROR"
-        elif iterations >= expected:
+        elif iterations >= _expected_reports(trial_config(base, params, run_name=run_name)):
             status = "TERMINATED"
         else:
             status = STOPPED
@@ -456,9 +607,11 @@ def _collect(
                 iterations=iterations,
                 step=int(m.get("step", 0)),
                 run_name=run_name,
+                error=_one_line(res.error) if status == "ERROR" else "",
             )
         )
     rows.sort(key=lambda r: _rank_key(r, mode))
+    param_keys = (*param_keys, *sorted({k for r in rows for k in r.params} - set(param_keys)))
     best = rows[0] if rows and rows[0].metric is not None and rows[0].status != "ERROR" else None
     best_path: Path | str | None = None
     if best is not None:
@@ -477,11 +630,55 @@ def _collect(
     )
 
 
-def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
-    """Run (or resume) the sweep ``tune.experiment_name``; print and write its table and best config.
+def _fresh_name(runs_dir: str, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... : the first whose folder under ``runs_dir`` does not exist."""
+    candidate, n = name, 1
+    while storage.exists(f"{runs_dir}/{candidate}"):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
 
-    A sweep whose folder already exists is restored (finished trials are not rerun, errored ones are
-    retried); ``resume=True`` additionally requires that folder to exist.
+
+def _sweep_record(cfg: SiclipCfg, base: dict[str, Any]) -> dict[str, Any]:
+    return {"space": cfg.tune.space, "num_samples": cfg.tune.num_samples, "base": base}
+
+
+def _resume_base(cfg: SiclipCfg, experiment_path: str, base: dict[str, Any]) -> dict[str, Any]:
+    """The base config of the sweep being resumed, from its ``sweep.json``; refuse a changed space.
+
+    Tune restores the trials it already sampled and ignores today's space and ``num_samples``, so a change
+    there would be silently dropped; unfinished trials keep training the sweep's own base config.
+    """
+    try:
+        saved = json.loads(storage.read_text(storage.join(experiment_path, SWEEP_FILE)))
+    except FileNotFoundError:
+        print(f"siclip tune: {experiment_path} has no {SWEEP_FILE}; its trials resume with today's config")
+        return base
+    now = _sweep_record(cfg, base)
+    for key in ("space", "num_samples"):
+        if json.dumps(saved.get(key), sort_keys=True) != json.dumps(now[key], sort_keys=True):
+            raise ConfigError(
+                f"tune.{key}: got {now[key]!r}, but the sweep at {experiment_path} has {saved.get(key)!r}; "
+                "allowed: its own value with --resume, or no --resume to start a new sweep"
+            )
+    old = saved.get("base") or base
+    changed = sorted(k for k in set(old) | set(base) if k != "tune" and old.get(k) != base.get(k))
+    if changed:
+        print(
+            f"siclip tune: resuming with the sweep's own base config (sections {', '.join(changed)} differ now)"
+        )
+    return dict(old)
+
+
+def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
+    """Run the sweep ``tune.experiment_name``, or with ``resume=True`` continue it; print and write its
+    table and best config.
+
+    Without ``resume`` a sweep never reuses an existing folder: when ``<runs_dir>/<experiment_name>`` exists,
+    the sweep is named ``<experiment_name>-2`` (``-3``, ...) instead. ``resume=True`` restores that folder
+    with ``Tuner.restore`` (finished trials are not rerun, errored ones are retried); that unpickles Ray
+    Tune's state, so resume only a folder no one else can write. The space and ``num_samples`` must be the
+    sweep's own (``sweep.json``).
     """
     cfg = _prepare(cfg)
     parse_space(cfg.tune.space, base=to_dict(cfg))  # fail on a bad space before Ray starts
@@ -500,26 +697,48 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
     check_cluster_storage(cfg)
     cfg = _fix_device(cfg)
     cfg = _fit_resources(cfg)
+    runs_dir = cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
+    runs_dir = runs_dir.rstrip("/")
+    experiment = cfg.tune.experiment_name
+    if not resume:
+        experiment = _fresh_name(runs_dir, experiment)
+        if experiment != cfg.tune.experiment_name:
+            print(
+                f"siclip tune: {runs_dir}/{cfg.tune.experiment_name} holds an earlier sweep (add --resume to "
+                f"continue it); this new sweep is {experiment!r}"
+            )
+            cfg = replace(cfg, tune=replace(cfg.tune, experiment_name=experiment))
+    experiment_path = f"{runs_dir}/{experiment}"
     base = to_dict(cfg)
     param_space = parse_space(cfg.tune.space, base=base)
     param_keys = tuple(param_space)
-    runs_dir = cfg.train.runs_dir if is_uri(cfg.train.runs_dir) else str(Path(cfg.train.runs_dir).resolve())
-    experiment = cfg.tune.experiment_name
-    experiment_path = f"{runs_dir.rstrip('/')}/{experiment}"
     driver = {
         "CPU": cfg.tune.cpus_per_trial,
         **({"GPU": cfg.tune.gpus_per_trial} if cfg.tune.gpus_per_trial else {}),
     }
-    trainable = tune.with_resources(tune.with_parameters(_trial, base=base, experiment=experiment), driver)
-    if tune.Tuner.can_restore(experiment_path):
-        print(f"siclip tune: resuming sweep {experiment!r} from {experiment_path}")
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
-    elif resume:
-        raise ConfigError(
-            f"tune.experiment_name: got {experiment!r}; no sweep to resume at {experiment_path}; "
-            "allowed: an existing sweep's name (or run without --resume)"
+    if resume:
+        if not tune.Tuner.can_restore(experiment_path):
+            raise ConfigError(
+                f"tune.experiment_name: got {experiment!r}; no sweep to resume at {experiment_path}; "
+                "allowed: an existing sweep's name (or run without --resume)"
+            )
+        base = _resume_base(cfg, experiment_path, base)
+        print(
+            f"siclip tune: resuming sweep {experiment!r} from {experiment_path}. Warning: this unpickles Ray "
+            "Tune's saved state (code runs from it): resume only a folder that no one else can write",
+            file=sys.stderr,
         )
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=base, experiment=experiment), driver
+        )
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
     else:
+        storage.write_text(
+            storage.join(experiment_path, SWEEP_FILE), json.dumps(_sweep_record(cfg, base), indent=2)
+        )
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, base=base, experiment=experiment), driver
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,

@@ -1,5 +1,6 @@
 """A real 4-trial Ray Tune sweep on a tiny demo world: ASHA stops trials early, every trial logs to
-TensorBoard, the best config retrains through the CLI unchanged, and rerunning the sweep restores it."""
+TensorBoard, the best config retrains through the CLI unchanged, and --resume restores the sweep; a trial that
+errors fails ``siclip tune`` and is named, and a rerun without --resume starts a new sweep."""
 
 from __future__ import annotations
 
@@ -118,3 +119,93 @@ def test_sweep_stops_early_writes_tables_and_best_config_retrains(ray_session: N
     assert [(r.trial_id, r.status, r.iterations) for r in again.rows] == [
         (r.trial_id, r.status, r.iterations) for r in result.rows
     ]
+
+
+def _small_sweep(tmp_path: Path, space: dict, name: str) -> dict:
+    data = _base_cfg(tmp_path)
+    data["train"].update({"max_steps": 2, "ckpt_every": 2, "log_every": 1})
+    data["tune"].update(
+        {
+            "space": space,
+            "scheduler": "fifo",
+            "num_samples": 1,
+            "experiment_name": name,
+            "metric": "loss/clip",
+        }
+    )
+    return data
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _tune(tmp_path: Path, data: dict, *args: str) -> int:
+    import yaml
+
+    from siclip.cli import main
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return main(["tune", "--config", str(path), *args])
+
+
+def test_errored_trial_fails_the_command_and_a_rerun_starts_a_new_sweep(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    torch.set_num_threads(1)
+    runs = tmp_path / "runs"
+    missing = str(tmp_path / "no-such-weights.pt")  # the trial fails on the worker, where it loads weights
+    data = _small_sweep(tmp_path, {"model.source": {"grid": [missing]}}, "errs")
+
+    assert _tune(tmp_path, data) == 1
+    out, err = capsys.readouterr()
+    (bad,) = _rows(runs / "errs" / "trials.csv")
+    assert bad["status"] == "ERROR" and bad["model.source"] == missing
+    assert any(line.startswith(f"ERROR: trial {bad['trial_id']}") for line in out.splitlines()), out
+    assert "no such checkpoint file" in out and bad["trial_id"] in err
+    # each trial's sampled values are kept with it, as JSON
+    params = json.loads((runs / f"errs-{bad['trial_id']}" / "sweep_params.json").read_text())
+    assert params == {"model.source": missing}
+    first_table = (runs / "errs" / "trials.csv").read_text()
+
+    # The same name with a changed space and no --resume: a new sweep, in its own folder, as asked.
+    changed = _small_sweep(tmp_path, {"optim.lr": {"grid": [2e-3]}}, "errs")
+    assert _tune(tmp_path, changed) == 0
+    out, _ = capsys.readouterr()
+    assert "errs-2" in out
+    (row,) = _rows(runs / "errs-2" / "trials.csv")
+    assert float(row["optim.lr"]) == 2e-3 and row["status"] == "TERMINATED"
+    best = load_config(runs / "errs-2" / "best_config.yaml")
+    assert best.optim.lr == 2e-3
+    assert (runs / "errs" / "trials.csv").read_text() == first_table  # the first sweep is untouched
+
+    # --resume restores only the sweep's own space, and says that it unpickles Tune's state.
+    assert _tune(tmp_path, changed, "--resume") == 2
+    _, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "tune.space" in err, err
+    changed["tune"]["experiment_name"] = "errs-2"
+    assert _tune(tmp_path, changed, "--resume") == 0  # every trial finished: nothing is rerun
+    out, err = capsys.readouterr()
+    assert "unpickles" in err
+    assert _rows(runs / "errs-2" / "trials.csv") == [row]
+    assert not (runs / "errs-3").exists()
+
+
+def test_trials_that_cannot_run_together_wait_their_turn(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two trials of 0.01 + 1.5 CPUs on 2 CPUs: the second starts after the first instead of its Train
+    workers timing out (10 s here, shorter than one trial) while the first still holds the CPUs."""
+    torch.set_num_threads(1)
+    data = _small_sweep(tmp_path, {"optim.lr": {"grid": [1e-3, 2e-3]}}, "turns")
+    data["train"].update({"cpus_per_worker": 1.5, "worker_start_timeout_s": 10})
+    data["tune"]["max_concurrent_trials"] = 2
+    assert _tune(tmp_path, data) == 0
+    out, _ = capsys.readouterr()
+    assert "max_concurrent_trials 2 -> 1" in out, out
+    rows = _rows(tmp_path / "runs" / "turns" / "trials.csv")
+    assert sorted(r["status"] for r in rows) == ["TERMINATED", "TERMINATED"], rows

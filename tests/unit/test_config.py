@@ -15,6 +15,7 @@ from siclip.config import (
     expand_shards,
     from_dict,
     load_config,
+    replace,
     save_config,
     to_dict,
 )
@@ -130,3 +131,29 @@ def test_paper_recipe_parses() -> None:
     cfg = load_config(Path(__file__).parents[2] / "configs" / "siclip_s0_cc12m.yaml", check_files=False)
     assert cfg.data.batch_size == 1536 and cfg.train.epochs == 32 and cfg.optim.warmup_steps == 10_000
     assert len(expand_shards(cfg.data.train_shards)) == 1243
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"data": {"batch_size": 8}, "train": {"num_workers": 3}}, "data.batch_size: got 8"),
+        ({"loss": {"local": True, "gather": False}}, "loss.local: got true"),
+        ({"caption": {"min_actors": 3, "num_actors": 2}}, "caption.min_actors: got 3"),
+        ({"eval": {"templates": ["no slot"]}}, "eval.templates[0]: got 'no slot'"),
+        ({"loss": {"schedule": [{"from_step": 5}, {"from_step": 5}]}}, "loss.schedule[1].from_step"),
+    ],
+)
+def test_rules_between_fields_hold_however_a_config_is_built(data: dict, needle: str) -> None:
+    # from_dict is what the Ray boundary, each sweep trial and the demo build with; it checks as load_config does
+    with pytest.raises(ConfigError) as err:
+        from_dict(data)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_changing_a_config_in_code_is_checked_too() -> None:
+    good = from_dict({})
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: got 256"):
+        replace(good, train=replace(good.train, num_workers=3))
+    with pytest.raises(ConfigError, match=r"^loss\.local"):
+        replace(good, loss=replace(good.loss, local=True, gather=False))
+    assert replace(good, train=replace(good.train, num_workers=4)).train.num_workers == 4

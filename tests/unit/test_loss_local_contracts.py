@@ -5,8 +5,8 @@ one global batch (the real collectives run with gloo in test_gather_gloo, which 
 Pinned here: ``local_rows`` and ``scale_grad`` themselves; that the rank-mean of every local CLIP/CRD/ICL value
 is the one-worker value while the ranks' shares differ; that the local gather always carries gradient; that the
 student's gradient through the gathered terms is the naive local loss's gradient (scaled by ``1/WS`` without
-``gather_with_grad``) while FD's is never rescaled; that ``loss.local`` with ``loss.gather=false`` (or one
-worker) is the plain local loss; and PM's local rows (offset draws, anchors, centred cosine bias) against a
+``gather_with_grad``) while FD's is never rescaled; that ``loss.local`` on one worker is the plain local loss
+(and that the config refuses it without ``loss.gather``); and PM's local rows (offset draws, anchors, centred cosine bias) against a
 naive loop.
 """
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import siclip.losses.total as total_module
-from siclip.config import LossCfg
+from siclip.config import ConfigError, LossCfg
 from siclip.losses.gather import local_rows, scale_grad
 from siclip.losses.pm import PMLoss, sample_negatives
 from siclip.losses.total import WIKDLoss
@@ -199,13 +199,17 @@ def test_local_student_gradient_is_the_naive_local_gradient(gathers: list, with_
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("gather", [False, True])
-def test_local_without_a_gather_is_the_plain_local_loss(gathers: list, gather: bool) -> None:
-    """``loss.local`` needs a gathered batch: with ``loss.gather=false`` (or one worker) it changes nothing."""
+def test_local_needs_a_gather() -> None:
+    """``loss.local`` with ``loss.gather=false`` has nothing to split: the config refuses it however built."""
+    with pytest.raises(ConfigError, match=r"^loss\.local: .*loss\.gather"):
+        replace(LOCAL, gather=False)
+
+
+def test_local_on_one_worker_is_the_plain_local_loss(gathers: list) -> None:
+    """``loss.local`` needs a gathered batch: on one worker it changes nothing."""
     batch = _batch(2)
-    cfg = replace(LOCAL, gather=gather)
-    loss = _build(cfg, DT)
-    plain = _build(replace(cfg, local=False, gather=False), DT)
+    loss = _build(LOCAL, DT)
+    plain = _build(replace(LOCAL, local=False, gather=False), DT)
     rank = 1
     own = slice(rank * B, (rank + 1) * B)
     args = (
@@ -215,8 +219,7 @@ def test_local_without_a_gather_is_the_plain_local_loss(gathers: list, gather: b
         batch["t_img"][own],
         batch["t_txt"][own],
     )
-    ws = WS if not gather else 1
-    got = _terms(loss(*args, rank=rank if not gather else 0, world_size=ws))
+    got = _terms(loss(*args, rank=0, world_size=1))
     assert got == pytest.approx(_terms(plain(*args)), rel=1e-6)
     assert not gathers
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from siclip.config import ConfigError, from_dict, load_config, to_dict
+from siclip.config import ConfigError, SiclipCfg, from_dict, load_config, to_dict
 from siclip.sweep import (
     SweepResult,
     TrialRow,
@@ -114,6 +115,77 @@ def test_key_is_checked_against_the_base_config() -> None:
     assert parse_space({"train.max_steps": {"randint": [5, 50]}}, base=base)
     with pytest.raises(ConfigError, match=r"^tune\.space\.model\.sasp\.share:"):
         parse_space({"model.sasp.share": {"choice": ["qk", "heads"]}}, base=base)
+
+
+@pytest.mark.parametrize(
+    ("space", "keys"),
+    [
+        # the sweep: 3 workers would split a global batch of 8 into 2 per rank (6 in all)
+        ({"train.num_workers": {"choice": [1, 3]}}, ["train.num_workers=3"]),
+        ({"train.num_workers": {"randint": [1, 4]}}, ["train.num_workers=3"]),  # 3 lies between the ends
+        (
+            {"loss.local": {"choice": [False, True]}, "loss.gather": {"grid": [True, False]}},
+            ["loss.gather=false", "loss.local=true"],
+        ),
+        (
+            {
+                "train.num_workers": {"grid": [2, 4]},
+                "data.batch_size": {"choice": [8, 6]},
+                "optim.lr": {"loguniform": [1e-4, 1e-2]},
+            },
+            ["data.batch_size=6", "train.num_workers=4"],
+        ),
+    ],
+)
+def test_an_invalid_combination_fails_before_any_trial(space: dict, keys: list[str]) -> None:
+    base = to_dict(from_dict({"data": {"batch_size": 8}}))
+    with pytest.raises(ConfigError) as err:
+        parse_space(space, base=base)
+    message = str(err.value)
+    assert message.startswith("tune.space.") and "\n" not in message, message
+    for key in keys:
+        assert key in message, message
+    assert "optim.lr" not in message, message  # only the keys the failure needs
+
+
+def test_combinations_are_judged_together_not_against_the_base_value() -> None:
+    # 4 workers alone would not divide the base batch of 6, but every sampled batch here is a multiple of 4
+    base = to_dict(from_dict({"data": {"batch_size": 6}}))
+    assert parse_space(
+        {"train.num_workers": {"grid": [2, 4]}, "data.batch_size": {"grid": [8, 16]}}, base=base
+    )
+    assert parse_space(
+        {"caption.min_actors": {"choice": [2, 3]}, "caption.num_actors": {"choice": [3, 4]}}, base=base
+    )
+
+
+def test_the_sweep_refuses_an_invalid_combination_before_ray_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import siclip.ray_session
+    from siclip.cli import main
+
+    def no_ray(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Ray started although the search space is invalid")
+
+    monkeypatch.setattr(siclip.ray_session, "init_ray", no_ray)
+    shard = tmp_path / "s-000000.tar"
+    shard.write_bytes(b"")
+    args = [
+        f"data.train_shards=[{shard}]",
+        "data.batch_size=8",
+        f"train.runs_dir={tmp_path / 'runs'}",
+        "train.max_steps=4",
+        "tune.metric=loss/total",
+        "tune.mode=min",
+        "tune.space={train.num_workers: {choice: [1, 3]}}",
+    ]
+    config = tmp_path / "base.yaml"
+    config.write_text("train: {progress: false}\n")
+    assert main(["tune", "--config", str(config), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "tune.space.train.num_workers" in err and "3" in err, err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_space_file_merges_under_config_space(tmp_path: Path) -> None:
@@ -254,6 +326,7 @@ def test_driver_sliver_is_taken_from_the_workers_or_refused(monkeypatch: pytest.
     from siclip.sweep import _fit_resources
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr("siclip.ray_compat.max_cluster_resources", dict)  # no autoscaler
     demo = from_dict({"train": {"cpus_per_worker": 2.0}, "tune": {"cpus_per_trial": 0.01}})
     assert _fit_resources(demo).train.cpus_per_worker == pytest.approx(1.99)
     fits = from_dict({"train": {"cpus_per_worker": 0.99}, "tune": {"cpus_per_trial": 0.01}})
@@ -261,3 +334,69 @@ def test_driver_sliver_is_taken_from_the_workers_or_refused(monkeypatch: pytest.
     greedy = from_dict({"train": {"cpus_per_worker": 2.0}, "tune": {"cpus_per_trial": 1.0}})
     with pytest.raises(ConfigError, match=r"^tune\.cpus_per_trial: got 1; .*cluster has 2"):
         _fit_resources(greedy)
+
+
+def _sweep_on(monkeypatch: pytest.MonkeyPatch, now: dict, most: dict, **sections: dict) -> SiclipCfg:
+    import ray
+
+    from siclip.sweep import _fit_resources
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(now))
+    monkeypatch.setattr("siclip.ray_compat.max_cluster_resources", lambda: dict(most))
+    return _fit_resources(from_dict(sections))
+
+
+def test_concurrent_trials_are_capped_at_what_the_cluster_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the case: 2 CPUs, two trials of 0.01 + 1.5 CPUs each: only one fits at a time
+    two_cpus = {"CPU": 2.0}
+    tune = {"max_concurrent_trials": 2, "cpus_per_trial": 0.01}
+    cfg = _sweep_on(monkeypatch, two_cpus, {}, train={"cpus_per_worker": 1.5}, tune=tune)
+    assert cfg.tune.max_concurrent_trials == 1
+    cfg = _sweep_on(monkeypatch, two_cpus, {}, train={"cpus_per_worker": 0.99}, tune=tune)
+    assert cfg.tune.max_concurrent_trials == 2  # 2 x 1.0 fits
+    # 8 concurrent trials of 1 GPU worker on a cluster whose autoscaler allows 4 GPUs: 4 at a time
+    gpu = {"use_gpu": "yes", "cpus_per_worker": 1.0}
+    eight = {"max_concurrent_trials": 8, "cpus_per_trial": 0.01}
+    cfg = _sweep_on(monkeypatch, {"CPU": 8.0}, {"CPU": 64.0, "GPU": 4.0}, train=gpu, tune=eight)
+    assert cfg.tune.max_concurrent_trials == 4
+    # two workers per trial: 2 trials
+    cfg = _sweep_on(monkeypatch, {"CPU": 64.0, "GPU": 4.0}, {}, train={**gpu, "num_workers": 2}, tune=eight)
+    assert cfg.tune.max_concurrent_trials == 2
+    # GPUs the cluster does not have yet and no known autoscaler limit: nothing to cap against
+    cfg = _sweep_on(monkeypatch, {"CPU": 8.0}, {}, train=gpu, tune=eight)
+    assert cfg.tune.max_concurrent_trials == 8
+
+
+def test_a_driver_gpu_that_starves_the_workers_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = {"use_gpu": "yes"}
+    with pytest.raises(ConfigError, match=r"^tune\.gpus_per_trial: got 1; .*holds 1; allowed: 0") as err:
+        _sweep_on(monkeypatch, {"CPU": 8.0, "GPU": 1.0}, {}, train=gpu, tune={"gpus_per_trial": 1.0})
+    assert "\n" not in str(err.value)
+    cfg = _sweep_on(monkeypatch, {"CPU": 8.0, "GPU": 2.0}, {}, train=gpu, tune={"gpus_per_trial": 1.0})
+    assert cfg.tune.max_concurrent_trials == 1
+
+
+def test_an_errored_trial_is_named_and_the_command_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import siclip.sweep
+    from siclip.cli import main
+
+    ok = _result(tmp_path)
+    bad = TrialRow(
+        "t_00003", {"loss.fd_weight": 900.0}, None, "ERROR", 0, 0, "exp-t_00003", "ValueError: boom"
+    )
+    failed = replace(ok, rows=(*ok.rows, bad))
+    assert failed.errored == (bad,) and ok.errored == ()
+    table = format_table(failed)
+    assert "| t_00003 |" in table and "ERROR" in table
+    assert any("t_00003" in line and "ValueError: boom" in line for line in table.splitlines()[-3:])
+
+    config = tmp_path / "base.yaml"
+    config.write_text("train: {progress: false}\n")
+    for result, code in ((ok, 0), (failed, 1)):
+        monkeypatch.setattr(siclip.sweep, "run_sweep", lambda cfg, resume=False, result=result: result)
+        assert main(["tune", "--config", str(config)]) == code
+        out, err = capsys.readouterr()
+        assert "| t_00001 |" in out
+        assert ("t_00003" in err) == (code == 1), err
