@@ -611,7 +611,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 # ------------------------------------------------------------------------------------ paths
 def is_uri(path: str) -> bool:
-    return "://" in path or path.startswith(("pipe:", "local-dir:"))
+    """Not a path on this machine: a storage URI (:func:`siclip.storage.is_remote`), a WebDataset ``pipe:``
+    or an open_clip ``local-dir:`` source."""
+    from siclip.storage import is_remote
+
+    return is_remote(path) or path.startswith(("pipe:", "local-dir:"))
 
 
 def expand_shards(patterns: tuple[str, ...] | list[str]) -> list[str]:
@@ -766,12 +770,18 @@ def _yaml_problem(path: str, exc: yaml.YAMLError) -> str:
 
 
 def read_yaml_mapping(path: str | os.PathLike[str], *, key: str) -> dict[str, Any]:
-    """A YAML file holding a mapping; errors name ``key`` (the option or config key that gave the path)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{key}: got {str(path)!r}; no such file")
+    """A YAML file (a path or a URI such as ``s3://``) holding a mapping; errors name ``key`` (the option or
+    config key that gave the path)."""
+    from siclip import storage
+
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = storage.read_text(path)
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise ConfigError(f"{key}: got {str(path)!r}; no such file") from exc
+    except (ValueError, OSError) as exc:  # an unknown scheme, no access, ... : one line with the cause
+        raise ConfigError(f"{key}: got {str(path)!r}; cannot read it ({' '.join(str(exc).split())})") from exc
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: {_yaml_problem(str(path), exc)}") from exc
     if not isinstance(data, dict):

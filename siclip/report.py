@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 import statistics
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +143,11 @@ def plot_ablation(groups: dict[str, list[dict[str, float]]], path: Path) -> Path
     return _save(fig, path)
 
 
-def _run_page(name: str, run_dir: Path, rows: list[dict[str, Any]], plots: list[Path]) -> str:
+def _run_page(
+    name: str, run_dir: str, rows: list[dict[str, Any]], plots: list[Path], *, beside_run: bool
+) -> str:
+    from siclip import storage
+
     last = rows[-1] if rows else {}
     lines = [
         f"# Run `{name}`",
@@ -156,60 +162,99 @@ def _run_page(name: str, run_dir: Path, rows: list[dict[str, Any]], plots: list[
     if finals:
         lines += ["", "| final evaluation | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in finals.items()]
-    paper = run_dir / "final" / "paper_table.md"
-    if paper.is_file():
-        lines += ["", f"Paper table: [{paper.name}]({Path('..') / 'final' / paper.name})"]
+    paper = storage.join(run_dir, "final", "paper_table.md")
+    if storage.exists(paper):
+        link = "../final/paper_table.md" if beside_run else paper
+        lines += ["", f"Paper table: [paper_table.md]({link})"]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     if not plots:
         lines.append("Nothing to plot: the run has no metrics.jsonl rows yet.")
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = None) -> Path:
+@contextmanager
+def _staged(location: str) -> Iterator[Path]:
+    """A local folder to write ``location``'s files into: the folder itself, or (for a URI) a temporary one
+    uploaded to it at the end."""
+    from siclip import storage
+
+    if not storage.is_remote(location):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="siclip-report-") as tmp:
+        yield Path(tmp)
+        storage.upload(tmp, location)
+
+
+def write_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = None) -> Path | str:
     """Plots and a page per run (``RUN/report/report.md``); with several runs also the overlays (and the
     ablation chart) with an index page in ``out`` (default: ``report/`` beside the first run). Returns the
-    page to open: the run's page for one run, the index otherwise."""
-    dirs = [Path(d) for d in run_dirs]
-    missing = [d for d in dirs if not d.is_dir()]
+    page to open: the run's page for one run, the index otherwise.
+
+    Runs and ``out`` may be URIs (``s3://...``): metrics are read from there and pages uploaded there. A run
+    at a URI with ``out`` given gets its page in ``out/<run name>/`` instead (e.g. a local folder), so a
+    report of runs on an object store can be written without writing to the store.
+    """
+    from siclip import storage
+
+    locations = [str(d) for d in run_dirs]
+    missing = [d for d in locations if not storage.is_dir(d)]
     if missing:
-        raise FileNotFoundError(f"siclip report: no such run folder {str(missing[0])!r}")
-    runs = {d.name: read_metrics(d) for d in dirs}
-    pages: list[Path] = []
-    for d in dirs:
-        folder = d / "report"
+        raise FileNotFoundError(f"siclip report: no such run folder {missing[0]!r}")
+    runs = {storage.name(d): read_metrics(d) for d in locations}
+    pages: list[str] = []
+    for d in locations:
+        name = storage.name(d)
+        beside_run = out is None or not storage.is_remote(d)
+        dest = storage.join(d, "report") if beside_run else storage.join(str(out), name)
+        with _staged(dest) as folder:
+            plots = [
+                p
+                for group in GROUPS
+                if (
+                    p := _plot_group(
+                        {name: runs[name]}, group, folder / f"{group}.png", log_y=group == "losses"
+                    )
+                )
+            ]
+            (folder / "report.md").write_text(_run_page(name, d, runs[name], plots, beside_run=beside_run))
+        pages.append(storage.join(dest, "report.md"))
+    if len(locations) == 1 and out is None:
+        return _returned(pages[0])
+    index_dir = str(out) if out is not None else storage.join(storage.parent(locations[0]), "report")
+    with _staged(index_dir) as folder:
         plots = [
             p
             for group in GROUPS
-            if (
-                p := _plot_group(
-                    {d.name: runs[d.name]}, group, folder / f"{group}.png", log_y=group == "losses"
-                )
-            )
+            if (p := _plot_group(runs, group, folder / f"overlay_{group}.png", log_y=group == "losses"))
         ]
-        page = folder / "report.md"
-        page.write_text(_run_page(d.name, d, runs[d.name], plots))
-        pages.append(page)
-    if len(dirs) == 1 and out is None:
-        return pages[0]
-    folder = Path(out) if out is not None else dirs[0].parent / "report"
-    plots = [
-        p
-        for group in GROUPS
-        if (p := _plot_group(runs, group, folder / f"overlay_{group}.png", log_y=group == "losses"))
-    ]
-    groups = ablation_groups(runs)
-    if groups:
-        plots.append(plot_ablation(groups, folder / "ablation.png"))
-    lines = ["# siclip report", "", "| run | page |", "|---|---|"]
-    lines += [
-        f"| {d.name} | [{d.name}/report/report.md]({_rel(p, folder)}) |"
-        for d, p in zip(dirs, pages, strict=True)
-    ]
-    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
-    index = folder / "index.md"
-    folder.mkdir(parents=True, exist_ok=True)
-    index.write_text("\n".join(lines) + "\n")
-    return index
+        groups = ablation_groups(runs)
+        if groups:
+            plots.append(plot_ablation(groups, folder / "ablation.png"))
+        lines = ["# siclip report", "", "| run | page |", "|---|---|"]
+        lines += [
+            f"| {storage.name(d)} | [{storage.name(d)}/report/report.md]({_link(p, index_dir)}) |"
+            for d, p in zip(locations, pages, strict=True)
+        ]
+        lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+        (folder / "index.md").write_text("\n".join(lines) + "\n")
+    return _returned(storage.join(index_dir, "index.md"))
+
+
+def _returned(location: str) -> Path | str:
+    from siclip import storage
+
+    return location if storage.is_remote(location) else Path(location)
+
+
+def _link(page: str, start: str) -> str:
+    """``page`` as the index links it: relative between local folders, the full location otherwise."""
+    from siclip import storage
+
+    if storage.is_remote(page) or storage.is_remote(start):
+        return page
+    return _rel(Path(page), Path(start))
 
 
 def _rel(path: Path, start: Path) -> str:
