@@ -62,9 +62,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(
             "eval.zeroshot_dir: got ''; allowed: set it, eval.retrieval_shards or eval.benchmarks, or pass --suite"
         )
+    import contextlib
+
     from siclip.eval.suite import evaluate_checkpoint
 
-    result = evaluate_checkpoint(cfg, args.checkpoint, suite=suite)
+    # stdout is the result only (one JSON object): whatever the evaluation prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        result = evaluate_checkpoint(cfg, args.checkpoint, suite=suite)
     if suite:
         from siclip.eval.paper_table import json_path, write_paper_table
 
@@ -223,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tune", cmd_tune, "Ray Tune sweep over dotted config keys (tune.space / tune.space_file)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
     _config_args(p)
-    p = add("eval", cmd_eval, "zero-shot classification and retrieval of a checkpoint; prints JSON")
+    p = add(
+        "eval",
+        cmd_eval,
+        "zero-shot classification and retrieval of a checkpoint; prints one JSON object (progress on stderr)",
+    )
     p.add_argument("--checkpoint", required=True, help="weights file, checkpoint folder, or run folder")
     p.add_argument(
         "--suite",

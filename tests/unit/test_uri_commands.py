@@ -105,7 +105,7 @@ def test_eval_suite_writes_its_table_beside_an_s3_checkpoint(
             )
             == 0
         )
-        capsys.readouterr()
+        assert json.loads(capsys.readouterr().out)["checkpoint"] == checkpoint  # stdout: one JSON object
         table = json.loads(storage.read_text(storage.join(final, "paper_table.json")))
         assert table["rows"][0]["model"] == "r1" and set(table["absent"]) == set(roots)
         assert "MobileCLIP-S0" in storage.read_text(storage.join(final, "paper_table.md"))
