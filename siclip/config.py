@@ -38,10 +38,12 @@ __all__ = [
     "TuneCfg",
     "apply_overrides",
     "apply_profile",
+    "config_yaml",
     "expand_shards",
     "from_dict",
     "load_config",
     "read_yaml_mapping",
+    "redacted",
     "save_config",
     "to_dict",
 ]
@@ -808,11 +810,31 @@ def load_config(
     return cfg
 
 
+def redacted(cfg: SiclipCfg) -> SiclipCfg:
+    """``cfg`` without the values of ``ray.env_vars`` (they may hold credentials): what every saved copy holds."""
+    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, env_vars={}))
+
+
+def config_yaml(cfg: SiclipCfg) -> str:
+    """The config as YAML for every saved copy (a run's ``config.yaml``, its TensorBoard text, a sweep's
+    ``best_config.yaml``): ``load_config`` reads it back unchanged except ``ray.env_vars``, whose values are
+    never written; a comment names the variables that were set, to pass again (``ray.env_vars.NAME=...``)."""
+    text = yaml.safe_dump(to_dict(redacted(cfg)), sort_keys=False)
+    if cfg.ray.env_vars:
+        names = ", ".join(sorted(str(k) for k in cfg.ray.env_vars))
+        text = (
+            f"# ray.env_vars had values for {names}; not saved (they may hold credentials): pass them again "
+            "as ray.env_vars.NAME=value where needed\n" + text
+        )
+    return text
+
+
 def save_config(cfg: SiclipCfg, path: str | os.PathLike[str]) -> None:
-    """Write the resolved config as YAML that ``load_config`` reads back unchanged (a path or a URI)."""
+    """Write the resolved config (a path or a URI) as :func:`config_yaml`: what ``load_config`` reads back
+    unchanged, ``ray.env_vars`` values left out."""
     from siclip.storage import write_text
 
-    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, config_yaml(cfg))
 
 
 def replace(cfg: Any, **changes: Any) -> Any:
