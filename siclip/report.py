@@ -35,6 +35,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
 """Plot name -> metric-name prefixes it draws (one panel per group, one line per metric)."""
 EXCLUDED: dict[str, tuple[str, ...]] = {"losses": ("loss/weight/",)}
 """Plot name -> prefixes it leaves to another panel (the weights are not losses: 0 and 4000 on one axis)."""
+STEPWISE = ("loss_weights",)
+"""Panels of values logged only when they change: drawn as steps held until the run's last logged step."""
 LOG_SCALE = ("losses", "loss_weights")
 """Panels drawn on a log y axis where the values allow it (symlog when some are 0, linear when negative)."""
 TITLES = {
@@ -114,9 +116,15 @@ def _plot_group(runs: dict[str, list[dict[str, Any]]], group: str, path: Path) -
     keys: list[str] = []
     values: list[float] = []
     for run, rows in runs.items():
+        last_step = max((int(r["step"]) for r in rows if "step" in r), default=0)
         for key, (steps, vs) in _series(rows, group).items():
             label = key if len(runs) == 1 else f"{run}: {key}"
-            ax.plot(steps, vs, marker="o" if len(steps) < 12 else None, markersize=3, label=label)
+            style: dict[str, Any] = {"marker": "o" if len(steps) < 12 else None, "markersize": 3}
+            if group in STEPWISE:
+                style["drawstyle"] = "steps-post"
+                if steps[-1] < last_step:  # still in force at the end
+                    steps, vs = [*steps, last_step], [*vs, vs[-1]]
+            ax.plot(steps, vs, label=label, **style)
             keys.append(label)
             values += vs
     if not keys:
