@@ -372,6 +372,10 @@ class RayCfg:
     """0: Ray decides (local clusters only)."""
     object_store_memory_mb: int = field(default=0, metadata=_rng(0))
     include_dashboard: bool = False
+    node_ip_address: str = "127.0.0.1"
+    """A local Ray started by siclip binds its processes (GCS, raylet, agents, metrics) to this address and
+    advertises it: ``127.0.0.1`` keeps them off the network; ``""`` lets Ray pick this machine's address (as
+    ``ray.init()`` does), or name one of its addresses. Not used when joining a cluster (``address``)."""
     data_timeout_s: int = field(default=600, metadata=_rng(1))
     """Ray Data gives up when it makes no progress for this long (e.g. waiting for a GPU never there)."""
     env_vars: dict[str, str] = field(default_factory=dict)
