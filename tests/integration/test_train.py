@@ -72,7 +72,9 @@ def test_sigkill_then_rerun_resumes_and_finishes(tmp_path: Path) -> None:
     assert (run / "config.yaml").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))
     holding = [p for p in run.rglob("*") if p.is_file() and b"never-saved-4f1c" in p.read_bytes()]
-    assert not holding, f"ray.env_vars values saved in {holding}"  # config.yaml, TensorBoard text, Ray's files
+    assert not holding, (
+        f"ray.env_vars values saved in {holding}"
+    )  # config.yaml, TensorBoard text, Ray's files
     assert "SICLIP_TEST_TOKEN" in (run / "config.yaml").read_text()
     # train.keep_checkpoints = 2, and the folder the killed run left half-registered is gone
     assert 1 <= len(_checkpoints(run)) == registered_checkpoints(run) <= 2
