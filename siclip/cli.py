@@ -62,28 +62,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(
             "eval.zeroshot_dir: got ''; allowed: set it, eval.retrieval_shards or eval.benchmarks, or pass --suite"
         )
+    import contextlib
+
     from siclip.eval.suite import evaluate_checkpoint
 
-    result = evaluate_checkpoint(cfg, args.checkpoint, suite=suite)
+    # stdout is the result only (one JSON object): whatever the evaluation prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        result = evaluate_checkpoint(cfg, args.checkpoint, suite=suite)
     if suite:
-        from siclip.eval.paper_table import write_paper_table
+        from siclip.eval.paper_table import json_path, write_paper_table
 
         table = write_paper_table(
             result["benchmarks"], name=args.name or cfg.train.run_name, out=args.table or _default_table(args)
         )
-        print(
-            f"siclip: paper table written to {table} (and {table.with_suffix('.json').name})", file=sys.stderr
-        )
+        print(f"siclip: paper table written to {table} (and {json_path(table)})", file=sys.stderr)
     print(json.dumps(result, sort_keys=True))
     return 0
 
 
 def _default_table(args: argparse.Namespace) -> str:
-    """``paper_table.md`` in the checkpoint's folder (the folder itself when a folder was given)."""
-    from pathlib import Path
+    """``paper_table.md`` in the checkpoint's folder (the folder itself when a folder was given), on the
+    checkpoint's own storage (a local folder or a URI such as ``s3://``)."""
+    from siclip import storage
 
-    ckpt = Path(args.checkpoint)
-    return str((ckpt if ckpt.is_dir() else ckpt.parent) / "paper_table.md")
+    ckpt = args.checkpoint
+    return storage.join(ckpt if storage.is_dir(ckpt) else storage.parent(ckpt), "paper_table.md")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -235,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         "resume only your own folder); without it an existing name gets a -2, -3, ... suffix",
     )
     _config_args(p)
-    p = add("eval", cmd_eval, "zero-shot classification and retrieval of a checkpoint; prints JSON")
+    p = add(
+        "eval",
+        cmd_eval,
+        "zero-shot classification and retrieval of a checkpoint; prints one JSON object (progress on stderr)",
+    )
     p.add_argument("--checkpoint", required=True, help="weights file, checkpoint folder, or run folder")
     p.add_argument(
         "--suite",

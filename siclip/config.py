@@ -47,10 +47,12 @@ __all__ = [
     "TuneCfg",
     "apply_overrides",
     "apply_profile",
+    "config_yaml",
     "expand_shards",
     "from_dict",
     "load_config",
     "read_yaml_mapping",
+    "redacted",
     "save_config",
     "to_dict",
     "typed_value",
@@ -418,6 +420,10 @@ class RayCfg:
     """0: Ray decides (local clusters only)."""
     object_store_memory_mb: int = field(default=0, metadata=_rng(0))
     include_dashboard: bool = False
+    node_ip_address: str = "127.0.0.1"
+    """A local Ray started by siclip binds its processes (GCS, raylet, agents, metrics) to this address and
+    advertises it: ``127.0.0.1`` keeps them off the network; ``""`` lets Ray pick this machine's address (as
+    ``ray.init()`` does), or name one of its addresses. Not used when joining a cluster (``address``)."""
     data_timeout_s: int = field(default=600, metadata=_rng(1))
     """Ray Data gives up when it makes no progress for this long (e.g. waiting for a GPU never there)."""
     env_vars: dict[str, str] = field(default_factory=dict)
@@ -691,7 +697,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
 
 # ------------------------------------------------------------------------------------ paths
 def is_uri(path: str) -> bool:
-    return "://" in path or path.startswith(("pipe:", "local-dir:"))
+    """Not a path on this machine: a storage URI (:func:`siclip.storage.is_remote`), a WebDataset ``pipe:``
+    or an open_clip ``local-dir:`` source."""
+    from siclip.storage import is_remote
+
+    return is_remote(path) or path.startswith(("pipe:", "local-dir:"))
 
 
 def expand_shards(patterns: tuple[str, ...] | list[str]) -> list[str]:
@@ -806,12 +816,18 @@ def _yaml_problem(path: str, exc: yaml.YAMLError) -> str:
 
 
 def read_yaml_mapping(path: str | os.PathLike[str], *, key: str) -> dict[str, Any]:
-    """A YAML file holding a mapping; errors name ``key`` (the option or config key that gave the path)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{key}: got {str(path)!r}; no such file")
+    """A YAML file (a path or a URI such as ``s3://``) holding a mapping; errors name ``key`` (the option or
+    config key that gave the path)."""
+    from siclip import storage
+
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = storage.read_text(path)
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise ConfigError(f"{key}: got {str(path)!r}; no such file") from exc
+    except (ValueError, OSError) as exc:  # an unknown scheme, no access, ... : one line with the cause
+        raise ConfigError(f"{key}: got {str(path)!r}; cannot read it ({' '.join(str(exc).split())})") from exc
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key}: {_yaml_problem(str(path), exc)}") from exc
     if not isinstance(data, dict):
@@ -837,11 +853,31 @@ def load_config(
     return cfg
 
 
+def redacted(cfg: SiclipCfg) -> SiclipCfg:
+    """``cfg`` without the values of ``ray.env_vars`` (they may hold credentials): what every saved copy holds."""
+    return dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, env_vars={}))
+
+
+def config_yaml(cfg: SiclipCfg) -> str:
+    """The config as YAML for every saved copy (a run's ``config.yaml``, its TensorBoard text, a sweep's
+    ``best_config.yaml``): ``load_config`` reads it back unchanged except ``ray.env_vars``, whose values are
+    never written; a comment names the variables that were set, to pass again (``ray.env_vars.NAME=...``)."""
+    text = yaml.safe_dump(to_dict(redacted(cfg)), sort_keys=False)
+    if cfg.ray.env_vars:
+        names = ", ".join(sorted(str(k) for k in cfg.ray.env_vars))
+        text = (
+            f"# ray.env_vars had values for {names}; not saved (they may hold credentials): pass them again "
+            "as ray.env_vars.NAME=value where needed\n" + text
+        )
+    return text
+
+
 def save_config(cfg: SiclipCfg, path: str | os.PathLike[str]) -> None:
-    """Write the resolved config as YAML that ``load_config`` reads back unchanged (a path or a URI)."""
+    """Write the resolved config (a path or a URI) as :func:`config_yaml`: what ``load_config`` reads back
+    unchanged, ``ray.env_vars`` values left out."""
     from siclip.storage import write_text
 
-    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, config_yaml(cfg))
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -11,7 +15,7 @@ import ray
 from siclip.config import RayCfg
 from siclip.ray_compat import PG_CLEANER_LOGGER
 
-__all__ = ["init_ray", "quiet_without_dashboard"]
+__all__ = ["init_ray", "make_token_private", "quiet_without_dashboard", "token_files"]
 
 # Ray Train's PlacementGroupCleaner asks the dashboard's State API every second whether the controller is
 # alive; with no dashboard each ask fails with a warning, for the whole run. It can never act then anyway.
@@ -23,13 +27,66 @@ def quiet_without_dashboard() -> None:
     logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+# Ray 2.60 turns an explicit loopback node address into this machine's network address (``ray.init``
+# resolves 127.0.0.1 "for remote access") except where it does not allow clusters (macOS, Windows): there
+# the node is 127.0.0.1 and every Ray process binds to it. That switch is read from this module constant
+# (and, in processes Ray starts, from this environment variable). A Ray internal: it belongs with the others
+# in siclip/ray_compat.py; tests/integration/test_ray_local_security.py checks it on the pinned Ray.
+_CLUSTER_SWITCH_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While Ray starts: its node address is 127.0.0.1, so GCS, raylet and agents listen on loopback only."""
+    from ray._private import ray_constants
+
+    saved_const = ray_constants.ENABLE_RAY_CLUSTER
+    saved_env = os.environ.get(_CLUSTER_SWITCH_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[_CLUSTER_SWITCH_ENV] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(_CLUSTER_SWITCH_ENV, None)
+        else:
+            os.environ[_CLUSTER_SWITCH_ENV] = saved_env
+
+
+def token_files() -> list[Path]:
+    """Where Ray keeps its auth token: ``~/.ray/auth_token`` (written by a local ``ray.init``) and
+    ``RAY_AUTH_TOKEN_PATH`` when set."""
+    files = [Path.home() / ".ray" / "auth_token"]
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        files.append(Path(os.environ["RAY_AUTH_TOKEN_PATH"]))
+    return files
+
+
+def make_token_private() -> None:
+    """Ray writes its token file with the default umask (0644 on most systems): readable by every user of
+    the machine, who could then use the cluster. Make the user's own token files 0600."""
+    for path in token_files():
+        try:
+            st = path.stat()
+            if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+                path.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+        except OSError:  # not there, or not ours to change
+            continue
+
+
 def init_ray(ray_cfg: RayCfg) -> None:
-    """Connect to ``ray.address`` / ``RAY_ADDRESS`` if given, else start a local Ray (once per process)."""
+    """Connect to ``ray.address`` / ``RAY_ADDRESS`` if given, else start a local Ray (once per process)
+    bound to ``ray.node_ip_address`` (loopback unless set otherwise). Either way, Ray's token file is
+    made readable by its owner only."""
     if ray.is_initialized():
         return
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address)
+        make_token_private()
         return
     kwargs: dict[str, Any] = {"include_dashboard": ray_cfg.include_dashboard}
     if not ray_cfg.include_dashboard:
@@ -38,4 +95,12 @@ def init_ray(ray_cfg: RayCfg) -> None:
         kwargs["num_cpus"] = ray_cfg.num_cpus
     if ray_cfg.object_store_memory_mb:
         kwargs["object_store_memory"] = ray_cfg.object_store_memory_mb * 1024 * 1024
-    ray.init(address="local", **kwargs)
+    bind = ray_cfg.node_ip_address.strip()
+    if bind in LOOPBACK:
+        with _loopback_node():
+            ray.init(address="local", **kwargs)
+    else:
+        if bind:
+            kwargs["_node_ip_address"] = bind
+        ray.init(address="local", **kwargs)
+    make_token_private()

@@ -1,34 +1,47 @@
 """``siclip report RUN [RUN ...]``: PNG plots and a Markdown page per run, read from the run folders.
 
-Per run (``RUN/report/``): every loss term over steps (``loss/*``), the gradient shares (``grad_share/*``),
+Per run (``RUN/report/``): every loss term over steps (``loss/*``), the loss weights (``loss/weight/*``, on
+a panel of their own: they span 0 to thousands), the gradient shares (``grad_share/*``),
 the evaluations (``val/*``), and the learning rate and temperatures (``optim/lr``, ``temp/*``), from the
 run's ``metrics.jsonl``. For several runs, the same plots overlaid, one line per run (web vs synthetic
 captions, ablation rows...). Runs named like ``siclip ablate``'s (``ablate-<row>-s<seed>``) also get a bar
 chart of their final evaluation per row, mean over seeds with the population std as error bar. Plots use
-matplotlib's Agg backend: no display needed.
+matplotlib's Agg backend: no display needed. Each image's caption on the page names what it draws and the
+y scale.
 """
 
 from __future__ import annotations
 
 import re
 import statistics
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from siclip.train.metrics_table import read_metrics
 
-__all__ = ["GROUPS", "ablation_groups", "plot_ablation", "write_report"]
+__all__ = ["GROUPS", "Plot", "ablation_groups", "plot_ablation", "write_report"]
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "losses": ("loss/",),
+    "loss_weights": ("loss/weight/",),
     "grad_share": ("grad_share/",),
     "eval": ("val/",),
     "lr_temperature": ("optim/lr", "temp/"),
 }
 """Plot name -> metric-name prefixes it draws (one panel per group, one line per metric)."""
+EXCLUDED: dict[str, tuple[str, ...]] = {"losses": ("loss/weight/",)}
+"""Plot name -> prefixes it leaves to another panel (the weights are not losses: 0 and 4000 on one axis)."""
+STEPWISE = ("loss_weights",)
+"""Panels of values logged only when they change: drawn as steps held until the run's last logged step."""
+LOG_SCALE = ("losses", "loss_weights")
+"""Panels drawn on a log y axis where the values allow it (symlog when some are 0, linear when negative)."""
 TITLES = {
     "losses": "loss terms",
+    "loss_weights": "loss weights (0: term off at that step)",
     "grad_share": "gradient share per loss term (of the student's gradient)",
     "eval": "evaluation",
     "lr_temperature": "learning rate and temperatures",
@@ -37,14 +50,18 @@ ABLATE_RUN = re.compile(r"^ablate-(?P<row>.+)-s(?P<seed>\d+)$")
 ABLATION_METRICS = ("val/zeroshot_top1", "val/i2t_r@1", "val/t2i_r@1")
 
 
-def _series(
-    rows: list[dict[str, Any]], prefixes: tuple[str, ...]
-) -> dict[str, tuple[list[int], list[float]]]:
-    """Metric -> (steps, values) for the metrics starting with one of ``prefixes``, in step order."""
+def _series(rows: list[dict[str, Any]], group: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Metric -> (steps, values) for the metrics of ``group``'s panel, in step order."""
+    prefixes, excluded = GROUPS[group], EXCLUDED.get(group, ())
     out: dict[str, tuple[list[int], list[float]]] = {}
     for row in rows:
         for key, value in row.items():
-            if key != "step" and key.startswith(prefixes) and isinstance(value, int | float):
+            if (
+                key != "step"
+                and key.startswith(prefixes)
+                and not key.startswith(excluded)
+                and isinstance(value, int | float)
+            ):
                 steps, values = out.setdefault(key, ([], []))
                 steps.append(int(row["step"]))
                 values.append(float(value))
@@ -74,28 +91,57 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _plot_group(
-    runs: dict[str, list[dict[str, Any]]], group: str, path: Path, *, log_y: bool = False
-) -> Path | None:
+@dataclass(frozen=True)
+class Plot:
+    """A PNG written by the report and the caption its page gives it (what it draws, on which scale)."""
+
+    path: Path
+    caption: str
+
+
+def _y_scale(values: list[float]) -> tuple[str, dict[str, float]]:
+    """log for positive values; symlog (linear around 0, up to the smallest positive value) when some are 0;
+    linear when any is negative or all are 0."""
+    positive = [v for v in values if v > 0]
+    if not positive or any(v < 0 for v in values):
+        return "linear", {}
+    if len(positive) == len(values):
+        return "log", {}
+    return "symlog", {"linthresh": min(positive)}
+
+
+def _plot_group(runs: dict[str, list[dict[str, Any]]], group: str, path: Path) -> Plot | None:
     """One figure of ``group``'s metrics; several runs share it (line label ``run: metric``)."""
     fig, ax = _figure(TITLES[group])
-    drawn = 0
+    keys: list[str] = []
+    values: list[float] = []
     for run, rows in runs.items():
-        for key, (steps, values) in _series(rows, GROUPS[group]).items():
+        last_step = max((int(r["step"]) for r in rows if "step" in r), default=0)
+        for key, (steps, vs) in _series(rows, group).items():
             label = key if len(runs) == 1 else f"{run}: {key}"
-            ax.plot(steps, values, marker="o" if len(steps) < 12 else None, markersize=3, label=label)
-            drawn += 1
-    if not drawn:
+            style: dict[str, Any] = {"marker": "o" if len(steps) < 12 else None, "markersize": 3}
+            if group in STEPWISE:
+                style["drawstyle"] = "steps-post"
+                if steps[-1] < last_step:  # still in force at the end
+                    steps, vs = [*steps, last_step], [*vs, vs[-1]]
+            ax.plot(steps, vs, label=label, **style)
+            keys.append(label)
+            values += vs
+    if not keys:
         import matplotlib.pyplot as plt
 
         plt.close(fig)
         return None
-    if log_y and all(
-        v > 0 for rows in runs.values() for _, vs in _series(rows, GROUPS[group]).values() for v in vs
-    ):
-        ax.set_yscale("log")
+    scale, kwargs = _y_scale(values) if group in LOG_SCALE else ("linear", {})
+    if scale != "linear":
+        ax.set_yscale(scale, **kwargs)
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return Plot(_save(fig, path), f"{TITLES[group]}: {', '.join(keys)} ({scale} scale)")
+
+
+def _images(plots: list[Plot]) -> list[str]:
+    """Markdown for the plots: each image, then its caption."""
+    return [line for p in plots for line in (f"![{p.path.stem}]({p.path.name})", "", f"*{p.caption}*", "")]
 
 
 def _final(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -118,7 +164,7 @@ def ablation_groups(runs: dict[str, list[dict[str, Any]]]) -> dict[str, list[dic
     return groups
 
 
-def plot_ablation(groups: dict[str, list[dict[str, float]]], path: Path) -> Path:
+def plot_ablation(groups: dict[str, list[dict[str, float]]], path: Path) -> Plot:
     """Grouped bars: per row and metric, the mean over seeds (in %) with the population std as error bar."""
     fig, ax = _figure(
         f"ablation: final evaluation, mean ± std over seeds ({max(map(len, groups.values()))} max)"
@@ -138,10 +184,14 @@ def plot_ablation(groups: dict[str, list[dict[str, float]]], path: Path) -> Path
     ax.set_xticks(range(len(rows)), rows, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("%")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return Plot(_save(fig, path), f"ablation: {', '.join(metrics)} per row, mean and std over seeds")
 
 
-def _run_page(name: str, run_dir: Path, rows: list[dict[str, Any]], plots: list[Path]) -> str:
+def _run_page(
+    name: str, run_dir: str, rows: list[dict[str, Any]], plots: list[Plot], *, beside_run: bool
+) -> str:
+    from siclip import storage
+
     last = rows[-1] if rows else {}
     lines = [
         f"# Run `{name}`",
@@ -156,60 +206,91 @@ def _run_page(name: str, run_dir: Path, rows: list[dict[str, Any]], plots: list[
     if finals:
         lines += ["", "| final evaluation | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.4f} |" for k, v in finals.items()]
-    paper = run_dir / "final" / "paper_table.md"
-    if paper.is_file():
-        lines += ["", f"Paper table: [{paper.name}]({Path('..') / 'final' / paper.name})"]
-    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    paper = storage.join(run_dir, "final", "paper_table.md")
+    if storage.exists(paper):
+        link = "../final/paper_table.md" if beside_run else paper
+        lines += ["", f"Paper table: [paper_table.md]({link})"]
+    lines += ["", *_images(plots)]
     if not plots:
         lines.append("Nothing to plot: the run has no metrics.jsonl rows yet.")
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = None) -> Path:
+@contextmanager
+def _staged(location: str) -> Iterator[Path]:
+    """A local folder to write ``location``'s files into: the folder itself, or (for a URI) a temporary one
+    uploaded to it at the end."""
+    from siclip import storage
+
+    if not storage.is_remote(location):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="siclip-report-") as tmp:
+        yield Path(tmp)
+        storage.upload(tmp, location)
+
+
+def write_report(run_dirs: Sequence[str | Path], *, out: str | Path | None = None) -> Path | str:
     """Plots and a page per run (``RUN/report/report.md``); with several runs also the overlays (and the
     ablation chart) with an index page in ``out`` (default: ``report/`` beside the first run). Returns the
-    page to open: the run's page for one run, the index otherwise."""
-    dirs = [Path(d) for d in run_dirs]
-    missing = [d for d in dirs if not d.is_dir()]
+    page to open: the run's page for one run, the index otherwise.
+
+    Runs and ``out`` may be URIs (``s3://...``): metrics are read from there and pages uploaded there. A run
+    at a URI with ``out`` given gets its page in ``out/<run name>/`` instead (e.g. a local folder), so a
+    report of runs on an object store can be written without writing to the store.
+    """
+    from siclip import storage
+
+    locations = [str(d) for d in run_dirs]
+    missing = [d for d in locations if not storage.is_dir(d)]
     if missing:
-        raise FileNotFoundError(f"siclip report: no such run folder {str(missing[0])!r}")
-    runs = {d.name: read_metrics(d) for d in dirs}
-    pages: list[Path] = []
-    for d in dirs:
-        folder = d / "report"
-        plots = [
-            p
-            for group in GROUPS
-            if (
-                p := _plot_group(
-                    {d.name: runs[d.name]}, group, folder / f"{group}.png", log_y=group == "losses"
-                )
-            )
+        raise FileNotFoundError(f"siclip report: no such run folder {missing[0]!r}")
+    runs = {storage.name(d): read_metrics(d) for d in locations}
+    pages: list[str] = []
+    for d in locations:
+        name = storage.name(d)
+        beside_run = out is None or not storage.is_remote(d)
+        dest = storage.join(d, "report") if beside_run else storage.join(str(out), name)
+        with _staged(dest) as folder:
+            plots = [
+                p
+                for group in GROUPS
+                if (p := _plot_group({name: runs[name]}, group, folder / f"{group}.png"))
+            ]
+            (folder / "report.md").write_text(_run_page(name, d, runs[name], plots, beside_run=beside_run))
+        pages.append(storage.join(dest, "report.md"))
+    if len(locations) == 1 and out is None:
+        return _returned(pages[0])
+    index_dir = str(out) if out is not None else storage.join(storage.parent(locations[0]), "report")
+    with _staged(index_dir) as folder:
+        plots = [p for group in GROUPS if (p := _plot_group(runs, group, folder / f"overlay_{group}.png"))]
+        groups = ablation_groups(runs)
+        if groups:
+            plots.append(plot_ablation(groups, folder / "ablation.png"))
+        lines = ["# siclip report", "", "| run | page |", "|---|---|"]
+        lines += [
+            f"| {storage.name(d)} | [{storage.name(d)}/report/report.md]({_link(p, index_dir)}) |"
+            for d, p in zip(locations, pages, strict=True)
         ]
-        page = folder / "report.md"
-        page.write_text(_run_page(d.name, d, runs[d.name], plots))
-        pages.append(page)
-    if len(dirs) == 1 and out is None:
-        return pages[0]
-    folder = Path(out) if out is not None else dirs[0].parent / "report"
-    plots = [
-        p
-        for group in GROUPS
-        if (p := _plot_group(runs, group, folder / f"overlay_{group}.png", log_y=group == "losses"))
-    ]
-    groups = ablation_groups(runs)
-    if groups:
-        plots.append(plot_ablation(groups, folder / "ablation.png"))
-    lines = ["# siclip report", "", "| run | page |", "|---|---|"]
-    lines += [
-        f"| {d.name} | [{d.name}/report/report.md]({_rel(p, folder)}) |"
-        for d, p in zip(dirs, pages, strict=True)
-    ]
-    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
-    index = folder / "index.md"
-    folder.mkdir(parents=True, exist_ok=True)
-    index.write_text("\n".join(lines) + "\n")
-    return index
+        lines += ["", *_images(plots)]
+        (folder / "index.md").write_text("\n".join(lines) + "\n")
+    return _returned(storage.join(index_dir, "index.md"))
+
+
+def _returned(location: str) -> Path | str:
+    from siclip import storage
+
+    return location if storage.is_remote(location) else Path(location)
+
+
+def _link(page: str, start: str) -> str:
+    """``page`` as the index links it: relative between local folders, the full location otherwise."""
+    from siclip import storage
+
+    if storage.is_remote(page) or storage.is_remote(start):
+        return page
+    return _rel(Path(page), Path(start))
 
 
 def _rel(path: Path, start: Path) -> str:

@@ -19,9 +19,12 @@ from typing import Any
 __all__ = [
     "download",
     "exists",
+    "is_dir",
     "is_remote",
     "join",
     "list_dirs",
+    "name",
+    "parent",
     "read_text",
     "remove_dir",
     "upload",
@@ -45,6 +48,23 @@ def join(location: str | os.PathLike[str], *parts: str) -> str:
     return os.path.join(text, *parts)
 
 
+def parent(location: str | os.PathLike[str]) -> str:
+    """The folder holding ``location`` (a path or a URI)."""
+    text = str(location)
+    if is_remote(text):
+        scheme, _, rest = text.rstrip("/").partition("://")
+        return f"{scheme}://{posixpath.dirname(rest)}"
+    return os.path.dirname(os.path.abspath(text))
+
+
+def name(location: str | os.PathLike[str]) -> str:
+    """The last part of ``location`` (a file's or a folder's name), for paths and URIs alike."""
+    text = str(location)
+    if is_remote(text):
+        return posixpath.basename(text.rstrip("/"))
+    return Path(text).name
+
+
 def _resolve(location: str | os.PathLike[str]) -> tuple[Any, str]:
     import pyarrow.fs as pafs
 
@@ -63,6 +83,14 @@ def exists(location: str | os.PathLike[str]) -> bool:
 
     fs, path = _resolve(location)
     return bool(fs.get_file_info(path).type != pafs.FileType.NotFound)
+
+
+def is_dir(location: str | os.PathLike[str]) -> bool:
+    """A folder (on an object store: a prefix that holds objects)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _resolve(location)
+    return bool(fs.get_file_info(path).type == pafs.FileType.Directory)
 
 
 def read_text(location: str | os.PathLike[str]) -> str:

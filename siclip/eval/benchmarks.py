@@ -19,6 +19,7 @@ Its captioning metrics (the only users of ``pycocoevalcap``) are never imported.
 from __future__ import annotations
 
 import os
+import sys
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -358,6 +359,10 @@ def _retrieval(
     return out
 
 
+def _log_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def evaluate_benchmarks(
     model: Any,
     *,
@@ -366,16 +371,20 @@ def evaluate_benchmarks(
     transform: Callable[[Any], torch.Tensor],
     eval_cfg: EvalCfg,
     device: torch.device | str = "cpu",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` on each named dataset; per name ``{"status": "ok", "layout", "root", metrics...}``
     or ``{"status": "absent", "reason": ...}``. Metrics are fractions: ``top1``, ``top5``,
     ``mean_per_class_recall`` (classification), ``i2t_r@K``, ``t2i_r@K`` (retrieval), and ``images``.
 
     ``model`` offers ``encode_image`` and ``encode_text`` (CLIP_benchmark normalises); it runs in eval mode,
-    under autocast only on CUDA, and its train/eval mode is restored afterwards.
+    under autocast only on CUDA, and its train/eval mode is restored afterwards. Progress lines go to
+    ``log`` (default: stderr, so a command's stdout keeps only its result).
     """
     from torch.utils.data import DataLoader
+
+    if log is None:
+        log = _log_to_stderr
 
     device_type = torch.device(device).type  # CLIP_benchmark passes it to torch.autocast
     amp = device_type == "cuda"

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from siclip.eval.tables import save_table
 
-__all__ = ["COLUMNS", "REFERENCES", "format_paper_table", "paper_table", "write_paper_table"]
+__all__ = ["COLUMNS", "REFERENCES", "format_paper_table", "json_path", "paper_table", "write_paper_table"]
 
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("imagenet1k", "top1", "IN-1k"),
@@ -124,10 +125,15 @@ def format_paper_table(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_paper_table(results: dict[str, dict[str, Any]], *, name: str, out: str | Path) -> Path:
-    """Write ``out`` (Markdown) and the same table as JSON next to it (``.json``); returns the Markdown path."""
+def json_path(out: str | Path) -> str:
+    """Where :func:`write_paper_table` puts the JSON copy of the Markdown table ``out``."""
+    return os.path.splitext(str(out))[0] + ".json"
+
+
+def write_paper_table(results: dict[str, dict[str, Any]], *, name: str, out: str | Path) -> str:
+    """Write ``out`` (Markdown; a path or a URI such as ``s3://``) and the same table as JSON next to it
+    (:func:`json_path`); returns ``out``."""
     table = paper_table(results, name=name)
-    path = Path(out)
-    save_table(format_paper_table(table), path)
-    path.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n")
-    return path
+    save_table(format_paper_table(table), out)
+    save_table(json.dumps(table, indent=2), json_path(out))
+    return str(out)

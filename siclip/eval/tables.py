@@ -8,9 +8,10 @@ __all__ = ["save_table"]
 
 
 def save_table(table: str, out: str | Path | None) -> None:
-    """Write ``table`` (plus a final newline) to ``out``, creating its folder; ``None``/empty skips it."""
+    """Write ``table`` (plus a final newline) to ``out`` (a path, its folder created, or a URI such as
+    ``s3://``); ``None``/empty skips it."""
     if not out:
         return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(table + "\n")
+    from siclip import storage
+
+    storage.write_text(out, table + "\n")

@@ -22,11 +22,10 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-import yaml
 from torch import nn
 
 from siclip import storage
-from siclip.config import SiclipCfg, expand_shards, from_dict, to_dict
+from siclip.config import SiclipCfg, config_yaml, expand_shards, from_dict
 from siclip.task import SiclipTask
 from siclip.train.checkpoint import load_checkpoint, save_checkpoint, save_student
 from siclip.train.grad_share import GradShare
@@ -158,9 +157,7 @@ class _RankZeroLog:
         self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=start_step or None)
         self._truncate_table(start_step)
         self.last_sync = time.monotonic()
-        self.writer.add_text(
-            "config", "```\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "\n```", start_step
-        )
+        self.writer.add_text("config", "```\n" + config_yaml(cfg) + "\n```", start_step)
         self.max_steps = max_steps
         self.started = time.perf_counter()
         self.start_step = start_step

@@ -274,7 +274,7 @@ def test_kuberay_networkpolicy_admits_ray_ports_only_from_the_cluster_s_pods() -
         for labels in _pod_labels(spec):
             assert selector.items() <= labels.items(), labels
     assert policy["spec"]["policyTypes"] == ["Ingress"]
-    own, job_api = policy["spec"]["ingress"]
+    own, job_api, metrics = policy["spec"]["ingress"]
     assert own == {"from": [{"podSelector": {"matchLabels": selector}}]}  # Ray's ports: own pods only
     assert job_api["ports"] == [{"protocol": "TCP", "port": 8265}]  # everything else only the job API
     peers = job_api["from"]
@@ -282,6 +282,33 @@ def test_kuberay_networkpolicy_admits_ray_ports_only_from_the_cluster_s_pods() -
     job_name = _one("kuberay_rayjob.yaml")["metadata"]["name"]
     submitter = [p["podSelector"]["matchLabels"] for p in peers if "podSelector" in p]
     assert submitter == [{"batch.kubernetes.io/job-name": job_name}]  # K8sJobMode's submitter Job
+    # Prometheus scrapes Ray's metrics port from one named namespace, and nothing else from there
+    assert metrics["ports"] == [{"protocol": "TCP", "port": 8080}]
+    assert [set(p) for p in metrics["from"]] == [{"namespaceSelector"}]
+
+
+def test_networkpolicy_namespaces_are_parameters_the_readme_sets() -> None:
+    """The README's sed replaces the operator and monitoring namespaces, and only them."""
+    text = (CLUSTER / "README.md").read_text()
+    (sed,) = [
+        line for line in text.splitlines() if line.startswith("sed ") and "kuberay_networkpolicy" in line
+    ]
+    edits = re.findall(r'-e "s/(.+?)/(.+?)/"', sed)
+    assert len(edits) == 2
+    source = (CLUSTER / "kuberay_networkpolicy.yaml").read_text()
+    values = {"$OPERATOR_NS": "kuberay-system", "$MONITORING_NS": "prom"}
+    out = source
+    for pattern, repl in edits:  # sed's basic regex here is Python's too (": name$", per line)
+        out = re.sub(pattern, ": " + values[repl.split(": ", 1)[1]], out, flags=re.M)
+    (policy,) = [d for d in yaml.safe_load_all(out) if d]
+    namespaces = [
+        p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for rule in policy["spec"]["ingress"]
+        for p in rule.get("from", [])
+        if "namespaceSelector" in p
+    ]
+    assert namespaces == ["kuberay-system", "prom"]
+    assert len(out.splitlines()) == len(source.splitlines())
 
 
 @pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
@@ -314,3 +341,45 @@ def test_aws_workers_share_one_zone_and_have_an_s3_instance_profile() -> None:
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(Requirement(d).name == "s3fs" for d in deps)
     assert "s3fs" in {Requirement(p).name for p in _one("runtime_env.yaml")["pip"]["packages"]}
+
+
+# ------------------------------------------------------------------------------------------ issue 22: deployment facts
+def test_aws_workers_name_an_ami_and_refuse_a_driver_torch_cannot_use(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    cfg = yaml.safe_load((CLUSTER / "aws_gpu.yaml").read_text())
+    assert re.fullmatch(
+        r"ami-[0-9a-f]{8,17}", cfg["available_node_types"]["worker.gpu"]["node_config"]["ImageId"]
+    )
+    assert ">= 580" in (CLUSTER / "aws_gpu.yaml").read_text()  # the requirement, stated where the AMI is set
+    (check,) = cfg["worker_setup_commands"]
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    got = subprocess.run(["bash", "-c", check], capture_output=True, text=True, env=env, timeout=120)
+    if torch.cuda.is_available():
+        assert got.returncode == 0, got.stderr
+    else:  # this machine: what a worker on an AMI with too old a driver would print
+        assert got.returncode != 0 and "580" in got.stderr and "ImageId" in got.stderr
+
+
+def _dockerfile_guard() -> str:
+    text = (CLUSTER / "Dockerfile").read_text().replace("\\\n", "")
+    (guard,) = [line[4:] for line in text.splitlines() if line.startswith("RUN ") and "BuildKit" in line]
+    return guard
+
+
+@pytest.mark.parametrize("copied", [".git", ".venv", "runs"])
+def test_dockerfile_stops_a_build_that_ignored_its_dockerignore(tmp_path: Path, copied: str) -> None:
+    import subprocess
+
+    ignored = (CLUSTER / "Dockerfile.dockerignore").read_text().split()
+    assert copied in ignored  # what BuildKit leaves out is what the check looks for
+    (tmp_path / "siclip").mkdir()
+    ok = subprocess.run(["sh", "-c", _dockerfile_guard()], cwd=tmp_path, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    (tmp_path / copied).mkdir()
+    bad = subprocess.run(["sh", "-c", _dockerfile_guard()], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode != 0 and "BuildKit" in bad.stderr and copied in bad.stderr
+    assert "BuildKit" in (CLUSTER / "Dockerfile").read_text().split("FROM", 1)[0]  # said before the build

@@ -25,6 +25,7 @@ TEACHER = [
     "data.loader_workers=0",
     "optim.warmup_steps=5",
     "ray.object_store_memory_mb=128",
+    "ray.env_vars.SICLIP_TEST_TOKEN=never-saved-4f1c",  # a value no saved file may hold
 ]
 
 
@@ -70,6 +71,11 @@ def test_sigkill_then_rerun_resumes_and_finishes(tmp_path: Path) -> None:
     assert (run / "final" / "model.safetensors").is_file()
     assert (run / "config.yaml").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    holding = [p for p in run.rglob("*") if p.is_file() and b"never-saved-4f1c" in p.read_bytes()]
+    assert not holding, (
+        f"ray.env_vars values saved in {holding}"
+    )  # config.yaml, TensorBoard text, Ray's files
+    assert "SICLIP_TEST_TOKEN" in (run / "config.yaml").read_text()
     # train.keep_checkpoints = 2, and the folder the killed run left half-registered is gone
     assert 1 <= len(_checkpoints(run)) == registered_checkpoints(run) <= 2
 

@@ -327,7 +327,7 @@ def test_siclip_eval_suite_paper_writes_the_table(tmp_path, capsys) -> None:
         ]
     )
     assert code == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = json.loads(capsys.readouterr().out)  # stdout is the one JSON object; progress and logs go to stderr
     bench = out["benchmarks"]
     assert bench["imagenetv2"]["status"] == "absent"
     assert [

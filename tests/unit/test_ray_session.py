@@ -44,3 +44,27 @@ def test_with_a_dashboard_or_a_cluster_nothing_is_muted(
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     ray_session.init_ray(RayCfg())
     assert calls[-1] == {"address": "127.0.0.1:6379"}  # the cluster's own settings stand
+
+
+def test_token_files_become_owner_only(
+    calls: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    default = home / ".ray" / "auth_token"
+    default.write_text("t" * 64)
+    default.chmod(0o644)  # what Ray 2.60 leaves with the usual umask
+    other = tmp_path / "token"
+    other.write_text("u" * 64)
+    other.chmod(0o640)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(other))
+    ray_session.init_ray(RayCfg())
+    assert (default.stat().st_mode & 0o777, other.stat().st_mode & 0o777) == (0o600, 0o600)
+
+
+def test_a_chosen_node_address_is_passed_to_ray(calls: list[dict[str, Any]]) -> None:
+    ray_session.init_ray(RayCfg(node_ip_address="10.1.2.3"))
+    assert calls[-1]["_node_ip_address"] == "10.1.2.3"
+    ray_session.init_ray(RayCfg(node_ip_address=""))  # Ray's own choice
+    assert "_node_ip_address" not in calls[-1]

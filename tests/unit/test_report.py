@@ -30,6 +30,12 @@ def _run(root: Path, name: str, *, scale: float = 1.0, steps: int = 30) -> Path:
             "temp/clip": 0.07 + 0.001 * step,
             "perf/samples_per_s": 100.0,
         }
+        if step in (1, 16):  # the trainer logs the weights when they change (loss.schedule: PM on at 16)
+            row |= {
+                "loss/weight/clip": 1.0,
+                "loss/weight/fd": 4000.0,
+                "loss/weight/pm": 0.0 if step == 1 else 0.1,
+            }
         if step % 10 == 0:
             row |= {"grad_share/clip": 0.2, "grad_share/fd": 0.8}
             rows.append(row)
@@ -76,6 +82,19 @@ def test_several_runs_overlaid_and_cli(tmp_path, capsys) -> None:
         _check_png(p)
     assert (a / "report" / "report.md").is_file() and (b / "report" / "report.md").is_file()
     assert "web/report/report.md" in index.read_text()
+
+
+def test_loss_weights_have_their_own_panel(tmp_path) -> None:
+    """Weights (0 when a term is off, 4000 for FD) are not drawn with the loss terms; zeros keep a log-like axis."""
+    page = write_report([_run(tmp_path, "student")])
+    captions = dict(re.findall(r"!\[([^\]]*)\]\([^)]+\)\s*\n\s*\*([^*]+)\*", page.read_text()))
+    assert "loss/weight" not in captions["losses"] and "loss/fd" in captions["losses"]
+    assert "log scale" in captions["losses"]
+    weights = captions["loss_weights"]
+    assert all(f"loss/weight/{t}" in weights for t in ("clip", "fd", "pm")) and "loss/fd," not in weights
+    assert "symlog scale" in weights  # the zero weight is drawn, the others on a log axis
+    for image in _linked_images(page):
+        _check_png(image)
 
 
 def test_missing_run_is_a_one_line_error(tmp_path, capsys) -> None:
