@@ -39,6 +39,15 @@ def _load(args: argparse.Namespace, sections: tuple[str, ...] | None = None) -> 
     return cfg
 
 
+def _print_switches(args: argparse.Namespace, *, searched: tuple[str, ...] = ()) -> str:
+    """Print (and return) the resolved profile switches and where each came from, before a run starts."""
+    from siclip.config import resolve_switches
+
+    report = resolve_switches(args.config, args.overrides, searched=searched)
+    print("siclip: " + "\n".join(report.lines()), flush=True)
+    return report.markdown()
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -46,6 +55,7 @@ def _print_json(obj: Any) -> None:
 # ------------------------------------------------------------------------------------------ commands
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args, ("data", "model", "teacher", "eval", "train"))
+    _print_switches(args)
     from siclip.train.launch import launch
 
     result = launch(cfg)
@@ -126,10 +136,11 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = _load(args, ("data", "model", "teacher", "eval", "tune", "train"))
-    from siclip.sweep import format_table, run_sweep
+    from siclip.sweep import format_table, load_space, run_sweep
 
+    header = _print_switches(args, searched=tuple(load_space(cfg)))
     result = run_sweep(cfg, resume=args.resume)
-    print(format_table(result))
+    print(header + "\n\n" + format_table(result))
     return 0
 
 

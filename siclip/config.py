@@ -33,6 +33,8 @@ __all__ = [
     "RayCfg",
     "SaspCfg",
     "SiclipCfg",
+    "SwitchReport",
+    "SwitchValue",
     "TeacherCfg",
     "TrainCfg",
     "TuneCfg",
@@ -42,7 +44,9 @@ __all__ = [
     "from_dict",
     "load_config",
     "read_yaml_mapping",
+    "resolve_switches",
     "save_config",
+    "switch_report",
     "to_dict",
 ]
 
@@ -487,8 +491,20 @@ def _build(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    # today's choices: the dataclass defaults
-    "siclip": {},
+    # today's choices: each equals the schema's default, so `profile: siclip` changes nothing
+    "siclip": {
+        "model.sasp.qk_init": "inherit",
+        "model.sasp.inherit_mlp": True,
+        "model.sasp.layer_scale": 0.0,
+        "model.sasp.share": "qk",
+        "model.freeze_bn_stats": True,
+        "model.freeze_logit_scale": False,
+        "model.reset_logit_scale": False,
+        "loss.crd_teacher_scale": "fixed",
+        "loss.crd_student_scale": "own",
+        "loss.icl_scale": "exp",
+        "optim.grad_clip": 1.0,
+    },
     # the authors' code (Alexios-hub/LightClip, ws_light_mobileclip_s0) where the paper's text is silent;
     # docs/RECIPE.md gives each switch's source file and why
     "paper": {
@@ -505,7 +521,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "optim.grad_clip": 0.0,
     },
 }
-"""Per profile, the dotted keys it sets; a key the config gives explicitly is left alone."""
+"""Per profile, the dotted keys it sets (every profile sets the same keys: the profile *switches*); a key
+the config or the command line gives explicitly is left alone, and :func:`resolve_switches` says so."""
+
+SWITCHES: tuple[str, ...] = tuple(PROFILES["paper"])
+"""The profile switches: the keys whose value depends on ``profile``."""
 
 
 def _has_dotted(data: dict[str, Any], dotted: str) -> bool:
@@ -796,6 +816,105 @@ def load_config(
     if check_files:
         check_paths(cfg, sections=check_files if isinstance(check_files, tuple) else None)
     return cfg
+
+
+@dataclass(frozen=True)
+class SwitchValue:
+    """One profile switch as a run resolved it: its value, where the value came from, the profile's value."""
+
+    key: str
+    value: Any
+    source: str
+    """``profile``, ``config file``, ``command line`` or ``tune.space`` (varied per trial)."""
+    profile_value: Any
+
+    @property
+    def overrides_profile(self) -> bool:
+        """The run does not use its profile's value for this switch."""
+        return self.source != "profile" and self.value != self.profile_value
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    """Every profile switch of a run, resolved, with its source: printed at the start of ``siclip train``,
+    ``ablate`` and ``tune`` and written into their tables, so a profile cannot lose to a config silently."""
+
+    profile: str
+    profile_source: str
+    """``default``, ``config file`` or ``command line``."""
+    config_file: str
+    switches: tuple[SwitchValue, ...]
+
+    def _where(self, source: str) -> str:
+        return f"config file {self.config_file}" if source == "config file" and self.config_file else source
+
+    @property
+    def overridden(self) -> tuple[SwitchValue, ...]:
+        return tuple(s for s in self.switches if s.overrides_profile)
+
+    def lines(self) -> list[str]:
+        """Plain text: the profile, then one line per switch (value, source, and what it overrides)."""
+        width = max(len(s.key) for s in self.switches)
+        out = [f"profile {self.profile} ({self._where(self.profile_source)}); its switches as resolved:"]
+        for s in self.switches:
+            note = f"; OVERRIDES profile {self.profile}'s {s.profile_value!r}" if s.overrides_profile else ""
+            out.append(f"  {s.key:<{width}} = {s.value!r:<10} ({self._where(s.source)}{note})")
+        return out
+
+    def markdown(self) -> str:
+        """A Markdown paragraph and table for a results file's header."""
+        n = len(self.overridden)
+        head = f"Profile `{self.profile}` ({self._where(self.profile_source)}); " + (
+            f"**{n} switch(es) override it** (marked)." if n else "every switch has the profile's value."
+        )
+        rows = [
+            f"| `{s.key}` | `{s.value!r}` | {self._where(s.source)}"
+            + (f" (**overrides** `{s.profile_value!r}`)" if s.overrides_profile else "")
+            + " |"
+            for s in self.switches
+        ]
+        return "\n".join([head, "", "| switch | value | from |", "|---|---|---|", *rows])
+
+
+def switch_report(
+    data: dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    config_file: str = "",
+    searched: tuple[str, ...] | list[str] = (),
+) -> SwitchReport:
+    """The resolved profile switches of the config ``data`` (a config file's mapping) with ``overrides``
+    (the command line's ``key=value``); ``searched``: keys a sweep varies per trial."""
+    data = data or {}
+    cli = apply_overrides({}, list(overrides))
+    cfg = from_dict(apply_overrides(data, list(overrides)))
+    profile_source = "command line" if "profile" in cli else "config file" if "profile" in data else "default"
+    rows = []
+    for key in SWITCHES:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if key in searched:
+            source = "tune.space"
+        elif _has_dotted(cli, key):
+            source = "command line"
+        elif _has_dotted(data, key):
+            source = "config file"
+        else:
+            source = "profile"
+        rows.append(SwitchValue(key, value, source, PROFILES[cfg.profile][key]))
+    return SwitchReport(cfg.profile, profile_source, config_file, tuple(rows))
+
+
+def resolve_switches(
+    path: str | os.PathLike[str] | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    searched: tuple[str, ...] | list[str] = (),
+) -> SwitchReport:
+    """:func:`switch_report` of a config file (``None``: no file) and command-line overrides."""
+    data = read_yaml_mapping(path, key="--config") if path is not None else {}
+    return switch_report(data, overrides, config_file=str(path or ""), searched=searched)
 
 
 def save_config(cfg: SiclipCfg, path: str | os.PathLike[str]) -> None:
