@@ -163,9 +163,11 @@ class LossCfg:
     """Initial value of ICL's learnable temperature."""
     learn_temperatures: bool = True
     """The CRD student temperature (``crd_student_scale: own``) and ICL's scale are trained."""
-    crd_teacher_scale: Literal["fixed", "teacher"] = "fixed"
+    crd_teacher_scale: Literal["fixed", "teacher", "matched"] = "fixed"
     """fixed: teacher logits at ``1 / crd_teacher_temperature``; teacher: at the teacher's own
-    ``logit_scale.exp()`` (clamped at ``max_logit_scale``)."""
+    ``logit_scale.exp()`` (clamped at ``max_logit_scale``; CLIP-KD's definition); matched: at the scale the
+    student's side uses (``crd_student_scale``, detached), so a student equal to the teacher has CRD = 0 and
+    no CRD gradient (the authors' run: both sides at the wrappers' fresh 14.3)."""
     crd_student_scale: Literal["own", "clip"] = "own"
     """own: CRD's own student temperature; clip: the student's CLIP logit scale (the authors' code)."""
     icl_scale: Literal["exp", "raw"] = "exp"
@@ -515,7 +517,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "model.freeze_bn_stats": False,
         "model.freeze_logit_scale": True,
         "model.reset_logit_scale": True,
-        "loss.crd_teacher_scale": "teacher",
+        "loss.crd_teacher_scale": "matched",
         "loss.crd_student_scale": "clip",
         "loss.icl_scale": "raw",
         "optim.grad_clip": 0.0,

@@ -209,6 +209,9 @@ class WIKDLoss(nn.Module):
             if t_logit_scale is None:
                 raise ValueError("loss.crd_teacher_scale is 'teacher' but no teacher logit scale was passed")
             crd_teacher = scale_from_log(t_logit_scale.detach(), self.cfg.max_logit_scale)
+        elif self.cfg.crd_teacher_scale == "matched" and self.crd is not None:
+            # both sides at one temperature: the student's (CLIP or CRD's own), the teacher's copy detached
+            crd_teacher = (self.crd.student_scale() if crd_student is None else crd_student).detach()
         if self.crd is not None:
             shown = self.crd.student_scale() if crd_student is None else crd_student
             out["temp/crd_student"] = (1.0 / shown).detach()

@@ -5,6 +5,7 @@ References are written here (naive loops or plain formulas); the code under test
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,31 @@ def test_crd_scales(teacher_scale: str, student_scale: str) -> None:
             ValueError, match=r"^loss\.crd_teacher_scale is 'teacher' but no teacher logit scale was passed$"
         ):
             loss(si, st, clip_log, ti, tt)
+
+
+def _crd_of_twins(loss_cfg: LossCfg) -> tuple[float, float]:
+    """CRD and the norm of its gradient on the student when the student's embeddings ARE the teacher's, at
+    the paper profile's student scale (reset to 1/0.07, frozen) and a teacher whose own scale is 100."""
+    loss = build_loss(loss_cfg, student_dim=8, teacher_dim=8).double()
+    ti, tt = _unit(16, 8, 1), _unit(16, 8, 2)
+    si, st = ti.clone().requires_grad_(True), tt.clone().requires_grad_(True)
+    clip_log = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    out = loss(si, st, clip_log, ti, tt, t_logit_scale=torch.tensor(math.log(100.0)))
+    out["loss"].backward()
+    assert si.grad is not None and st.grad is not None
+    return float(out["crd_loss"]), float(torch.cat([si.grad, st.grad]).norm())
+
+
+def test_paper_crd_is_zero_with_no_gradient_when_the_student_is_the_teacher() -> None:
+    paper = from_dict({"profile": "paper", "loss": CRD_ONLY}).loss
+    value, grad = _crd_of_twins(paper)
+    assert value == pytest.approx(0.0, abs=1e-6) and grad == pytest.approx(0.0, abs=1e-6)
+    # the teacher's own scale (CLIP-KD's definition) against the student's 14.3: twins are pulled apart
+    mixed_value, mixed_grad = _crd_of_twins(dataclasses.replace(paper, crd_teacher_scale="teacher"))
+    assert mixed_value > 0.01 and mixed_grad > 1e-3
+    # matched follows the student's side whatever it is: CRD's own learnable temperature too
+    own = dataclasses.replace(paper, crd_student_scale="own", crd_student_temperature=0.2)
+    assert _crd_of_twins(own) == pytest.approx((0.0, 0.0), abs=1e-6)
 
 
 def test_task_hands_crd_the_teachers_own_logit_scale() -> None:
