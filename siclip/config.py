@@ -171,9 +171,12 @@ class LossCfg:
     crd_student_scale: Literal["own", "clip"] = "own"
     """own: CRD's own student temperature; clip: the student's CLIP logit scale (the authors' code)."""
     icl_scale: Literal["exp", "raw"] = "exp"
-    """exp: ICL logits at ``exp(log_scale)`` (clamped); raw: at the stored value itself, no exp (CLIP-KD's and
+    """exp: ICL logits at ``exp(log_scale)``; raw: at the stored value itself, no exp (CLIP-KD's and
     the authors' code: about 2.66 at init)."""
     max_logit_scale: float = field(default=100.0, metadata=_rng(1.0))
+    """Cap of every trained scale (the student's CLIP logit scale, CRD's and ICL's own): each is clamped as a
+    parameter after every optimizer step (open_clip's convention), never in the loss, so it keeps its
+    gradient at the cap; the teacher's scale (``crd_teacher_scale: teacher``) is clamped where it is read."""
     pm_head: Literal["cosine", "linear"] = "cosine"
     """cosine: the pair's cosine similarity times the (detached) CLIP logit scale plus a learnable bias, so PM
     acts on the embeddings; linear: a head on the fused pair feature (``pm_fusion``, ``pm_hidden``)."""

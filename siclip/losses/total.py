@@ -107,6 +107,12 @@ class WIKDLoss(nn.Module):
         self.weights = weights
         return dict(weights)
 
+    def clamp_scales_(self) -> None:
+        """After the optimizer step: the loss's own trained scales (CRD's, ICL's) back under the cap."""
+        for term in (self.crd, self.icl):
+            if term is not None:
+                term.clamp_scales_()
+
     def _on(self, name: str, module: nn.Module | None) -> bool:
         return module is not None and self.weights[name] > 0
 
@@ -178,7 +184,7 @@ class WIKDLoss(nn.Module):
         def glob(x: Tensor) -> Tensor:
             return gather_features(x, rank=rank, world_size=ws, with_grad=self.gather_with_grad or local)
 
-        clip_scale = scale_from_log(logit_scale, self.cfg.max_logit_scale)
+        clip_scale = logit_scale.exp()  # a parameter: clamped after the optimizer step, not here
         out: dict[str, Tensor] = {"temp/clip": (1.0 / clip_scale).detach()}
         terms: dict[str, Tensor] = {}
         crd_on, icl_on = self._on("crd", self.crd), self._on("icl", self.icl)

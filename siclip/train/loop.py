@@ -256,6 +256,10 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
+    # trained logit scales are clamped as parameters after the step (open_clip's convention), not in the loss
+    clamp = getattr(getattr(task, "module", task), "clamp_logit_scales", None)
+    if callable(clamp):
+        clamp()
     scheduler.step()
     metrics: dict[str, Tensor | float] = {
         _metric_name(k): v.detach().float() for k, v in out.items() if v.numel() == 1
