@@ -99,6 +99,10 @@ class SaspCfg:
     mlp_gain: float = 0.1
     inherit_mlp: bool = True
     """Initialise the SAS-P MLP (and norm) from the replaced block's MLP."""
+    mlp_init: Literal["torch", "trunc_normal"] = "torch"
+    """A fresh SAS-P MLP (``inherit_mlp: false``): torch: each layer's ``reset_parameters`` (Kaiming uniform);
+    trunc_normal: conv and linear weights truncated-normal with std 0.02 and zero biases (MobileCLIP's
+    ConvFFN init, used by the authors' fresh blocks)."""
     layer_scale: float = field(default=0.0, metadata=_rng(0.0))
     """>0: per-channel gains on both branches, initialised to this (MCi0's layer-scale init 1e-5 in the
     authors' code) instead of the scalar ``attn_gain`` / ``mlp_gain``; 0: the scalar gains."""
@@ -208,7 +212,15 @@ class OptimCfg:
     weight_decay: float = field(default=0.1, metadata=_rng(0.0))
     beta1: float = field(default=0.9, metadata=_rng(0.0, 1.0))
     beta2: float = field(default=0.98, metadata=_rng(0.0, 1.0))
+    """0.98 (open_clip's CLIP recipe); the authors' code keeps AdamW's default 0.999 (``profile: paper``)."""
     eps: float = field(default=1e-6, metadata=_rng(0.0, lo_open=True))
+    """1e-6 (open_clip's CLIP recipe); the authors' code keeps AdamW's default 1e-8 (``profile: paper``)."""
+    loss_group: Literal["by_shape", "one"] = "by_shape"
+    """The loss's own trainable parameters (ICL/CRD temperatures, PM head, FD/ICL projector): by_shape: grouped
+    like the student's (matrices decayed at ``weight_decay``, scalars and vectors not); one: all in one group
+    at ``loss_weight_decay`` (the authors' ``loss.parameters()`` group, scalars included)."""
+    loss_weight_decay: float = field(default=0.01, metadata=_rng(0.0))
+    """Weight decay of the loss's group with ``loss_group: one`` (AdamW's default 0.01, as in the authors' code)."""
     warmup_steps: int = field(default=10_000, metadata=_rng(0))
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = field(default=0.0, metadata=_rng(0.0, 1.0))
@@ -500,6 +512,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "siclip": {
         "model.sasp.qk_init": "inherit",
         "model.sasp.inherit_mlp": True,
+        "model.sasp.mlp_init": "torch",
         "model.sasp.layer_scale": 0.0,
         "model.sasp.share": "qk",
         "model.freeze_bn_stats": True,
@@ -509,12 +522,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "loss.crd_student_scale": "own",
         "loss.icl_scale": "exp",
         "optim.grad_clip": 1.0,
+        "optim.beta2": 0.98,
+        "optim.eps": 1e-6,
+        "optim.loss_group": "by_shape",
     },
     # the authors' code (Alexios-hub/LightClip, ws_light_mobileclip_s0) where the paper's text is silent;
     # docs/RECIPE.md gives each switch's source file and why
     "paper": {
         "model.sasp.qk_init": "zero",
         "model.sasp.inherit_mlp": False,
+        "model.sasp.mlp_init": "trunc_normal",
         "model.sasp.layer_scale": 1e-5,
         "model.sasp.share": "mixer",
         "model.freeze_bn_stats": False,
@@ -524,6 +541,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "loss.crd_student_scale": "clip",
         "loss.icl_scale": "raw",
         "optim.grad_clip": 0.0,
+        "optim.beta2": 0.999,
+        "optim.eps": 1e-8,
+        "optim.loss_group": "one",
     },
 }
 """Per profile, the dotted keys it sets (every profile sets the same keys: the profile *switches*); a key

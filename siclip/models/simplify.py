@@ -87,6 +87,16 @@ def _reset(module: nn.Module) -> None:
             reset()
 
 
+@torch.no_grad()
+def _trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
+    """Conv and linear weights ~ truncated normal(0, std), biases 0 (MobileCLIP's ConvFFN init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def _parts(block: Any) -> dict[str, Any]:
     """dim, heads, head_dim, Q/K weight and bias, norm, mlp, layout of a replaceable block."""
     kind = _block_kind(block)
@@ -156,6 +166,8 @@ def _build_block(
     if not sasp.inherit_mlp:
         _reset(norm)
         _reset(mlp)
+        if sasp.mlp_init == "trunc_normal":
+            _trunc_normal_init(mlp)
     block = SASPBlock(
         parts["dim"],
         num_heads=parts["heads"],

@@ -147,3 +147,9 @@ def test_to_dict_round_trip_keeps_switches() -> None:
     cfg = from_dict({"profile": "paper", "model": {"sasp": {"share": "qk"}}})
     again = from_dict(to_dict(cfg))
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_every_switch_is_documented_in_the_recipe() -> None:
+    recipe = (REPO / "docs" / "RECIPE.md").read_text()
+    missing = [k for k in PROFILES["paper"] if f"`{k}`" not in recipe]
+    assert not missing, f"docs/RECIPE.md has no row for {missing}"

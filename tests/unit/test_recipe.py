@@ -353,3 +353,52 @@ def test_paper_restarts_the_logit_scale_at_the_init_temperature(
     scale: Any = task.student.logit_scale
     want = math.log(1 / 0.05) if profile == "paper" else float(sd["logit_scale"])
     assert float(scale.detach()) == pytest.approx(want) and scale.requires_grad is (profile == "siclip")
+
+
+# ---- the authors' optimizer and fresh-MLP init ---------------------------------------------------------------
+def test_paper_fresh_mlp_is_truncated_normal_std_0_02() -> None:
+    torch.manual_seed(0)
+    paper = build_preset("tiny-student", sasp=from_dict({"profile": "paper"}).model.sasp)
+    torch_init = build_preset("tiny-student", sasp=SaspCfg(inherit_mlp=False, share="mixer"))
+    for model, fresh in ((paper, True), (torch_init, False)):
+        for i in (0, 1):
+            mlp = model.get_submodule(f"{LAST}.{i}").mlp
+            layers = [m for m in mlp.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+            assert layers
+            for layer in layers:
+                w = layer.weight.detach()
+                if fresh:
+                    assert float(w.std()) == pytest.approx(0.02, rel=0.1) and float(
+                        w.mean()
+                    ) == pytest.approx(0.0, abs=0.005)
+                    assert layer.bias is None or torch.count_nonzero(layer.bias) == 0
+                else:  # PyTorch's Kaiming-uniform reset: std 1/sqrt(3 fan_in), not 0.02
+                    fan_in = w[0].numel()
+                    assert float(w.std()) == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.15)
+
+
+@pytest.mark.parametrize("profile", ["paper", "siclip"])
+def test_paper_optimizer_is_adamw_defaults_with_the_loss_group_at_0_01(profile: str) -> None:
+    cfg = from_dict({"profile": profile, "loss": {"icl_scale": "raw"}})
+    torch.manual_seed(0)
+    task = SiclipTask(build_preset("tiny-student"), build_loss(cfg.loss, student_dim=64, teacher_dim=64))
+    opt = build_optimizer(task, cfg.optim)
+    want_betas, want_eps = ((0.9, 0.999), 1e-8) if profile == "paper" else ((0.9, 0.98), 1e-6)
+    assert all(tuple(g["betas"]) == want_betas and g["eps"] == want_eps for g in opt.param_groups)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    loss_params = [p for p in task.loss.parameters() if p.requires_grad]
+    assert loss_params and any(p.ndim == 0 for p in loss_params)
+    for p in loss_params:
+        assert decay_of[id(p)] == (0.01 if profile == "paper" else (0.1 if p.ndim >= 2 else 0.0))
+    for name, p in task.student.named_parameters():  # the student's grouping is the same in both
+        if p.requires_grad:
+            assert decay_of[id(p)] == (0.1 if p.ndim >= 2 else 0.0), name
+    # one step with no gradient: AdamW's decoupled decay alone moves ICL's raw scale by lr * wd * value
+    icl: Any = task.loss.icl
+    before = float(icl.log_scale.detach())
+    for p in task.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    lr = cfg.optim.lr
+    want = before * (1 - lr * 0.01) if profile == "paper" else before
+    assert float(icl.log_scale.detach()) == pytest.approx(want, rel=1e-6)  # the decay is 1e-5 relative
