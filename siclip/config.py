@@ -156,6 +156,12 @@ class LossCfg:
 
     clip_weight: float = field(default=1.0, metadata=_rng(0.0))
     fd_weight: float = field(default=4000.0, metadata=_rng(0.0))
+    fd_reference_dim: int = field(default=0, metadata=_rng(0))
+    """The width at which ``fd_weight`` is stated. FD is a mean over the batch and the embedding's D dimensions
+    (the teacher's width, where FD is computed), so for unit embeddings at a given cosine its pull on each
+    sample falls as 1/D. >0: FD is multiplied by ``D / fd_reference_dim`` (a sum over dimensions divided by
+    this width), so ``fd_weight`` pulls each sample as hard at any D as it does at this one: 512 states the
+    paper's 4000 at MobileCLIP-S0's width (at D = 64 the effective weight is 500). 0: no rescaling."""
     crd_weight: float = field(default=1.0, metadata=_rng(0.0))
     icl_weight: float = field(default=1.0, metadata=_rng(0.0))
     pm_weight: float = field(default=0.1, metadata=_rng(0.0))

@@ -62,7 +62,7 @@ class WIKDLoss(nn.Module):
         has_teacher = teacher_dim is not None
         learn = cfg.learn_temperatures
         self.clip = ClipLoss(max_logit_scale=cfg.max_logit_scale) if built["clip"] > 0 else None
-        self.fd = FDLoss() if has_teacher and built["fd"] > 0 else None
+        self.fd = FDLoss(cfg.fd_reference_dim) if has_teacher and built["fd"] > 0 else None
         self.crd = (
             CRDLoss(
                 student_temperature=cfg.crd_student_temperature,
