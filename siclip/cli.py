@@ -98,16 +98,27 @@ def _default_table(args: argparse.Namespace) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from siclip.models.info import param_counts
-    from siclip.models.presets import build_preset, list_presets
+    from siclip.models.presets import build_preset, list_presets, preset_info
 
     if args.model not in list_presets():
         raise ConfigError(f"--model: got {args.model!r}; allowed: {', '.join(list_presets())}")
-    counts = {"model": args.model, **param_counts(build_preset(args.model))}
+    counts: dict[str, Any] = {"model": args.model, **param_counts(build_preset(args.model))}
+    choices: dict[str, dict[str, int]] = {}
+    if preset_info(args.model).base is not None:  # a SAS-P preset: what each simplification choice costs
+        from siclip.models.info import sasp_choice_counts
+
+        choices = sasp_choice_counts(args.model)
     if args.json:
-        _print_json(counts)
+        _print_json({**counts, **({"sasp_choices": choices} if choices else {})})
     else:
         for k, v in counts.items():
             print(f"{k:>10}: {v / 1e6:.2f} M" if isinstance(v, int) else f"{k:>10}: {v}")
+        if choices:
+            print("SAS-P choices (model.sasp), parameters: image / text / total")
+            for label, c in choices.items():
+                print(
+                    f"  {label:<36} {c['image'] / 1e6:.3f} / {c['text'] / 1e6:.3f} / {c['total'] / 1e6:.3f} M"
+                )
     return 0
 
 

@@ -88,9 +88,18 @@ class SaspCfg:
     """Which transformer blocks become SAS-P blocks, and how they share weights."""
 
     replace: Literal["image", "text", "both", "none"] = "image"
-    share: Literal["qk", "block", "none", "mixer"] = "qk"
+    share: Literal["qk", "block", "none", "mixer", "mixer_pairs"] = "qk"
     """qk: one Q/K projection for all replaced blocks of a tower; mixer: one whole token mixer (Q/K and the
-    per-head alpha/beta/gamma, as the authors' ``ws_light_mobileclip_s0``); block: one whole block; none."""
+    per-head alpha/beta/gamma, as the authors' ``ws_light_mobileclip_s0`` image tower); mixer_pairs: one token
+    mixer per consecutive pair of replaced blocks, 1-2, 3-4, ... (the authors' text tower); block: one whole
+    block; none."""
+    text_share: Literal["", "qk", "block", "none", "mixer", "mixer_pairs"] = ""
+    """The text tower's sharing when it is simplified (``replace: text|both``); empty: as ``share``. The
+    authors' text tower: ``mixer_pairs``."""
+    text_gains: Literal["same", "unit"] = "same"
+    """The text tower's branch gains: same: as the image tower's (``attn_gain``/``mlp_gain`` or
+    ``layer_scale``); unit: both branches at gain 1, no layer scale (the authors' ``ParallelTransformerEncoder``
+    adds them unscaled; here the two gains are scalars that may train)."""
     qk_init: Literal["inherit", "zero"] = "inherit"
     """inherit Q/K from the replaced attention block's qkv weights, or W_Q = 0 (identity at init)."""
     first_value: bool = False
