@@ -153,3 +153,54 @@ def test_every_switch_is_documented_in_the_recipe() -> None:
     recipe = (REPO / "docs" / "RECIPE.md").read_text()
     missing = [k for k in PROFILES["paper"] if f"`{k}`" not in recipe]
     assert not missing, f"docs/RECIPE.md has no row for {missing}"
+
+
+def test_siclip_tune_marks_searched_switches_and_heads_its_table_with_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import siclip.sweep as sweep
+    from siclip.cli import main
+
+    def fake_sweep(cfg: SiclipCfg, *, resume: bool = False) -> Any:
+        return sweep.SweepResult(
+            experiment_dir=str(tmp_path),
+            metric="val/zeroshot_top1",
+            mode="max",
+            rows=(),
+            best=None,
+            best_config=None,
+        )
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump({"profile": "paper", "tune": {"space": {"optim.grad_clip": {"choice": [0.0, 1.0]}}}})
+    )
+    assert main(["tune", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    start, table = out.split("| trial_id", 1)[0], out.split("Profile `paper`", 1)[1]
+    assert "tune.space" in next(line for line in start.splitlines() if "optim.grad_clip" in line)
+    assert "model.sasp.share" in table and "tune.space" in table
+
+
+def test_siclip_ablate_prints_the_switches_before_the_first_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import siclip.train.launch as launch_mod
+    from siclip.ablate import run_ablation
+
+    class Stop(Exception):
+        pass
+
+    def fake_launch(cfg: SiclipCfg) -> Any:
+        raise Stop(capsys.readouterr().out)
+
+    monkeypatch.setattr(launch_mod, "launch", fake_launch)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"profile": "paper", "model": {"name": "tiny-student"}}))
+    with pytest.raises(Stop) as stopped:
+        run_ablation(config=str(config), overrides=["model.sasp.share=qk"], rows=("WI",), out=None)
+    printed = str(stopped.value)
+    line = next(line for line in printed.splitlines() if "model.sasp.share" in line)
+    assert "command line" in line and "override" in line.lower()
+    assert all(k in printed for k in PROFILES["paper"])
