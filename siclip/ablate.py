@@ -24,6 +24,7 @@ from siclip.config import (
     check_paths,
     from_dict,
     load_config,
+    resolve_switches,
     to_dict,
 )
 from siclip.eval.tables import save_table
@@ -107,13 +108,15 @@ def run_ablation(
         raise ConfigError(f"ablate --tag: got {tag!r}; allowed: letters, digits, '_', '.', '-'")
     if config is not None and quick:
         raise ConfigError(f"ablate --quick: only for the demo world; got it with --config {config!r}")
-    from siclip.demo import prepare_demo
+    from siclip.demo import CONFIGS, prepare_demo
     from siclip.eval.suite import evaluate_cfg
     from siclip.models.presets import build_preset
     from siclip.train.checkpoint import load_student_weights
     from siclip.train.launch import launch
     from siclip.train.worker import last_grad_shares, read_metrics
 
+    switches = resolve_switches(config if config is not None else CONFIGS / "demo.yaml", overrides)
+    print("siclip ablate: " + "\n".join(switches.lines()), flush=True)
     captions: dict[str, Any] | None = None
     if config is None:
         prep = prepare_demo(out_dir=out_dir, quick=quick, overrides=overrides)
@@ -149,6 +152,7 @@ def run_ablation(
         "runs": per_row,
         "captions": captions,
         "curves": str(curves) if curves is not None else None,
+        "switches": switches.markdown(),
     }
     table = format_table(result)
     save_table(table, out)
@@ -226,6 +230,7 @@ def format_table(result: dict[str, Any]) -> str:
         "",
         f"Produced by `siclip ablate`{extra}. Values in %, mean ± population std over seeds.{curves}",
         "",
+        *([result["switches"], ""] if result.get("switches") else []),
         "| row | " + " | ".join(METRICS) + " | gradient share per term, % (last measured) |",
         "|---|" + "---:|" * len(METRICS) + "---|",
     ]

@@ -39,6 +39,15 @@ def _load(args: argparse.Namespace, sections: tuple[str, ...] | None = None) -> 
     return cfg
 
 
+def _print_switches(args: argparse.Namespace, *, searched: tuple[str, ...] = ()) -> str:
+    """Print (and return) the resolved profile switches and where each came from, before a run starts."""
+    from siclip.config import resolve_switches
+
+    report = resolve_switches(args.config, args.overrides, searched=searched)
+    print("siclip: " + "\n".join(report.lines()), flush=True)
+    return report.markdown()
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -46,6 +55,7 @@ def _print_json(obj: Any) -> None:
 # ------------------------------------------------------------------------------------------ commands
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args, ("data", "model", "teacher", "eval", "train"))
+    _print_switches(args)
     from siclip.train.launch import launch
 
     result = launch(cfg)
@@ -91,16 +101,27 @@ def _default_table(args: argparse.Namespace) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from siclip.models.info import param_counts
-    from siclip.models.presets import build_preset, list_presets
+    from siclip.models.presets import build_preset, list_presets, preset_info
 
     if args.model not in list_presets():
         raise ConfigError(f"--model: got {args.model!r}; allowed: {', '.join(list_presets())}")
-    counts = {"model": args.model, **param_counts(build_preset(args.model))}
+    counts: dict[str, Any] = {"model": args.model, **param_counts(build_preset(args.model))}
+    choices: dict[str, dict[str, int]] = {}
+    if preset_info(args.model).base is not None:  # a SAS-P preset: what each simplification choice costs
+        from siclip.models.info import sasp_choice_counts
+
+        choices = sasp_choice_counts(args.model)
     if args.json:
-        _print_json(counts)
+        _print_json({**counts, **({"sasp_choices": choices} if choices else {})})
     else:
         for k, v in counts.items():
             print(f"{k:>10}: {v / 1e6:.2f} M" if isinstance(v, int) else f"{k:>10}: {v}")
+        if choices:
+            print("SAS-P choices (model.sasp), parameters: image / text / total")
+            for label, c in choices.items():
+                print(
+                    f"  {label:<36} {c['image'] / 1e6:.3f} / {c['text'] / 1e6:.3f} / {c['total'] / 1e6:.3f} M"
+                )
     return 0
 
 
@@ -129,10 +150,11 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     cfg = _load(args, ("data", "model", "teacher", "eval", "tune", "train"))
-    from siclip.sweep import format_table, run_sweep
+    from siclip.sweep import format_table, load_space, run_sweep
 
+    header = _print_switches(args, searched=tuple(load_space(cfg)))
     result = run_sweep(cfg, resume=args.resume)
-    print(format_table(result))
+    print(header + "\n\n" + format_table(result))
     if result.errored:  # non-zero, so `ray job submit` (and any script) sees the failure
         ids = ", ".join(r.trial_id for r in result.errored)
         print(

@@ -42,6 +42,8 @@ __all__ = [
     "RayCfg",
     "SaspCfg",
     "SiclipCfg",
+    "SwitchReport",
+    "SwitchValue",
     "TeacherCfg",
     "TrainCfg",
     "TuneCfg",
@@ -53,7 +55,9 @@ __all__ = [
     "load_config",
     "read_yaml_mapping",
     "redacted",
+    "resolve_switches",
     "save_config",
+    "switch_report",
     "to_dict",
     "typed_value",
 ]
@@ -96,9 +100,18 @@ class SaspCfg:
     """Which transformer blocks become SAS-P blocks, and how they share weights."""
 
     replace: Literal["image", "text", "both", "none"] = "image"
-    share: Literal["qk", "block", "none", "mixer"] = "qk"
+    share: Literal["qk", "block", "none", "mixer", "mixer_pairs"] = "qk"
     """qk: one Q/K projection for all replaced blocks of a tower; mixer: one whole token mixer (Q/K and the
-    per-head alpha/beta/gamma, as the authors' ``ws_light_mobileclip_s0``); block: one whole block; none."""
+    per-head alpha/beta/gamma, as the authors' ``ws_light_mobileclip_s0`` image tower); mixer_pairs: one token
+    mixer per consecutive pair of replaced blocks, 1-2, 3-4, ... (the authors' text tower); block: one whole
+    block; none."""
+    text_share: Literal["", "qk", "block", "none", "mixer", "mixer_pairs"] = ""
+    """The text tower's sharing when it is simplified (``replace: text|both``); empty: as ``share``. The
+    authors' text tower: ``mixer_pairs``."""
+    text_gains: Literal["same", "unit"] = "same"
+    """The text tower's branch gains: same: as the image tower's (``attn_gain``/``mlp_gain`` or
+    ``layer_scale``); unit: both branches at gain 1, no layer scale (the authors' ``ParallelTransformerEncoder``
+    adds them unscaled; here the two gains are scalars that may train)."""
     qk_init: Literal["inherit", "zero"] = "inherit"
     """inherit Q/K from the replaced attention block's qkv weights, or W_Q = 0 (identity at init)."""
     first_value: bool = False
@@ -107,6 +120,10 @@ class SaspCfg:
     mlp_gain: float = 0.1
     inherit_mlp: bool = True
     """Initialise the SAS-P MLP (and norm) from the replaced block's MLP."""
+    mlp_init: Literal["torch", "trunc_normal"] = "torch"
+    """A fresh SAS-P MLP (``inherit_mlp: false``): torch: each layer's ``reset_parameters`` (Kaiming uniform);
+    trunc_normal: conv and linear weights truncated-normal with std 0.02 and zero biases (MobileCLIP's
+    ConvFFN init, used by the authors' fresh blocks)."""
     layer_scale: float = field(default=0.0, metadata=_rng(0.0))
     """>0: per-channel gains on both branches, initialised to this (MCi0's layer-scale init 1e-5 in the
     authors' code) instead of the scalar ``attn_gain`` / ``mlp_gain``; 0: the scalar gains."""
@@ -179,6 +196,12 @@ class LossCfg:
 
     clip_weight: float = field(default=1.0, metadata=_rng(0.0))
     fd_weight: float = field(default=4000.0, metadata=_rng(0.0))
+    fd_reference_dim: int = field(default=0, metadata=_rng(0))
+    """The width at which ``fd_weight`` is stated. FD is a mean over the batch and the embedding's D dimensions
+    (the teacher's width, where FD is computed), so for unit embeddings at a given cosine its pull on each
+    sample falls as 1/D. >0: FD is multiplied by ``D / fd_reference_dim`` (a sum over dimensions divided by
+    this width), so ``fd_weight`` pulls each sample as hard at any D as it does at this one: 512 states the
+    paper's 4000 at MobileCLIP-S0's width (at D = 64 the effective weight is 500). 0: no rescaling."""
     crd_weight: float = field(default=1.0, metadata=_rng(0.0))
     icl_weight: float = field(default=1.0, metadata=_rng(0.0))
     pm_weight: float = field(default=0.1, metadata=_rng(0.0))
@@ -190,15 +213,20 @@ class LossCfg:
     """Initial value of ICL's learnable temperature."""
     learn_temperatures: bool = True
     """The CRD student temperature (``crd_student_scale: own``) and ICL's scale are trained."""
-    crd_teacher_scale: Literal["fixed", "teacher"] = "fixed"
+    crd_teacher_scale: Literal["fixed", "teacher", "matched"] = "fixed"
     """fixed: teacher logits at ``1 / crd_teacher_temperature``; teacher: at the teacher's own
-    ``logit_scale.exp()`` (clamped at ``max_logit_scale``)."""
+    ``logit_scale.exp()`` (clamped at ``max_logit_scale``; CLIP-KD's definition); matched: at the scale the
+    student's side uses (``crd_student_scale``, detached), so a student equal to the teacher has CRD = 0 and
+    no CRD gradient (the authors' run: both sides at the wrappers' fresh 14.3)."""
     crd_student_scale: Literal["own", "clip"] = "own"
     """own: CRD's own student temperature; clip: the student's CLIP logit scale (the authors' code)."""
     icl_scale: Literal["exp", "raw"] = "exp"
-    """exp: ICL logits at ``exp(log_scale)`` (clamped); raw: at the stored value itself, no exp (CLIP-KD's and
+    """exp: ICL logits at ``exp(log_scale)``; raw: at the stored value itself, no exp (CLIP-KD's and
     the authors' code: about 2.66 at init)."""
     max_logit_scale: float = field(default=100.0, metadata=_rng(1.0))
+    """Cap of every trained scale (the student's CLIP logit scale, CRD's and ICL's own): each is clamped as a
+    parameter after every optimizer step (open_clip's convention), never in the loss, so it keeps its
+    gradient at the cap; the teacher's scale (``crd_teacher_scale: teacher``) is clamped where it is read."""
     pm_head: Literal["cosine", "linear"] = "cosine"
     """cosine: the pair's cosine similarity times the (detached) CLIP logit scale plus a learnable bias, so PM
     acts on the embeddings; linear: a head on the fused pair feature (``pm_fusion``, ``pm_hidden``)."""
@@ -237,7 +265,15 @@ class OptimCfg:
     weight_decay: float = field(default=0.1, metadata=_rng(0.0))
     beta1: float = field(default=0.9, metadata=_rng(0.0, 1.0))
     beta2: float = field(default=0.98, metadata=_rng(0.0, 1.0))
+    """0.98 (open_clip's CLIP recipe); the authors' code keeps AdamW's default 0.999 (``profile: paper``)."""
     eps: float = field(default=1e-6, metadata=_rng(0.0, lo_open=True))
+    """1e-6 (open_clip's CLIP recipe); the authors' code keeps AdamW's default 1e-8 (``profile: paper``)."""
+    loss_group: Literal["by_shape", "one"] = "by_shape"
+    """The loss's own trainable parameters (ICL/CRD temperatures, PM head, FD/ICL projector): by_shape: grouped
+    like the student's (matrices decayed at ``weight_decay``, scalars and vectors not); one: all in one group
+    at ``loss_weight_decay`` (the authors' ``loss.parameters()`` group, scalars included)."""
+    loss_weight_decay: float = field(default=0.01, metadata=_rng(0.0))
+    """Weight decay of the loss's group with ``loss_group: one`` (AdamW's default 0.01, as in the authors' code)."""
     warmup_steps: int = field(default=10_000, metadata=_rng(0))
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = field(default=0.0, metadata=_rng(0.0, 1.0))
@@ -549,25 +585,49 @@ def _build(cls: type, data: dict[str, Any], *, prefix: str = "") -> Any:
 
 
 PROFILES: dict[str, dict[str, Any]] = {
-    # today's choices: the dataclass defaults
-    "siclip": {},
+    # today's choices: each equals the schema's default, so `profile: siclip` changes nothing
+    "siclip": {
+        "model.sasp.qk_init": "inherit",
+        "model.sasp.inherit_mlp": True,
+        "model.sasp.mlp_init": "torch",
+        "model.sasp.layer_scale": 0.0,
+        "model.sasp.share": "qk",
+        "model.freeze_bn_stats": True,
+        "model.freeze_logit_scale": False,
+        "model.reset_logit_scale": False,
+        "loss.crd_teacher_scale": "fixed",
+        "loss.crd_student_scale": "own",
+        "loss.icl_scale": "exp",
+        "optim.grad_clip": 1.0,
+        "optim.beta2": 0.98,
+        "optim.eps": 1e-6,
+        "optim.loss_group": "by_shape",
+    },
     # the authors' code (Alexios-hub/LightClip, ws_light_mobileclip_s0) where the paper's text is silent;
     # docs/RECIPE.md gives each switch's source file and why
     "paper": {
         "model.sasp.qk_init": "zero",
         "model.sasp.inherit_mlp": False,
+        "model.sasp.mlp_init": "trunc_normal",
         "model.sasp.layer_scale": 1e-5,
         "model.sasp.share": "mixer",
         "model.freeze_bn_stats": False,
         "model.freeze_logit_scale": True,
         "model.reset_logit_scale": True,
-        "loss.crd_teacher_scale": "teacher",
+        "loss.crd_teacher_scale": "matched",
         "loss.crd_student_scale": "clip",
         "loss.icl_scale": "raw",
         "optim.grad_clip": 0.0,
+        "optim.beta2": 0.999,
+        "optim.eps": 1e-8,
+        "optim.loss_group": "one",
     },
 }
-"""Per profile, the dotted keys it sets; a key the config gives explicitly is left alone."""
+"""Per profile, the dotted keys it sets (every profile sets the same keys: the profile *switches*); a key
+the config or the command line gives explicitly is left alone, and :func:`resolve_switches` says so."""
+
+SWITCHES: tuple[str, ...] = tuple(PROFILES["paper"])
+"""The profile switches: the keys whose value depends on ``profile``."""
 
 
 def _has_dotted(data: dict[str, Any], dotted: str) -> bool:
@@ -870,6 +930,105 @@ def config_yaml(cfg: SiclipCfg) -> str:
             "as ray.env_vars.NAME=value where needed\n" + text
         )
     return text
+
+
+@dataclass(frozen=True)
+class SwitchValue:
+    """One profile switch as a run resolved it: its value, where the value came from, the profile's value."""
+
+    key: str
+    value: Any
+    source: str
+    """``profile``, ``config file``, ``command line`` or ``tune.space`` (varied per trial)."""
+    profile_value: Any
+
+    @property
+    def overrides_profile(self) -> bool:
+        """The run does not use its profile's value for this switch."""
+        return self.source != "profile" and self.value != self.profile_value
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    """Every profile switch of a run, resolved, with its source: printed at the start of ``siclip train``,
+    ``ablate`` and ``tune`` and written into their tables, so a profile cannot lose to a config silently."""
+
+    profile: str
+    profile_source: str
+    """``default``, ``config file`` or ``command line``."""
+    config_file: str
+    switches: tuple[SwitchValue, ...]
+
+    def _where(self, source: str) -> str:
+        return f"config file {self.config_file}" if source == "config file" and self.config_file else source
+
+    @property
+    def overridden(self) -> tuple[SwitchValue, ...]:
+        return tuple(s for s in self.switches if s.overrides_profile)
+
+    def lines(self) -> list[str]:
+        """Plain text: the profile, then one line per switch (value, source, and what it overrides)."""
+        width = max(len(s.key) for s in self.switches)
+        out = [f"profile {self.profile} ({self._where(self.profile_source)}); its switches as resolved:"]
+        for s in self.switches:
+            note = f"; OVERRIDES profile {self.profile}'s {s.profile_value!r}" if s.overrides_profile else ""
+            out.append(f"  {s.key:<{width}} = {s.value!r:<10} ({self._where(s.source)}{note})")
+        return out
+
+    def markdown(self) -> str:
+        """A Markdown paragraph and table for a results file's header."""
+        n = len(self.overridden)
+        head = f"Profile `{self.profile}` ({self._where(self.profile_source)}); " + (
+            f"**{n} switch(es) override it** (marked)." if n else "every switch has the profile's value."
+        )
+        rows = [
+            f"| `{s.key}` | `{s.value!r}` | {self._where(s.source)}"
+            + (f" (**overrides** `{s.profile_value!r}`)" if s.overrides_profile else "")
+            + " |"
+            for s in self.switches
+        ]
+        return "\n".join([head, "", "| switch | value | from |", "|---|---|---|", *rows])
+
+
+def switch_report(
+    data: dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    config_file: str = "",
+    searched: tuple[str, ...] | list[str] = (),
+) -> SwitchReport:
+    """The resolved profile switches of the config ``data`` (a config file's mapping) with ``overrides``
+    (the command line's ``key=value``); ``searched``: keys a sweep varies per trial."""
+    data = data or {}
+    cli = apply_overrides({}, list(overrides))
+    cfg = from_dict(apply_overrides(data, list(overrides)))
+    profile_source = "command line" if "profile" in cli else "config file" if "profile" in data else "default"
+    rows = []
+    for key in SWITCHES:
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if key in searched:
+            source = "tune.space"
+        elif _has_dotted(cli, key):
+            source = "command line"
+        elif _has_dotted(data, key):
+            source = "config file"
+        else:
+            source = "profile"
+        rows.append(SwitchValue(key, value, source, PROFILES[cfg.profile][key]))
+    return SwitchReport(cfg.profile, profile_source, config_file, tuple(rows))
+
+
+def resolve_switches(
+    path: str | os.PathLike[str] | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    searched: tuple[str, ...] | list[str] = (),
+) -> SwitchReport:
+    """:func:`switch_report` of a config file (``None``: no file) and command-line overrides."""
+    data = read_yaml_mapping(path, key="--config") if path is not None else {}
+    return switch_report(data, overrides, config_file=str(path or ""), searched=searched)
 
 
 def save_config(cfg: SiclipCfg, path: str | os.PathLike[str]) -> None:

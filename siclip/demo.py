@@ -22,7 +22,15 @@ from typing import Any
 
 import yaml
 
-from siclip.config import TRAIN_SECTIONS, ConfigError, SiclipCfg, apply_overrides, check_paths, from_dict
+from siclip.config import (
+    TRAIN_SECTIONS,
+    ConfigError,
+    SiclipCfg,
+    apply_overrides,
+    check_paths,
+    from_dict,
+    resolve_switches,
+)
 from siclip.train.grad_share import format_shares
 
 __all__ = ["DEMO_SIZES", "DemoPrep", "demo_config", "prepare_demo", "run_demo"]
@@ -213,6 +221,7 @@ def run_demo(
     from siclip.train.worker import last_grad_shares
 
     started = time.perf_counter()
+    print("siclip demo, student: " + "\n".join(resolve_switches(CONFIGS / "demo.yaml", overrides).lines()))
     prep = prepare_demo(out_dir=out_dir, quick=quick, overrides=overrides)
 
     _stage("4/6 evaluate the teacher")

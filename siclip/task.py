@@ -7,6 +7,7 @@ module tree (not a submodule) so DDP never sees it, and it runs in eval mode und
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -45,6 +46,22 @@ class SiclipTask(nn.Module):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        self.clamp_logit_scales()  # an inherited scale above the cap starts at the cap
+
+    @torch.no_grad()
+    def clamp_logit_scales(self) -> None:
+        """Every trained logit scale (the student's, CRD's and ICL's own) back to at most the loss's
+        ``max_logit_scale``, in place; the training step calls it after each optimizer step (open_clip's
+        convention), so the losses use ``exp`` unclamped and the scales keep their gradient at the cap."""
+        cap = getattr(getattr(self.loss, "cfg", None), "max_logit_scale", None)
+        if cap is None:
+            return
+        scale = getattr(self.student, "logit_scale", None)
+        if isinstance(scale, Tensor):
+            scale.clamp_(max=math.log(cap))
+        clamp = getattr(self.loss, "clamp_scales_", None)
+        if callable(clamp):
+            clamp()
 
     @property
     def teacher(self) -> nn.Module | None:

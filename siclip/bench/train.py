@@ -145,7 +145,8 @@ def run_bench_train(
     one_sps, one_wall = _ray_run(replace(base, train=replace(base.train, run_name="one-worker")))
     two = replace(base, train=replace(base.train, run_name="two-workers", num_workers=2, cpus_per_worker=1.0))
     two_sps, two_wall = _ray_run(two)
-    result = {
+    formats = run_bench_formats()
+    result: dict[str, Any] = {
         "model": base.model.name,
         "global_batch": batch,
         "steps": steps,
@@ -157,8 +158,8 @@ def run_bench_train(
         "ratio_trainer_over_plain": one_sps / plain_sps,
         "scaling_2_over_1": two_sps / one_sps,
     }
-    result["formats"] = run_bench_formats()
-    table = format_table(result) + "\n\n" + format_formats_table(result["formats"])
+    result["formats"] = formats
+    table = format_table(result) + "\n\n" + format_formats_table(formats)
     save_table(table, out)
     return result, table
 

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 def scale_from_log(log_scale: Tensor, max_logit_scale: float) -> Tensor:
-    """``exp(log_scale)`` clamped at ``max_logit_scale``: open_clip's logit-scale convention (inverse temperature)."""
+    """``exp(log_scale)`` clamped at ``max_logit_scale``: for a scale nobody trains (the teacher's).
+
+    A trained scale is used as ``exp(log_scale)`` and clamped as a parameter after each optimizer step
+    (:func:`clamp_log_scale_`, open_clip's convention): a clamp in the forward pass would give it exactly zero
+    gradient above the cap, where it could stick.
+    """
     return log_scale.exp().clamp(max=max_logit_scale)
+
+
+@torch.no_grad()
+def clamp_log_scale_(log_scale: Tensor, max_logit_scale: float) -> None:
+    """In place: ``exp(log_scale) <= max_logit_scale`` (call after the optimizer step)."""
+    log_scale.clamp_(max=math.log(max_logit_scale))
+
+
+def initial_log_scale(temperature: float, max_logit_scale: float) -> Tensor:
+    """``log(1 / temperature)``, at most ``log(max_logit_scale)``: a trained scale starts inside the cap."""
+    return torch.tensor(min(math.log(1.0 / temperature), math.log(max_logit_scale)))
 
 
 def symmetric_infonce(a: Tensor, b: Tensor, scale: Tensor, rows: slice | None = None) -> Tensor:
@@ -29,7 +47,10 @@ def symmetric_infonce(a: Tensor, b: Tensor, scale: Tensor, rows: slice | None = 
 
 
 class ClipLoss(nn.Module):
-    """Symmetric InfoNCE between image and text embeddings, scaled by the student's clamped logit scale.
+    """Symmetric InfoNCE between image and text embeddings, scaled by ``exp`` of the student's logit scale.
+
+    The scale is not clamped here: the training step clamps the parameter after the optimizer step
+    (``SiclipTask.clamp_logit_scales``), so its gradient is never cut off.
 
     The inputs are the (possibly gathered) global batch: with the full global similarity matrix the labels are
     the global indices, i.e. each rank's local labels offset by ``rank * local_batch``.
@@ -40,4 +61,4 @@ class ClipLoss(nn.Module):
         self.max_logit_scale = max_logit_scale
 
     def forward(self, img: Tensor, txt: Tensor, logit_scale: Tensor, *, rows: slice | None = None) -> Tensor:
-        return symmetric_infonce(img, txt, scale_from_log(logit_scale, self.max_logit_scale), rows)
+        return symmetric_infonce(img, txt, logit_scale.exp(), rows)

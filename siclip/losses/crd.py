@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from siclip.losses.clip import scale_from_log
+from siclip.losses.clip import clamp_log_scale_, initial_log_scale
 
 
 def _kl_rows(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -26,7 +24,8 @@ class CRDLoss(nn.Module):
 
     Each model has its own temperature. The teacher's is fixed (``1 / teacher_temperature``) unless the call
     passes ``teacher_scale`` (the teacher's own ``logit_scale.exp()``, as CLIP-KD's and the authors' code do).
-    The student's is a log inverse temperature (exponentiated and clamped like the CLIP logit scale),
+    The student's is a log inverse temperature (exponentiated like the CLIP logit scale, and like it clamped
+    at ``max_logit_scale`` as a parameter: at init and by :meth:`clamp_scales_` after each optimizer step),
     learnable when ``learnable``, unless the call passes ``student_scale`` (the student's CLIP logit scale,
     as in that code). The teacher is detached.
     """
@@ -40,7 +39,7 @@ class CRDLoss(nn.Module):
         max_logit_scale: float = 100.0,
     ) -> None:
         super().__init__()
-        log_scale = torch.tensor(math.log(1.0 / student_temperature))
+        log_scale = initial_log_scale(student_temperature, max_logit_scale)
         if learnable:
             self.student_log_scale = nn.Parameter(log_scale)
         else:
@@ -49,8 +48,12 @@ class CRDLoss(nn.Module):
         self.max_logit_scale = max_logit_scale
 
     def student_scale(self) -> Tensor:
-        """The student's current inverse temperature (clamped)."""
-        return scale_from_log(self.student_log_scale, self.max_logit_scale)
+        """The student's current inverse temperature."""
+        return self.student_log_scale.exp()
+
+    def clamp_scales_(self) -> None:
+        """After the optimizer step: the student's scale back under ``max_logit_scale``."""
+        clamp_log_scale_(self.student_log_scale, self.max_logit_scale)
 
     def forward(
         self,

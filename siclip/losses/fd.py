@@ -7,16 +7,23 @@ from torch import Tensor, nn
 
 
 class FDLoss(nn.Module):
-    """``MSE(v_S, v_T) + MSE(s_S, s_T)``, each a mean over batch x dimension.
+    """``MSE(v_S, v_T) + MSE(s_S, s_T)``, each a mean over batch x dimension, times ``D / reference_dim``
+    when ``reference_dim > 0`` (``loss.fd_reference_dim``: the weight then means the same pull per sample at
+    any width D; see :class:`~siclip.config.LossCfg`).
 
     The student embeddings must already be in the teacher's dimension: ``WIKDLoss`` runs them through its
     ``EmbedProjector`` first when the dimensions differ (shared with ICL). FD is local to each worker.
     """
 
+    def __init__(self, reference_dim: int = 0) -> None:
+        super().__init__()
+        self.reference_dim = reference_dim
+
     def forward(self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor) -> Tensor:
         if s_img.shape[-1] != t_img.shape[-1]:
             raise ValueError(f"FD needs equal dims (student {s_img.shape[-1]}, teacher {t_img.shape[-1]})")
-        return F.mse_loss(s_img, t_img.detach()) + F.mse_loss(s_txt, t_txt.detach())
+        fd = F.mse_loss(s_img, t_img.detach()) + F.mse_loss(s_txt, t_txt.detach())
+        return fd * (t_img.shape[-1] / self.reference_dim) if self.reference_dim else fd
 
 
 class EmbedProjector(nn.Module):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from siclip.losses.clip import scale_from_log
+from siclip.losses.clip import clamp_log_scale_, initial_log_scale
 
 
 class ICLLoss(nn.Module):
@@ -16,7 +16,8 @@ class ICLLoss(nn.Module):
 
     The student embedding is the anchor and the teacher's embeddings of the other modality are the candidates
     (CLIP-KD's ICL: each direction is one cross-entropy over rows). The temperature is a log
-    inverse temperature, exponentiated and clamped at ``max_logit_scale``; with ``raw=True`` the stored value
+    inverse temperature, exponentiated, and kept at most ``max_logit_scale`` as a parameter (at init and by
+    :meth:`clamp_scales_` after each optimizer step, so its gradient is never cut off); with ``raw=True`` the stored value
     itself multiplies the logits, as CLIP-KD's and the authors' code do (``log(1/0.07) = 2.66`` at init: a much
     softer distribution). Student embeddings must be in the teacher's dimension (see ``EmbedProjector``).
     """
@@ -30,7 +31,11 @@ class ICLLoss(nn.Module):
         raw: bool = False,
     ) -> None:
         super().__init__()
-        log_scale = torch.tensor(math.log(1.0 / temperature))
+        log_scale = (
+            torch.tensor(math.log(1.0 / temperature))
+            if raw
+            else initial_log_scale(temperature, max_logit_scale)
+        )
         if learnable:
             self.log_scale = nn.Parameter(log_scale)
         else:
@@ -39,8 +44,16 @@ class ICLLoss(nn.Module):
         self.raw = raw
 
     def scale(self) -> Tensor:
-        """The current inverse temperature (clamped), or the raw stored value."""
-        return self.log_scale if self.raw else scale_from_log(self.log_scale, self.max_logit_scale)
+        """The current inverse temperature, or the raw stored value."""
+        return self.log_scale if self.raw else self.log_scale.exp()
+
+    @torch.no_grad()
+    def clamp_scales_(self) -> None:
+        """After the optimizer step: the scale back under ``max_logit_scale`` (the raw value itself, raw)."""
+        if self.raw:
+            self.log_scale.clamp_(max=self.max_logit_scale)
+        else:
+            clamp_log_scale_(self.log_scale, self.max_logit_scale)
 
     def forward(
         self, s_img: Tensor, s_txt: Tensor, t_img: Tensor, t_txt: Tensor, *, rows: slice | None = None

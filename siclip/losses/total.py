@@ -62,7 +62,7 @@ class WIKDLoss(nn.Module):
         has_teacher = teacher_dim is not None
         learn = cfg.learn_temperatures
         self.clip = ClipLoss(max_logit_scale=cfg.max_logit_scale) if built["clip"] > 0 else None
-        self.fd = FDLoss() if has_teacher and built["fd"] > 0 else None
+        self.fd = FDLoss(cfg.fd_reference_dim) if has_teacher and built["fd"] > 0 else None
         self.crd = (
             CRDLoss(
                 student_temperature=cfg.crd_student_temperature,
@@ -106,6 +106,12 @@ class WIKDLoss(nn.Module):
             return None
         self.weights = weights
         return dict(weights)
+
+    def clamp_scales_(self) -> None:
+        """After the optimizer step: the loss's own trained scales (CRD's, ICL's) back under the cap."""
+        for term in (self.crd, self.icl):
+            if term is not None:
+                term.clamp_scales_()
 
     def _on(self, name: str, module: nn.Module | None) -> bool:
         return module is not None and self.weights[name] > 0
@@ -178,7 +184,7 @@ class WIKDLoss(nn.Module):
         def glob(x: Tensor) -> Tensor:
             return gather_features(x, rank=rank, world_size=ws, with_grad=self.gather_with_grad or local)
 
-        clip_scale = scale_from_log(logit_scale, self.cfg.max_logit_scale)
+        clip_scale = logit_scale.exp()  # a parameter: clamped after the optimizer step, not here
         out: dict[str, Tensor] = {"temp/clip": (1.0 / clip_scale).detach()}
         terms: dict[str, Tensor] = {}
         crd_on, icl_on = self._on("crd", self.crd), self._on("icl", self.icl)
@@ -209,6 +215,9 @@ class WIKDLoss(nn.Module):
             if t_logit_scale is None:
                 raise ValueError("loss.crd_teacher_scale is 'teacher' but no teacher logit scale was passed")
             crd_teacher = scale_from_log(t_logit_scale.detach(), self.cfg.max_logit_scale)
+        elif self.cfg.crd_teacher_scale == "matched" and self.crd is not None:
+            # both sides at one temperature: the student's (CLIP or CRD's own), the teacher's copy detached
+            crd_teacher = (self.crd.student_scale() if crd_student is None else crd_student).detach()
         if self.crd is not None:
             shown = self.crd.student_scale() if crd_student is None else crd_student
             out["temp/crd_student"] = (1.0 / shown).detach()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
-__all__ = ["param_counts"]
+__all__ = ["SASP_CHOICES", "param_counts", "sasp_choice_counts"]
 
 
 def _count(params: list[nn.Parameter]) -> int:
@@ -33,3 +35,34 @@ def param_counts(model: nn.Module) -> dict[str, int]:
         "total": _count(everything),
         "trainable": _count([p for p in everything if p.requires_grad]),
     }
+
+
+SASP_CHOICES: dict[str, dict[str, str]] = {
+    "image": {"replace": "image"},
+    "image + text, text mixer in pairs": {
+        "replace": "both",
+        "text_share": "mixer_pairs",
+        "text_gains": "unit",
+    },
+    "image + text, one Q/K per tower": {"replace": "both"},
+    "text, mixer in pairs": {"replace": "text", "text_share": "mixer_pairs", "text_gains": "unit"},
+}
+"""``siclip info``'s simplification choices (``model.sasp`` keys over the given settings): the image tower
+alone (the paper's claims), and the text tower simplified too, in pairs as the authors' ``ws_light_mobileclip_s0``
+(MCt's layers 1-4, mixers shared 1-2 and 3-4) or with one Q/K for the tower."""
+
+
+def sasp_choice_counts(name: str, sasp: Any = None) -> dict[str, dict[str, int]]:
+    """``param_counts`` of the SAS-P preset ``name`` under each of :data:`SASP_CHOICES` (on top of ``sasp``,
+    a :class:`~siclip.config.SaspCfg`; default the schema's), without the ``trainable`` count."""
+    import dataclasses
+
+    from siclip.config import SaspCfg
+    from siclip.models.presets import build_preset
+
+    base = sasp or SaspCfg()
+    out = {}
+    for label, keys in SASP_CHOICES.items():
+        counts = param_counts(build_preset(name, sasp=dataclasses.replace(base, **keys)))
+        out[label] = {k: v for k, v in counts.items() if k != "trainable"}
+    return out

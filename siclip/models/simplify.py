@@ -4,10 +4,11 @@ Which blocks: timm FastViT ``AttentionBlock`` (MCi0's last stage: conv layout, B
 ``ResidualAttentionBlock`` (standard text and ViT towers) and MCt's ``TransformerEncoder`` layers. Which
 towers: :class:`~siclip.config.SaspCfg` ``replace`` (``image`` default, ``text``, ``both``, ``none``).
 
-How they share (per tower): ``qk`` one Q/K ``nn.Linear`` module registered in every replaced block (one
-tensor, same storage); ``mixer`` one whole :class:`~siclip.models.sasp.ShapedAttention` (Q/K and the per-head
-alpha/beta/gamma; norm, MLP and gains stay per block); ``block`` one whole SAS-P block registered at every
-replaced position; ``none``.
+How they share (per tower; the text tower may differ, ``text_share``): ``qk`` one Q/K ``nn.Linear`` module
+registered in every replaced block (one tensor, same storage); ``mixer`` one whole
+:class:`~siclip.models.sasp.ShapedAttention` (Q/K and the per-head alpha/beta/gamma; norm, MLP and gains stay
+per block); ``mixer_pairs`` one such mixer per consecutive pair of replaced blocks (1-2, 3-4: the authors'
+text tower); ``block`` one whole SAS-P block registered at every replaced position; ``none``.
 With ``qk_init="inherit"`` Q/K come from the replaced block's ``qkv`` weights (under sharing: from the
 first replaced block of the tower, **ours**); ``"zero"`` sets ``W_Q = 0``. ``inherit_mlp`` copies the
 block's pre-attention norm and MLP into the SAS-P block (else they are re-initialised). Layer scales, the
@@ -37,6 +38,7 @@ __all__ = [
     "shared_tensors",
     "simplify",
     "simplify_tower",
+    "tower_sasp",
     "towers",
 ]
 
@@ -85,6 +87,16 @@ def _reset(module: nn.Module) -> None:
         reset = getattr(m, "reset_parameters", None)
         if callable(reset):
             reset()
+
+
+@torch.no_grad()
+def _trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
+    """Conv and linear weights ~ truncated normal(0, std), biases 0 (MobileCLIP's ConvFFN init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def _parts(block: Any) -> dict[str, Any]:
@@ -156,6 +168,8 @@ def _build_block(
     if not sasp.inherit_mlp:
         _reset(norm)
         _reset(mlp)
+        if sasp.mlp_init == "trunc_normal":
+            _trunc_normal_init(mlp)
     block = SASPBlock(
         parts["dim"],
         num_heads=parts["heads"],
@@ -178,8 +192,25 @@ def _build_block(
     return block
 
 
+def tower_sasp(sasp: SaspCfg, kind: str) -> SaspCfg:
+    """The settings one tower is simplified with: the text tower takes ``text_share`` and ``text_gains``.
+
+    The result has no text-only settings left, so a tower rebuilt from its marker (export, open_clip's
+    builders) is simplified the same way whichever tower it is.
+    """
+    if kind != "text":
+        return dataclasses.replace(sasp, text_share="", text_gains="same")
+    changes: dict[str, Any] = {"share": sasp.text_share or sasp.share, "text_share": "", "text_gains": "same"}
+    if sasp.text_gains == "unit":
+        changes.update(attn_gain=1.0, mlp_gain=1.0, layer_scale=0.0)
+    return dataclasses.replace(sasp, **changes)
+
+
 def simplify_tower(tower: nn.Module, sasp: SaspCfg) -> list[str]:
-    """Replace every replaceable block of one tower by SAS-P blocks (in place); returns their names."""
+    """Replace every replaceable block of one tower by SAS-P blocks (in place); returns their names.
+
+    ``sasp`` is used as it is (``share``, gains); :func:`simplify` passes each tower its :func:`tower_sasp`.
+    """
     names = find_replaceable(tower)
     if not names:
         return []
@@ -191,11 +222,16 @@ def simplify_tower(tower: nn.Module, sasp: SaspCfg) -> list[str]:
         if sasp.share == "block" and shared_block is not None:
             new = shared_block
         else:
-            qk = (
-                shared_qk if sasp.share in ("qk", "mixer") and shared_qk is not None else _new_qk(parts, sasp)
-            )
+            # mixer: every block reuses the first one's token mixer; mixer_pairs: block 2k+1 reuses block 2k's
+            reuse = sasp.share == "mixer" or (sasp.share == "mixer_pairs" and i % 2 == 1)
+            mixer = shared_block.attn if reuse and shared_block is not None else None
+            if mixer is not None:
+                qk = mixer.qk
+            elif sasp.share in ("qk", "mixer") and shared_qk is not None:
+                qk = shared_qk
+            else:
+                qk = _new_qk(parts, sasp)
             shared_qk = qk
-            mixer = shared_block.attn if sasp.share == "mixer" and shared_block is not None else None
             new = _build_block(parts, sasp, qk=qk, value=sasp.first_value and i == 0, attn=mixer)
             shared_block = new
         new.train(old.training)
@@ -230,7 +266,7 @@ def simplify(model: nn.Module, sasp: SaspCfg) -> dict[str, Any]:
         if tower is None:
             raise ValueError(f"sasp.replace={sasp.replace!r}: the model has no {kind} tower")
         prefix = next(n for n, m in model.named_modules() if m is tower)
-        names = simplify_tower(tower, sasp)
+        names = simplify_tower(tower, tower_sasp(sasp, kind))
         if not names:
             raise ValueError(
                 f"sasp.replace={sasp.replace!r}: no attention block to replace in the {kind} tower "

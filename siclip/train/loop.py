@@ -43,17 +43,33 @@ class TooManyBadStepsError(RuntimeError):
 
 # ------------------------------------------------------------------------------ optimizer and schedule
 def build_optimizer(model: nn.Module, cfg: OptimCfg) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; no weight decay on gains, temperatures, norms and biases (ndim < 2)."""
+    """AdamW over trainable parameters; no weight decay on gains, temperatures, norms and biases (ndim < 2).
+
+    With ``cfg.loss_group == "one"`` the loss's own parameters (``model.loss`` of a task) form one group at
+    ``cfg.loss_weight_decay`` whatever their shape, as the authors' ``loss.parameters()`` group.
+    """
+    inner = getattr(model, "module", model)
+    loss = getattr(inner, "loss", None)
+    own = (
+        {id(p) for p in loss.parameters()}
+        if cfg.loss_group == "one" and isinstance(loss, nn.Module)
+        else set()
+    )
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
+    loss_params: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    if not decay and not no_decay:
+            if id(p) in own:
+                loss_params.append(p)
+            else:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+    if not decay and not no_decay and not loss_params:
         raise ValueError("the model has no trainable parameters")
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        {"params": loss_params, "weight_decay": cfg.loss_weight_decay},
     ]
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
@@ -258,6 +274,10 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
+    # trained logit scales are clamped as parameters after the step (open_clip's convention), not in the loss
+    clamp = getattr(getattr(task, "module", task), "clamp_logit_scales", None)
+    if callable(clamp):
+        clamp()
     scheduler.step()
     metrics: dict[str, Tensor | float] = {
         _metric_name(k): v.detach().float() for k, v in out.items() if v.numel() == 1

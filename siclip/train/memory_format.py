@@ -150,4 +150,4 @@ def memory_format_for(device: torch.device | str) -> torch.memory_format:
 
 def place(module: nn.Module, device: torch.device | str) -> nn.Module:
     """Move ``module`` to ``device`` in the memory format the training step uses there (in place)."""
-    return module.to(device=torch.device(device), memory_format=memory_format_for(device))
+    return module.to(torch.device(device)).to(memory_format=memory_format_for(device))

@@ -106,13 +106,14 @@ def ref_bce(logit: float, label: float) -> float:
 # ---- single terms -----------------------------------------------------------------------------------------
 
 
-def test_clip_matches_reference_and_clamps_the_scale() -> None:
+def test_clip_matches_reference_at_the_scale_it_is_given() -> None:
     img, txt = unit(B, DS, seed=0), unit(B, DS, seed=1)
     loss = ClipLoss(max_logit_scale=100.0)
     got = loss(img, txt, torch.tensor(math.log(20.0), dtype=torch.float64))
     assert float(got.detach()) == pytest.approx(ref_clip(img, txt, 20.0), rel=1e-9)
-    clamped = loss(img, txt, torch.tensor(math.log(500.0), dtype=torch.float64))
-    assert float(clamped.detach()) == pytest.approx(ref_clip(img, txt, 100.0), rel=1e-9)
+    # no clamp in the forward pass: the parameter is clamped after the optimizer step (SiclipTask)
+    above = loss(img, txt, torch.tensor(math.log(500.0), dtype=torch.float64))
+    assert float(above.detach()) == pytest.approx(ref_clip(img, txt, 500.0), rel=1e-9)
 
 
 def test_fd_matches_reference_and_is_zero_for_equal_embeddings() -> None:
@@ -147,14 +148,14 @@ def test_icl_matches_reference_with_exponentiated_scale() -> None:
     assert float(got.detach()) != pytest.approx(ref_icl(s_img, s_txt, t_img, t_txt, math.log(20.0)), rel=1e-3)
 
 
-def test_icl_temperature_is_clamped_and_stops_learning_at_the_bound() -> None:
+def test_icl_temperature_starts_at_the_cap_and_keeps_learning_there() -> None:
     s_img, s_txt, t_img, t_txt = (unit(B, DS, seed=i).float() for i in range(4))
     icl = ICLLoss(temperature=0.001, max_logit_scale=100.0)
     assert float(icl.scale().detach()) == pytest.approx(100.0)
     got = icl(s_img, s_txt, t_img, t_txt)
     assert float(got.detach()) == pytest.approx(ref_icl(s_img, s_txt, t_img, t_txt, 100.0), rel=1e-5)
     got.backward()
-    assert icl.log_scale.grad is not None and float(icl.log_scale.grad) == 0.0
+    assert icl.log_scale.grad is not None and float(icl.log_scale.grad) != 0.0
     out = build_loss(LossCfg(icl_temperature=0.001), student_dim=DS, teacher_dim=DS)(
         s_img, s_txt, torch.tensor(math.log(1 / 0.07)), t_img, t_txt
     )

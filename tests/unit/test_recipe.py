@@ -5,6 +5,7 @@ References are written here (naive loops or plain formulas); the code under test
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,31 @@ def test_crd_scales(teacher_scale: str, student_scale: str) -> None:
             loss(si, st, clip_log, ti, tt)
 
 
+def _crd_of_twins(loss_cfg: LossCfg) -> tuple[float, float]:
+    """CRD and the norm of its gradient on the student when the student's embeddings ARE the teacher's, at
+    the paper profile's student scale (reset to 1/0.07, frozen) and a teacher whose own scale is 100."""
+    loss = build_loss(loss_cfg, student_dim=8, teacher_dim=8).double()
+    ti, tt = _unit(16, 8, 1), _unit(16, 8, 2)
+    si, st = ti.clone().requires_grad_(True), tt.clone().requires_grad_(True)
+    clip_log = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    out = loss(si, st, clip_log, ti, tt, t_logit_scale=torch.tensor(math.log(100.0)))
+    out["loss"].backward()
+    assert si.grad is not None and st.grad is not None
+    return float(out["crd_loss"]), float(torch.cat([si.grad, st.grad]).norm())
+
+
+def test_paper_crd_is_zero_with_no_gradient_when_the_student_is_the_teacher() -> None:
+    paper = from_dict({"profile": "paper", "loss": CRD_ONLY}).loss
+    value, grad = _crd_of_twins(paper)
+    assert value == pytest.approx(0.0, abs=1e-6) and grad == pytest.approx(0.0, abs=1e-6)
+    # the teacher's own scale (CLIP-KD's definition) against the student's 14.3: twins are pulled apart
+    mixed_value, mixed_grad = _crd_of_twins(dataclasses.replace(paper, crd_teacher_scale="teacher"))
+    assert mixed_value > 0.01 and mixed_grad > 1e-3
+    # matched follows the student's side whatever it is: CRD's own learnable temperature too
+    own = dataclasses.replace(paper, crd_student_scale="own", crd_student_temperature=0.2)
+    assert _crd_of_twins(own) == pytest.approx((0.0, 0.0), abs=1e-6)
+
+
 def test_task_hands_crd_the_teachers_own_logit_scale() -> None:
     torch.manual_seed(0)
     student, teacher = build_preset("tiny-student"), build_preset("tiny-teacher")
@@ -327,3 +353,52 @@ def test_paper_restarts_the_logit_scale_at_the_init_temperature(
     scale: Any = task.student.logit_scale
     want = math.log(1 / 0.05) if profile == "paper" else float(sd["logit_scale"])
     assert float(scale.detach()) == pytest.approx(want) and scale.requires_grad is (profile == "siclip")
+
+
+# ---- the authors' optimizer and fresh-MLP init ---------------------------------------------------------------
+def test_paper_fresh_mlp_is_truncated_normal_std_0_02() -> None:
+    torch.manual_seed(0)
+    paper = build_preset("tiny-student", sasp=from_dict({"profile": "paper"}).model.sasp)
+    torch_init = build_preset("tiny-student", sasp=SaspCfg(inherit_mlp=False, share="mixer"))
+    for model, fresh in ((paper, True), (torch_init, False)):
+        for i in (0, 1):
+            mlp = model.get_submodule(f"{LAST}.{i}").mlp
+            layers = [m for m in mlp.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+            assert layers
+            for layer in layers:
+                w = layer.weight.detach()
+                if fresh:
+                    assert float(w.std()) == pytest.approx(0.02, rel=0.1) and float(
+                        w.mean()
+                    ) == pytest.approx(0.0, abs=0.005)
+                    assert layer.bias is None or torch.count_nonzero(layer.bias) == 0
+                else:  # PyTorch's Kaiming-uniform reset: std 1/sqrt(3 fan_in), not 0.02
+                    fan_in = w[0].numel()
+                    assert float(w.std()) == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.15)
+
+
+@pytest.mark.parametrize("profile", ["paper", "siclip"])
+def test_paper_optimizer_is_adamw_defaults_with_the_loss_group_at_0_01(profile: str) -> None:
+    cfg = from_dict({"profile": profile, "loss": {"icl_scale": "raw"}})
+    torch.manual_seed(0)
+    task = SiclipTask(build_preset("tiny-student"), build_loss(cfg.loss, student_dim=64, teacher_dim=64))
+    opt = build_optimizer(task, cfg.optim)
+    want_betas, want_eps = ((0.9, 0.999), 1e-8) if profile == "paper" else ((0.9, 0.98), 1e-6)
+    assert all(tuple(g["betas"]) == want_betas and g["eps"] == want_eps for g in opt.param_groups)
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    loss_params = [p for p in task.loss.parameters() if p.requires_grad]
+    assert loss_params and any(p.ndim == 0 for p in loss_params)
+    for p in loss_params:
+        assert decay_of[id(p)] == (0.01 if profile == "paper" else (0.1 if p.ndim >= 2 else 0.0))
+    for name, p in task.student.named_parameters():  # the student's grouping is the same in both
+        if p.requires_grad:
+            assert decay_of[id(p)] == (0.1 if p.ndim >= 2 else 0.0), name
+    # one step with no gradient: AdamW's decoupled decay alone moves ICL's raw scale by lr * wd * value
+    icl: Any = task.loss.icl
+    before = float(icl.log_scale.detach())
+    for p in task.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    lr = cfg.optim.lr
+    want = before * (1 - lr * 0.01) if profile == "paper" else before
+    assert float(icl.log_scale.detach()) == pytest.approx(want, rel=1e-6)  # the decay is 1e-5 relative
