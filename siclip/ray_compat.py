@@ -11,8 +11,10 @@ wrote is treated as "not there", never as a ``KeyError``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "check_ray_version",
     "is_worker_start_timeout",
     "job_working_dir",
+    "loopback_node",
     "max_cluster_resources",
     "orphaned_train_placement_groups",
     "registered_checkpoint_names",
@@ -162,3 +165,32 @@ def job_working_dir() -> str | None:
         return None
     working_dir = runtime_env.get("working_dir") if isinstance(runtime_env, dict) else None
     return str(working_dir) if working_dir else None
+
+
+# Ray 2.60 turns an explicit loopback node address into this machine's network address (``ray.init``
+# resolves 127.0.0.1 "for remote access") except where it does not allow clusters (macOS, Windows): there
+# the node is 127.0.0.1 and every Ray process binds to it. That switch is read from this module constant
+# (and, in processes Ray starts, from this environment variable).
+# tests/integration/test_ray_local_security.py checks it on the pinned Ray.
+_CLUSTER_SWITCH_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_node() -> Iterator[None]:
+    """While Ray starts: its node address is 127.0.0.1, so GCS, raylet and agents listen on loopback only."""
+    from ray._private import ray_constants
+
+    check_ray_version()
+
+    saved_const = ray_constants.ENABLE_RAY_CLUSTER
+    saved_env = os.environ.get(_CLUSTER_SWITCH_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ[_CLUSTER_SWITCH_ENV] = "0"
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_const
+        if saved_env is None:
+            os.environ.pop(_CLUSTER_SWITCH_ENV, None)
+        else:
+            os.environ[_CLUSTER_SWITCH_ENV] = saved_env

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from siclip.config import RayCfg
-from siclip.ray_compat import PG_CLEANER_LOGGER
+from siclip.ray_compat import PG_CLEANER_LOGGER, loopback_node
 
 __all__ = ["init_ray", "make_token_private", "quiet_without_dashboard", "token_files"]
 
@@ -28,32 +26,6 @@ def quiet_without_dashboard() -> None:
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-# Ray 2.60 turns an explicit loopback node address into this machine's network address (``ray.init``
-# resolves 127.0.0.1 "for remote access") except where it does not allow clusters (macOS, Windows): there
-# the node is 127.0.0.1 and every Ray process binds to it. That switch is read from this module constant
-# (and, in processes Ray starts, from this environment variable). A Ray internal: it belongs with the others
-# in siclip/ray_compat.py; tests/integration/test_ray_local_security.py checks it on the pinned Ray.
-_CLUSTER_SWITCH_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextlib.contextmanager
-def _loopback_node() -> Iterator[None]:
-    """While Ray starts: its node address is 127.0.0.1, so GCS, raylet and agents listen on loopback only."""
-    from ray._private import ray_constants
-
-    saved_const = ray_constants.ENABLE_RAY_CLUSTER
-    saved_env = os.environ.get(_CLUSTER_SWITCH_ENV)
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    os.environ[_CLUSTER_SWITCH_ENV] = "0"
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_const
-        if saved_env is None:
-            os.environ.pop(_CLUSTER_SWITCH_ENV, None)
-        else:
-            os.environ[_CLUSTER_SWITCH_ENV] = saved_env
 
 
 def token_files() -> list[Path]:
@@ -97,7 +69,7 @@ def init_ray(ray_cfg: RayCfg) -> None:
         kwargs["object_store_memory"] = ray_cfg.object_store_memory_mb * 1024 * 1024
     bind = ray_cfg.node_ip_address.strip()
     if bind in LOOPBACK:
-        with _loopback_node():
+        with loopback_node():
             ray.init(address="local", **kwargs)
     else:
         if bind:

@@ -28,6 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "cluster" / "README.md"
+TUNE_README = REPO / "tune" / "README.md"
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,12 @@ SECTIONS = {
 
 
 def documented_commands() -> list[tuple[str, str, list[str]]]:
-    """(section, the ``ray job submit`` options, the siclip argv) for every job in the README's bash blocks."""
+    """(section, the ``ray job submit`` options, the siclip argv) for every job in the READMEs' bash blocks
+    (tune/README.md's cluster sweep is judged as a job of cluster/README.md's "Jobs" section)."""
     found = []
-    for section in re.split(r"^## ", README.read_text(), flags=re.M)[1:]:
+    sections = re.split(r"^## ", README.read_text(), flags=re.M)[1:]
+    tune_jobs = [s for s in re.split(r"^## ", TUNE_README.read_text(), flags=re.M)[1:] if "ray job submit" in s]
+    for section in sections + ["Jobs\n" + s for s in tune_jobs]:
         title = section.splitlines()[0].split(" (")[0].split(":")[0].strip()
         for block in re.findall(r"```bash\n(.*?)```", section, re.S):
             for line in block.replace("\\\n", " ").splitlines():
