@@ -48,10 +48,10 @@ from siclip.config import ConfigError, SiclipCfg, expand_shards, from_dict, is_u
 from siclip.data.shards import (
     IMAGE_EXTENSIONS,
     AtomicShardWriter,
+    DamagedTarError,
     Manifest,
     ManifestError,
     ShardIOError,
-    TruncatedMemberError,
     finished,
     img2dataset_count,
     iter_tar_members,
@@ -92,9 +92,9 @@ SKIP_REASONS = (
 )
 """Why a sample is skipped. ``unreadable_tar`` counts the samples lost in a tar whose content is damaged
 part-way: as many as img2dataset's ``<shard>_stats.json`` says the tar held beyond those read, or one when
-there is no such file (samples read before the damage are kept). A tar that cannot be *read* (missing,
-no connection, no credentials) is not bad data: its task fails and is retried, and the shard stays
-unfinished."""
+there is no such file (samples read before the damage are kept). A tar that cannot be *read* to its end
+(missing, no connection, no credentials, cut short anywhere) is not bad data: its task fails and is
+retried, and the shard stays unfinished."""
 
 # Caption settings that change what is written: a rerun into a folder made with other values would mix
 # two datasets, so it is refused.
@@ -129,8 +129,10 @@ def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool]
     Returns ``(groups, readable)``: ``groups`` in file order (a key seen again later in the file, or an
     extension repeated within one key, makes a group marked with the ``"__duplicate__"`` member, which
     validation skips as ``duplicate_key``), ``readable`` False when the tar's content is damaged before its
-    end (the group being read then is dropped). Raises
-    :class:`~siclip.data.shards.ShardIOError` when the tar cannot be read for any other reason.
+    end (the group being read is kept when the damage is at a member header, since each of its members was
+    read whole, and dropped otherwise). Raises :class:`~siclip.data.shards.ShardIOError` when the tar cannot
+    be read to its end: a missing object, a failed connection, or data that stops early anywhere, in a
+    stream or a file at rest, including fewer samples than img2dataset's ``<shard>_stats.json`` says.
     """
     groups: list[tuple[str, dict[str, bytes]]] = []
     seen: set[str] = set()
@@ -146,7 +148,7 @@ def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool]
         groups.append((current_key, current))
 
     try:
-        for key, ext, data in iter_tar_members(url):
+        for key, ext, data in iter_tar_members(url, expected_samples=img2dataset_count(url)):
             if key != current_key:
                 flush()
                 current_key, current = key, {}
@@ -154,8 +156,8 @@ def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool]
                 current["__duplicate__"] = b""
             current[ext.lower()] = data
     except (tarfile.TarError, EOFError, zlib.error) as exc:  # damaged content (I/O failures propagate)
-        if isinstance(exc, TruncatedMemberError) and exc.key != current_key:
-            flush()  # the damage starts a new sample: the one before it is complete
+        if isinstance(exc, DamagedTarError):
+            flush()
         log.warning("%s: damaged tar (%s); kept %d samples read before the damage", url, exc, len(groups))
         return groups, False
     flush()

@@ -13,9 +13,11 @@ This module owns:
   are dropped; ``npz`` loads with ``allow_pickle=False``), safe to run with ``WDS_SECURE=1``;
 - :func:`open_url`: local paths, ``pipe:`` and webdataset's own schemes, and any fsspec URI (``s3://``...);
 - the line between bad data and failed I/O: :func:`iter_tar_members` raises ``tarfile.TarError`` (or
-  ``EOFError``/``zlib.error``) only for damaged content and :class:`ShardIOError` for everything else (a
-  missing object, a refused connection, missing credentials, a stream cut short), so callers count the
-  first and retry the second; :func:`img2dataset_count` reads how many samples img2dataset put in a tar.
+  ``EOFError``/``zlib.error``) only for damaged content (bytes that are there but are no tar) and
+  :class:`ShardIOError` for everything else (a missing object, a refused connection, missing credentials,
+  data that ends before the tar's end-of-archive marker or the object's size, streamed or at rest), so
+  callers count the first and retry the second; :func:`img2dataset_count` reads how many samples
+  img2dataset put in a tar.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ __all__ = [
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "AtomicShardWriter",
+    "DamagedTarError",
     "Manifest",
     "ManifestError",
     "ShardIOError",
-    "TruncatedMemberError",
     "decode_sample",
     "encode_sample",
     "finished",
@@ -466,29 +468,30 @@ def image_of(sample: dict[str, Any]) -> Any:
     raise KeyError(f"sample {sample.get('__key__')!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
 
 
-class TruncatedMemberError(tarfile.ReadError):
-    """A tar member ends early; ``key`` is the sample it belonged to."""
+class DamagedTarError(tarfile.ReadError):
+    """A member header in the middle of a tar is not valid although the bytes go on: damaged content.
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
+    Every member before it was read whole (``iter_tar_members`` yielded them); what follows is lost.
+    """
 
 
 class _CountingReader:
-    """A read-only stream that counts bytes and notes whether it reached the end of its data."""
+    """A read-only stream that counts the bytes it hands on."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
         self.position = 0
-        self.at_eof = False
         self.size = _known_size(stream)
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
         self.position += len(data)
-        if not data or (n is not None and n > 0 and len(data) < n):
-            self.at_eof = True
         return data
+
+    def drain(self) -> None:
+        """Read what is left, so ``position`` says where the data really ended."""
+        while self.read(1 << 20):
+            pass
 
 
 def _known_size(stream: Any) -> int | None:
@@ -501,19 +504,80 @@ def _known_size(stream: Any) -> int | None:
         return None
 
 
-def iter_tar_members(url: str) -> Iterator[tuple[str, str, bytes]]:
+class _Cut(Exception):
+    """The tar's data ran out before its end-of-archive marker (internal: becomes a ShardIOError)."""
+
+
+def _header_log(failures: list[tuple[int, int, Exception]]) -> type[tarfile.TarInfo]:
+    """A TarInfo class that notes every header read that fails: (offset, bytes it got, error).
+
+    In stream mode ``tarfile`` ends the archive silently at an empty, partial or invalid header past the
+    first; the note says which of these it was (the data ran out, or the bytes are not a header).
+    """
+
+    class _LoggedTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar: tarfile.TarFile) -> Any:
+            start = tar.fileobj.tell()  # type: ignore[union-attr]
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.HeaderError as exc:
+                failures.append((start, tar.fileobj.tell() - start, exc))  # type: ignore[union-attr]
+                raise
+
+    return _LoggedTarInfo
+
+
+def _check_archive_end(tar: tarfile.TarFile, failures: list[tuple[int, int, Exception]]) -> None:
+    """After the last member: the archive must end with its two zero blocks, else it was cut or damaged."""
+    if not failures:
+        raise _Cut("the data ends without an end-of-archive marker")
+    offset, got, exc = failures[-1]
+    if got < tarfile.BLOCKSIZE:
+        where = "at" if got == 0 else f"{got} bytes into"
+        raise _Cut(f"the data ends {where} the member header at byte {offset}")
+    if not isinstance(exc, tarfile.EOFHeaderError):  # type: ignore[attr-defined]  # a zero block
+        raise DamagedTarError(f"byte {offset}: not a valid member header ({exc})")
+    second = tar.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+    if len(second) < tarfile.BLOCKSIZE:
+        raise _Cut(f"the data ends inside the end-of-archive marker at byte {offset}")
+    if second.count(0) != tarfile.BLOCKSIZE:
+        raise DamagedTarError(f"byte {offset}: a lone zero block followed by data")
+
+
+def _ran_out(tar: tarfile.TarFile | None, failures: list[tuple[int, int, Exception]]) -> bool:
+    """Whether a content error came from the data running out (a cut) rather than from bad bytes."""
+    if failures and failures[-1][1] < tarfile.BLOCKSIZE:
+        return True  # a header (first, or one after a long-name header) came back short
+    # tarfile checks that the data reaches the next header by reading its last byte before: it fell short
+    return tar is not None and tar.fileobj is not None and tar.fileobj.tell() < tar.offset
+
+
+def iter_tar_members(url: str, *, expected_samples: int | None = None) -> Iterator[tuple[str, str, bytes]]:
     """``(sample key, extension, bytes)`` for each file member of one tar, in file order.
 
     The key is the member name up to the first dot of its base name, like webdataset; members without an
-    extension are skipped. Damaged content raises ``tarfile.TarError``/``EOFError``/``zlib.error`` (a
-    member shorter than its header says: :class:`TruncatedMemberError`); any other failure, or a stream
-    that ends before the object's known size, raises :class:`ShardIOError`.
+    extension are skipped. The tar counts as read only when it was read to its end-of-archive marker, the
+    stream gave as many bytes as the object's known size, and (``expected_samples``, e.g. img2dataset's
+    ``successes``) it held at least that many samples. Damaged content (bytes present but not a tar)
+    raises ``tarfile.TarError`` (:class:`DamagedTarError` for a bad header past the first),
+    ``EOFError`` or ``zlib.error``; data that ends early anywhere (at or inside a header, inside a member
+    or its padding, inside the end marker), in a stream or in a file at rest, and any other failure raise
+    :class:`ShardIOError`: the tar is incomplete, not bad, so the read is retried and never finished.
     """
     reader: _CountingReader | None = None
     try:
         with open_url(url, "rb") as stream:
             reader = _CountingReader(stream)
-            with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
+            failures: list[tuple[int, int, Exception]] = []
+            tar: tarfile.TarFile | None = None
+            error: Exception | None = None
+            keys: set[str] = set()
+            try:
+                # Not closed: closing a stream-mode TarFile closes nothing of ours (open_url's stream is).
+                tar = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
+                    fileobj=reader, mode="r|*", tarinfo=_header_log(failures)
+                )
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -523,19 +587,45 @@ def iter_tar_members(url: str) -> Iterator[tuple[str, str, bytes]]:
                         continue
                     key = f"{dirname}/{stem}" if dirname else stem
                     f = tar.extractfile(member)
-                    try:
-                        data = f.read() if f is not None else b""
-                    except _CONTENT_ERRORS as exc:  # the stream ends inside this member
-                        raise TruncatedMemberError(key, f"{member.name}: {exc}") from exc
+                    data = f.read() if f is not None else b""
                     if len(data) != member.size:
-                        raise TruncatedMemberError(key, f"{member.name}: unexpected end of data")
+                        raise _Cut(
+                            f"the data ends {len(data)} bytes into {member.name} ({member.size} bytes)"
+                        )
+                    keys.add(key)
                     yield key, ext, data
-    except _CONTENT_ERRORS as exc:
-        if reader is not None and reader.at_eof and reader.size is not None and reader.position < reader.size:
-            # The bytes stopped coming before the object ended: the transport failed, not the tar.
-            raise ShardIOError(
-                f"{url}: the stream ended after {reader.position} of {reader.size} bytes ({exc})"
-            ) from exc
+                _check_archive_end(tar, failures)
+            except _Cut as exc:
+                error = exc
+            except _CONTENT_ERRORS as exc:
+                if _ran_out(tar, failures):
+                    at = (
+                        f" at byte {tar.fileobj.tell()}"
+                        if tar is not None and tar.fileobj is not None
+                        else ""
+                    )
+                    error = _Cut(f"the data ends early{at} ({exc})")
+                else:
+                    error = exc
+            reader.drain()
+            if reader.size is not None and reader.position < reader.size:
+                # The bytes stopped coming before the object ended: the transport failed, not the tar.
+                raise ShardIOError(
+                    f"{url}: the stream ended after {reader.position} of {reader.size} bytes"
+                    + (f" ({error})" if error is not None else "")
+                )
+            if isinstance(error, _Cut):
+                raise ShardIOError(
+                    f"{url}: incomplete tar, {error}; a download or copy cut short (get the file again)"
+                )
+            if error is not None:
+                raise error
+            if expected_samples is not None and len(keys) < expected_samples:
+                raise ShardIOError(
+                    f"{url}: incomplete tar, {len(keys)} samples where img2dataset's stats say it wrote "
+                    f"{expected_samples} (get the file again)"
+                )
+    except _CONTENT_ERRORS:
         raise
     except ShardIOError:
         raise
