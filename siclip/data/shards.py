@@ -659,14 +659,23 @@ def img2dataset_count(url: str) -> int | None:
 
 
 def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Raw samples (extension -> bytes, plus ``__key__``, ``__url__``) of one tar, in file order."""
+    """Raw samples (extension -> bytes, plus ``__key__``, ``__url__``) of one tar, in file order.
+
+    When the tar fails part-way (damaged, or cut short), the members read before the failure still come
+    out, each whole (the last sample may lack members that came after), then the error is raised.
+    """
     current: dict[str, Any] | None = None
-    for key, ext, data in iter_tar_members(url):
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__url__": url}
-        current[ext] = data
+    try:
+        for key, ext, data in iter_tar_members(url):
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            current[ext] = data
+    except Exception:
+        if current is not None:
+            yield current
+        raise
     if current is not None:
         yield current
 
