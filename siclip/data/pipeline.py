@@ -51,6 +51,7 @@ from siclip.data.shards import (
     DamagedTarError,
     Manifest,
     ManifestError,
+    ManifestNotFoundError,
     ShardIOError,
     finished,
     img2dataset_count,
@@ -119,7 +120,8 @@ _PREPARE_MEMORY = 256 * 1024 * 1024
 
 
 class ShardBuildError(RuntimeError):
-    """Some shards could not be built (or recorded) in this run; the message names them. Rerun to finish."""
+    """The build could not finish: some shards could not be built or recorded (the message names them; rerun
+    to finish), or the output folder's manifest exists but cannot be read (the message names it)."""
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -614,8 +616,15 @@ def _load_previous(out_dir: str, cfg: SiclipCfg) -> dict[str, dict[str, Any]]:
     """Per-shard records of an earlier run into the same folder (refusing one made differently)."""
     try:
         previous = read_manifest(out_dir)
-    except ManifestError:
+    except ManifestNotFoundError:
         return {}
+    except ManifestError as exc:
+        # Only "not there" means a new build: starting afresh over an unreadable or damaged manifest would
+        # rebuild every shard and overwrite the record of what was built.
+        raise ShardBuildError(
+            f"siclip data: {exc}; the earlier build's record is kept untouched and nothing was built: fix "
+            "access to it (or restore it), then run again"
+        ) from exc
     before = previous.config.get("caption", {})
     now = to_dict(cfg.caption)
     changed = [

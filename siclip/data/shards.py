@@ -44,6 +44,7 @@ __all__ = [
     "DamagedTarError",
     "Manifest",
     "ManifestError",
+    "ManifestNotFoundError",
     "ShardIOError",
     "decode_sample",
     "encode_sample",
@@ -76,7 +77,11 @@ _CONTENT_ERRORS = (tarfile.TarError, EOFError, zlib.error)
 
 
 class ManifestError(ValueError):
-    """A manifest file is missing or malformed; the message names the file."""
+    """A manifest file is missing, unreadable or malformed; the message names the file."""
+
+
+class ManifestNotFoundError(ManifestError):
+    """There is no manifest file (the folder holds no finished shards): the one case that means "empty"."""
 
 
 class ShardIOError(OSError):
@@ -187,13 +192,21 @@ def write_manifest(out_dir: str | os.PathLike[str], manifest: Manifest) -> str:
 
 
 def read_manifest(dir_or_file: str | os.PathLike[str]) -> Manifest:
-    """Read a folder's ``manifest.json`` (or the given ``.json`` file); raises :class:`ManifestError`."""
+    """Read a folder's ``manifest.json`` (or the given ``.json`` file).
+
+    Raises :class:`ManifestNotFoundError` when there is none, :class:`ManifestError` when it cannot be read
+    (permissions, the store failing) or is not a valid manifest (truncated, not JSON, wrong keys).
+    """
     path = _manifest_path(dir_or_file)
     try:
         with open_url(path, "rb") as f:
             text = f.read().decode("utf-8")
-    except (FileNotFoundError, OSError) as e:
-        raise ManifestError(f"{path}: cannot read the shard manifest ({e})") from e
+    except FileNotFoundError as e:
+        raise ManifestNotFoundError(f"{path}: cannot read the shard manifest ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from e
+    except Exception as e:  # permissions, an expired token, a store that answers 503: not "no manifest"
+        raise ManifestError(f"{path}: cannot read the shard manifest ({type(e).__name__}: {e})") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
