@@ -12,8 +12,8 @@ Design (one input shard -> one output shard with the same base name, so a rerun 
    ``caption.max_retries`` times;
 3. ``map(CaptionerActor)`` on an elastic actor pool (``caption.min_actors`` .. ``caption.num_actors``
    actors, each with ``num_gpus_per_actor``/``num_cpus_per_actor``; Ray restarts a lost actor and reruns
-   its task): k captions per image in calls of ``caption.batch_size`` images, seeded per (seed, shard,
-   chunk) so a rerun reproduces a shard exactly whatever actor or order captions it;
+   its task): k captions per image in calls of ``caption.batch_size`` images, seeded per sample (seed,
+   shard, key) so a rerun reproduces a shard exactly whatever actor, order or batch size captions it;
 4. optionally ``map(TeacherActor)`` on a second such pool: the teacher's image and text embeddings per
    sample (``npz``);
 5. the last actor stage writes the shard itself, straight to ``caption.output_dir`` (local or ``s3://``,
@@ -338,9 +338,10 @@ def _prepare_row(
     }
 
 
-def _chunk_seed(seed: int, shard: str, chunk: int) -> int:
+def _sample_seed(seed: int, shard: str, key: str) -> int:
+    """The caption seed of one sample: its captions depend on it and the image only, never on the batch."""
     # crc32, not hash(): Python salts str hashes per process, and every actor is its own process.
-    return zlib.crc32(f"{seed}:{shard}:{chunk}".encode()) & 0x7FFFFFFF
+    return zlib.crc32(f"{seed}:{shard}:{key}".encode()) & 0x7FFFFFFF
 
 
 def _decode_images(jpgs: list[bytes]) -> list[Any]:
@@ -435,11 +436,12 @@ class CaptionerActor:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         jpgs = list(row["jpg"])
+        seeds = [_sample_seed(self.cfg.caption.seed, row["shard"], str(key)) for key in row["keys"]]
         syn: list[str] = []
-        for index, start in enumerate(range(0, len(jpgs), self.chunk)):
+        for start in range(0, len(jpgs), self.chunk):
             images = _decode_images(jpgs[start : start + self.chunk])
-            seed = _chunk_seed(self.cfg.caption.seed, row["shard"], index)
-            syn.extend(json.dumps({"syn_text": caps}) for caps in self.captioner.caption(images, seed=seed))
+            captions = self.captioner.caption(images, sample_seeds=seeds[start : start + self.chunk])
+            syn.extend(json.dumps({"syn_text": caps}) for caps in captions)
         row["syn"] = syn
         if not self.out_dir:
             return row

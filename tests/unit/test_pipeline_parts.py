@@ -1,7 +1,7 @@
 """The data build's Ray-free parts that ``run_pipeline`` and its actors are made of, called directly.
 
 The integration test runs them inside Ray Data; here each one is pinned on its own: naming and joining shard
-paths, the per-chunk caption seed, a shard row as the read stage hands it on, writing and committing a shard
+paths, a shard row as the read stage hands it on, writing and committing a shard
 (retries, waits, the counts check), the inputs' checks, refusing to mix two datasets in one folder, the
 manifest's totals and its retried write, and the message naming unfinished shards.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ def _cfg(**caption: Any) -> Any:
     return from_dict({"caption": caption, "teacher": {"name": "tiny-teacher", "source": "t.pt"}})
 
 
-# ---- names, seeds, images ------------------------------------------------------------------------------------
+# ---- names, images ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -53,15 +52,6 @@ def test_output_name_is_the_inputs_base_name(url: str, name: str) -> None:
 @pytest.mark.parametrize(("out_dir", "want"), [("s3://b/out/", "s3://b/out/a.tar"), ("out", "out/a.tar")])
 def test_join_puts_one_slash_between(out_dir: str, want: str) -> None:
     assert pipeline._join(out_dir, "a.tar") == want
-
-
-def test_chunk_seed_is_the_crc32_of_seed_shard_chunk() -> None:
-    """Stable across processes and releases (a rerun must caption a shard the same): crc32, 31 bits."""
-    for seed, shard, chunk in [(0, "00000.tar", 0), (7, "00012.tar", 3), (2**40, "x", 99)]:
-        want = zlib.crc32(f"{seed}:{shard}:{chunk}".encode()) % 2**31
-        assert pipeline._chunk_seed(seed, shard, chunk) == want
-    seeds = {pipeline._chunk_seed(s, n, c) for s in (0, 1) for n in ("a", "b") for c in (0, 1)}
-    assert len(seeds) == 8
 
 
 def test_decode_images_gives_rgb_of_the_same_size() -> None:
