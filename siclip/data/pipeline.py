@@ -116,6 +116,7 @@ _OUTPUT_KEYS = (
 # Teacher settings that change the stored embeddings (checked when caption.teacher_embeddings is on).
 _TEACHER_KEYS = ("name", "source")
 _JPEG_QUALITY = 95
+_NEW_FOLDER = "use a new caption.output_dir (or delete the old one) rather than mixing two datasets"
 _PREPARE_MEMORY = 256 * 1024 * 1024
 
 
@@ -614,8 +615,15 @@ def _join(out_dir: str, name: str) -> str:
     return out_dir.rstrip("/") + "/" + name
 
 
-def _load_previous(out_dir: str, cfg: SiclipCfg) -> dict[str, dict[str, Any]]:
-    """Per-shard records of an earlier run into the same folder (refusing one made differently)."""
+def _load_previous(
+    out_dir: str, cfg: SiclipCfg, build: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per-shard records of an earlier run into the same folder (refusing one made differently).
+
+    Made differently: other caption settings that change an output byte, another teacher (when embeddings
+    are stored), and, from ``build`` (``{"center_crop": bool, "inputs": [urls]}``, as the manifest records
+    it), cropping or other input shards. A manifest that does not record a setting has nothing to contradict.
+    """
     try:
         previous = read_manifest(out_dir)
     except ManifestNotFoundError:
@@ -640,23 +648,42 @@ def _load_previous(out_dir: str, cfg: SiclipCfg) -> dict[str, dict[str, Any]]:
         section, name = key.split(".")
         was = (before if section == "caption" else previous.config["teacher"]).get(name)
         value = to_dict(getattr(cfg, section))[name]
-        raise ConfigError(
-            f"{key}: got {value!r} but {out_dir} was built with {was!r}; "
-            "use a new caption.output_dir (or delete the old one) rather than mixing two datasets"
-        )
+        raise ConfigError(f"{key}: got {value!r} but {out_dir} was built with {was!r}; {_NEW_FOLDER}")
+    built = previous.config.get("build", {})
+    if build is not None and isinstance(built, dict):
+        if "center_crop" in built and built["center_crop"] != build["center_crop"]:
+            raise ConfigError(
+                f"center_crop: got {build['center_crop']!r} but {out_dir} was built with "
+                f"{built['center_crop']!r}; {_NEW_FOLDER}"
+            )
+        if "inputs" in built and set(built["inputs"]) != set(build["inputs"]):
+            added = [u for u in build["inputs"] if u not in set(built["inputs"])]
+            dropped = [u for u in built["inputs"] if u not in set(build["inputs"])]
+            parts = [f"{len(added)} new (first {added[0]!r})"] if added else []
+            parts += [f"{len(dropped)} no longer given (first {dropped[0]!r})"] if dropped else []
+            raise ConfigError(
+                f"caption.input_shards: not the {len(built['inputs'])} shards {out_dir} was built from: "
+                f"{' and '.join(parts)}; {_NEW_FOLDER}"
+            )
     return {s["name"]: s for s in previous.shards}
 
 
 def _build_manifest(
-    cfg: SiclipCfg, order: list[str], records: dict[str, dict[str, Any]], producer: dict[str, Any]
+    cfg: SiclipCfg,
+    order: list[str],
+    records: dict[str, dict[str, Any]],
+    producer: dict[str, Any],
+    build: dict[str, Any] | None = None,
 ) -> Manifest:
     shards = [records[n] for n in order if n in records]
     skipped: Counter[str] = Counter()
     for s in shards:
         skipped.update(s.get("skipped", {}))
-    config = {"caption": to_dict(cfg.caption)}
+    config: dict[str, Any] = {"caption": to_dict(cfg.caption)}
     if cfg.caption.teacher_embeddings:
         config["teacher"] = to_dict(cfg.teacher)
+    if build is not None:
+        config["build"] = build
     manifest = Manifest(
         kind="cc12m-syn",
         shards=shards,
@@ -736,7 +763,12 @@ def run_pipeline(
     out_dir = c.output_dir
     if not is_uri(out_dir):
         os.makedirs(out_dir, exist_ok=True)
-    records = _load_previous(out_dir, cfg)
+    # What else decides an output byte: the crop, and which inputs (the rerun guard compares both).
+    build = {
+        "center_crop": center_crop,
+        "inputs": [u if is_uri(u) else os.path.abspath(u) for u, _ in inputs],
+    }
+    records = _load_previous(out_dir, cfg, build)
     order = [name for _, name in inputs]
     # A shard on disk but not in the manifest was written just before a kill; redo it (same bytes).
     pending = [(u, n) for u, n in inputs if not (n in records and finished(_join(out_dir, n)))]
@@ -753,7 +785,7 @@ def run_pipeline(
     done_before = len(inputs) - len(pending)
     attempts = c.max_retries + 1
     if not pending:
-        manifest = _build_manifest(cfg, order, records, producer)
+        manifest = _build_manifest(cfg, order, records, producer, build)
         if not _try_write_manifest(out_dir, manifest, attempts=attempts, delay_s=c.retry_delay_s):
             raise _unfinished_error(out_dir, [], order)
         _summary(
@@ -834,14 +866,14 @@ def run_pipeline(
         # Rewritten after every shard, so a killed run still knows what it finished; one try here (the
         # next shard, or the end, tries again), so a flaky store does not stall the build.
         if _try_write_manifest(
-            out_dir, _build_manifest(cfg, order, records, producer), attempts=1, delay_s=0
+            out_dir, _build_manifest(cfg, order, records, producer, build), attempts=1, delay_s=0
         ):
             unrecorded = []
             if on_shard is not None:
                 on_shard(entry)
         else:
             unrecorded.append(name)
-    manifest = _build_manifest(cfg, order, records, producer)
+    manifest = _build_manifest(cfg, order, records, producer, build)
     recorded = unrecorded == [] or _try_write_manifest(
         out_dir, manifest, attempts=attempts, delay_s=c.retry_delay_s
     )

@@ -4,7 +4,7 @@ An earlier build's ``manifest.json`` that cannot be read (a permission error, an
 answering 503) or that is damaged (cut short, not JSON) must stop ``run_pipeline`` before it builds anything,
 with one line naming the file, and leave the manifest exactly as it was: starting afresh would rebuild every
 shard (GPU-days) and overwrite the record, and a damaged record must not let changed settings slip past the
-rerun guard.
+rerun guard. The guard itself covers what else changes an output byte: the input shards and the crop.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import siclip.data.pipeline as pipeline
-from siclip.config import from_dict, to_dict
+from siclip.config import ConfigError, from_dict, to_dict
 from siclip.data import shards
 from siclip.data.shards import (
     Manifest,
@@ -124,3 +124,57 @@ def test_only_a_missing_manifest_reads_as_not_found(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as info:
         read_manifest(tmp_path)
     assert not isinstance(info.value, ManifestNotFoundError)
+
+
+# ---- the rerun guard: what else changes an output byte ---------------------------------------------------------
+
+
+def _built_with(out: Path, cfg: Any, **build: Any) -> None:
+    config = {"caption": to_dict(cfg.caption), "build": build}
+    write_manifest(
+        str(out), Manifest(kind="cc12m-syn", shards=[{"name": "00000.tar", "samples": 1}], config=config)
+    )
+
+
+def test_other_input_shards_into_the_same_folder_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, out = _setup(tmp_path)
+    src = tmp_path / "src"
+    _tar(src / "00001.tar", _good("b", 1))
+    _built_with(out, cfg, center_crop=False, inputs=[str(src / "00000.tar")])
+    before = (out / "manifest.json").read_bytes()
+    _no_ray(monkeypatch)
+    more = from_dict({"caption": {**to_dict(cfg.caption), "input_shards": [str(src / "0000*.tar")]}})
+    with pytest.raises(ConfigError) as info:
+        pipeline.run_pipeline(more, progress=False)
+    message = str(info.value)
+    assert message.startswith("caption.input_shards:") and "\n" not in message
+    assert str(src / "00001.tar") in message and str(out) in message
+    other = from_dict({"caption": {**to_dict(cfg.caption), "input_shards": [str(src / "00001.tar")]}})
+    with pytest.raises(ConfigError, match=r"caption\.input_shards: .*00001\.tar.*00000\.tar"):
+        pipeline.run_pipeline(other, progress=False)
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_cropped_and_uncropped_shards_never_mix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, out = _setup(tmp_path)
+    _built_with(out, cfg, center_crop=False, inputs=[str(tmp_path / "src" / "00000.tar")])
+    _no_ray(monkeypatch)
+    with pytest.raises(ConfigError, match=r"^center_crop: got True but .* was built with False"):
+        pipeline.run_pipeline(cfg, progress=False, center_crop=True)
+
+
+def test_the_same_inputs_given_another_way_are_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A glob, a brace list or a relative path naming the same shards is no change."""
+    cfg, out = _setup(tmp_path)
+    src = tmp_path / "src"
+    _built_with(out, cfg, center_crop=False, inputs=[str(src / "00000.tar")])
+    monkeypatch.chdir(tmp_path)
+    same = from_dict({"caption": {**to_dict(cfg.caption), "input_shards": ["src/0000{0..0}.tar"]}})
+    (out / "00000.tar").write_bytes(b"")  # finished before: nothing left to build, so no Ray needed
+    _no_ray(monkeypatch)
+    manifest = pipeline.run_pipeline(same, progress=False)
+    assert [s["name"] for s in manifest.shards] == ["00000.tar"]
