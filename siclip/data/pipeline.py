@@ -19,7 +19,7 @@ Design (one input shard -> one output shard with the same base name, so a rerun 
 5. the last actor stage writes the shard itself, straight to ``caption.output_dir`` (local or ``s3://``,
    :class:`~siclip.data.shards.AtomicShardWriter`), and returns only its manifest entry; the driver
    collects the entries and rewrites ``manifest.json``. A shard is finished only when it is in the manifest
-   *and* its file exists; a shard whose task failed for good is named at the end
+   *and* its file exists with the size recorded there (one listing of the folder); a shard whose task failed for good is named at the end
    (:class:`ShardBuildError`) and built by the next run.
 
 Why one row per shard: the actor that writes a shard must hold all of it, and regrouping smaller rows by
@@ -53,9 +53,9 @@ from siclip.data.shards import (
     ManifestError,
     ManifestNotFoundError,
     ShardIOError,
-    finished,
     img2dataset_count,
     iter_tar_members,
+    list_sizes,
     read_manifest,
     write_manifest,
 )
@@ -379,6 +379,8 @@ def _write_shard(path: str, row: dict[str, Any], *, with_npz: bool) -> dict[str,
         "samples": samples,
         "samples_in": samples_in,
         "skipped": dict(sorted(skipped.items())),
+        "bytes": writer.size,
+        "sha256": writer.sha256,
     }
 
 
@@ -668,6 +670,23 @@ def _load_previous(
     return {s["name"]: s for s in previous.shards}
 
 
+def _intact(record: dict[str, Any], sizes: dict[str, int], out_dir: str) -> bool:
+    """A recorded shard is finished when its file is there with the size recorded (when one was)."""
+    name = record["name"]
+    if name not in sizes:
+        return False
+    want = record.get("bytes")
+    if isinstance(want, int) and sizes[name] != want:
+        log.warning(
+            "%s: %d bytes but the manifest recorded %d; building it again",
+            _join(out_dir, name),
+            sizes[name],
+            want,
+        )
+        return False
+    return True
+
+
 def _build_manifest(
     cfg: SiclipCfg,
     order: list[str],
@@ -770,9 +789,12 @@ def run_pipeline(
     }
     records = _load_previous(out_dir, cfg, build)
     order = [name for _, name in inputs]
-    # A shard on disk but not in the manifest was written just before a kill; redo it (same bytes).
-    pending = [(u, n) for u, n in inputs if not (n in records and finished(_join(out_dir, n)))]
-    records = {n: r for n, r in records.items() if n in order and finished(_join(out_dir, n))}
+    # A shard on disk but not in the manifest was written just before a kill; redo it (same bytes). One
+    # listing gives every file's size: a recorded shard whose size differs is not the file that was built.
+    sizes = list_sizes(out_dir)
+    done = {n for n in order if n in records and _intact(records[n], sizes, out_dir)}
+    pending = [(u, n) for u, n in inputs if n not in done]
+    records = {n: r for n, r in records.items() if n in done}
     producer = {
         "captioner": f"{c.model}:{c.source}" if c.source else c.model,
         "model": c.model,

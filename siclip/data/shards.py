@@ -23,6 +23,7 @@ This module owns:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -55,6 +56,7 @@ __all__ = [
     "iter_samples",
     "iter_tar_members",
     "list_shards",
+    "list_sizes",
     "manifest_sample_count",
     "open_url",
     "read_manifest",
@@ -101,7 +103,8 @@ class Manifest:
     kind: str = ""
     """What the shards are: ``demo-web``, ``demo-clean``, ``demo-retrieval``, ``cc12m-syn``, ..."""
     shards: list[dict[str, Any]] = field(default_factory=list)
-    """One ``{"name": file name relative to the folder, "samples": int}`` per finished shard."""
+    """One ``{"name": file name relative to the folder, "samples": int}`` per finished shard; a builder may
+    add more (the data build: ``samples_in``, ``skipped``, ``bytes`` and ``sha256`` of the file)."""
     samples_in: int = 0
     samples_out: int = 0
     samples_skipped: int = 0
@@ -187,7 +190,10 @@ def write_manifest(out_dir: str | os.PathLike[str], manifest: Manifest) -> str:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
     return path
 
 
@@ -296,6 +302,33 @@ def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _DigestingStream:
+    """A write-only stream that counts and hashes (sha256) what it passes on."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.stream.write(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename inside ``path`` durable (best effort: some filesystems refuse a directory fsync)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class AtomicShardWriter:
     """Write one WebDataset shard to ``<path>.tmp`` and rename it to ``path`` only on a clean close.
 
@@ -330,8 +363,9 @@ class AtomicShardWriter:
         else:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self._stream = open(self.tmp_path, "wb")  # noqa: SIM115 -- closed in close()/abort()
+        self._digesting = _DigestingStream(self._stream)
         # An integer mtime keeps tar headers plain ustar (a float forces a pax header per member).
-        self._writer = wds.TarWriter(self._stream, encoder=False, mtime=int(mtime), mode=0o644)
+        self._writer = wds.TarWriter(self._digesting, encoder=False, mtime=int(mtime), mode=0o644)
         self._count = 0
         self._closed = False
 
@@ -339,6 +373,16 @@ class AtomicShardWriter:
     def count(self) -> int:
         """Samples written so far."""
         return self._count
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (the whole file's size once closed)."""
+        return self._digesting.size
+
+    @property
+    def sha256(self) -> str:
+        """The hex SHA-256 of the bytes written so far (of the whole file once closed)."""
+        return self._digesting.digest.hexdigest()
 
     def write(self, sample: dict[str, Any]) -> None:
         """Add one sample: ``__key__`` plus extension keys (``jpg`` bytes, ``txt`` str, ``json`` dict, ...)."""
@@ -354,6 +398,10 @@ class AtomicShardWriter:
         self._closed = True
         try:
             self._writer.close()
+            if not self._remote:
+                # On disk before the rename: a node crash after it must not leave a short "finished" file.
+                self._stream.flush()
+                os.fsync(self._stream.fileno())
             self._stream.close()
         except BaseException:
             self._closed = False
@@ -365,6 +413,7 @@ class AtomicShardWriter:
             self._fs.mv(self._fs_path + ".tmp", self._fs_path)
         else:
             os.replace(self.tmp_path, self.path)
+            _fsync_dir(os.path.dirname(self.path))
 
     def abort(self) -> None:
         """Drop the partial shard: no final file is left behind."""
@@ -704,6 +753,33 @@ def list_shards(folder: str | os.PathLike[str]) -> list[str]:
     """The shard paths a folder's manifest lists, in manifest order (local folders and URIs)."""
     base = os.fspath(folder).rstrip("/")
     return [f"{base}/{s['name']}" for s in read_manifest(base).shards]
+
+
+def list_sizes(folder: str | os.PathLike[str]) -> dict[str, int]:
+    """File name -> size of every file directly in ``folder`` (local or any fsspec URI), in one listing.
+
+    An absent folder lists as empty. Other processes (the actors) wrote it: no cached listing is used.
+    """
+    base = os.fspath(folder).rstrip("/")
+    if "://" in base:
+        import fsspec
+
+        fs, fs_path = fsspec.core.url_to_fs(base)
+        fs.invalidate_cache(fs_path)
+        try:
+            entries = fs.ls(fs_path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {
+            str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries
+            if e.get("type") == "file"
+        }
+    try:
+        with os.scandir(base) as it:
+            return {e.name: e.stat().st_size for e in it if e.is_file()}
+    except FileNotFoundError:
+        return {}
 
 
 def finished(path: str | os.PathLike[str]) -> bool:

@@ -178,3 +178,25 @@ def test_the_same_inputs_given_another_way_are_the_same(
     _no_ray(monkeypatch)
     manifest = pipeline.run_pipeline(same, progress=False)
     assert [s["name"] for s in manifest.shards] == ["00000.tar"]
+
+
+def test_a_resume_rebuilds_a_shard_whose_size_is_not_the_recorded_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node crash can leave a short file under the final name: its recorded size gives it away."""
+    cfg, out = _setup(tmp_path)
+    out.mkdir()
+    (out / "00000.tar").write_bytes(b"\0" * 2048)
+    config = {
+        "caption": to_dict(cfg.caption),
+        "build": {"center_crop": False, "inputs": [str(tmp_path / "src" / "00000.tar")]},
+    }
+    entry = {"name": "00000.tar", "samples": 1, "samples_in": 1, "skipped": {}, "bytes": 2048}
+    write_manifest(
+        str(out), Manifest(kind="cc12m-syn", shards=[entry], samples_in=1, samples_out=1, config=config)
+    )
+    _no_ray(monkeypatch)
+    assert [s["name"] for s in pipeline.run_pipeline(cfg, progress=False).shards] == ["00000.tar"]  # intact
+    (out / "00000.tar").write_bytes(b"\0" * 1024)
+    with pytest.raises(AssertionError, match="the build started"):  # rebuilt, not taken as finished
+        pipeline.run_pipeline(cfg, progress=False)

@@ -8,6 +8,7 @@ manifest's totals and its retried write, and the message naming unfinished shard
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -133,11 +134,14 @@ def _row(
 def test_write_shard_writes_every_sample_and_returns_its_entry(tmp_path: Path, with_npz: bool) -> None:
     path = str(tmp_path / "00003.tar")
     entry = pipeline._write_shard(path, _row(), with_npz=with_npz)
+    data = Path(path).read_bytes()
     assert entry == {
         "name": "00003.tar",
         "samples": 2,
         "samples_in": 5,
         "skipped": {"empty_caption": 2, "not_image": 1},
+        "bytes": len(data),  # what a resume checks the file against
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
     assert list(entry["skipped"]) == ["empty_caption", "not_image"]  # sorted
     got = list(iter_raw_samples(path))
