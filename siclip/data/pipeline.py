@@ -591,7 +591,25 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
         )
 
 
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
 def _output_name(url: str) -> str:
+    """The output shard's name: the input's base name; for a ``pipe:`` command, that of the tar it names."""
+    if url.startswith("pipe:"):
+        import shlex
+
+        try:
+            words = shlex.split(url.removeprefix("pipe:"))
+        except ValueError:
+            words = url.removeprefix("pipe:").split()
+        tars = [w for w in (w.split("?")[0].split("#")[0] for w in words) if w.endswith(_SHARD_SUFFIXES)]
+        if not tars:
+            raise ConfigError(
+                f"caption.input_shards: got {url!r}; a pipe: command must name its tar (a word ending in "
+                f"{', '.join(_SHARD_SUFFIXES)}), which gives the output shard its name"
+            )
+        url = tars[-1]
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 

@@ -44,10 +44,20 @@ def _cfg(**caption: Any) -> Any:
         ("s3://bucket/cc12m/00012.tar", "00012.tar"),
         ("data/in/00012.tar/", "00012.tar"),
         ("00012.tar", "00012.tar"),
+        ("pipe:aws s3 cp s3://bucket/cc12m/00012.tar -", "00012.tar"),
+        ("pipe:curl -fsSL 'https://host/cc12m/00012.tar?sig=a/b' ", "00012.tar"),
+        ('pipe:cat "/data/my shards/00012.tar.gz"', "00012.tar.gz"),
     ],
 )
 def test_output_name_is_the_inputs_base_name(url: str, name: str) -> None:
     assert pipeline._output_name(url) == name
+
+
+def test_a_pipe_that_names_no_tar_is_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^caption\.input_shards: got 'pipe:cat -'; a pipe: command must name"
+    ):
+        pipeline._output_name("pipe:cat -")
 
 
 @pytest.mark.parametrize(("out_dir", "want"), [("s3://b/out/", "s3://b/out/a.tar"), ("out", "out/a.tar")])
