@@ -335,6 +335,9 @@ class CaptionCfg:
     """How often a shard's read (a Ray task retry) or write (in the actor) is retried after an I/O error."""
     retry_delay_s: float = field(default=10.0, metadata=_rng(0.0))
     """Wait before a retry (doubling per write retry), so a throttling or restarting store can recover."""
+    stop_after_failed_writes: int = field(default=3, metadata=_rng(0))
+    """Stop the build when this many shards have failed to write (retries spent) before any was written: the
+    output is unusable and every further shard would be captioned for nothing. 0: never stop."""
     teacher_embeddings: bool = False
     """Also store the teacher's image/text embeddings per sample (``npz``)."""
     seed: int = 0

@@ -387,17 +387,24 @@ def _write_shard(path: str, row: dict[str, Any], *, with_npz: bool) -> dict[str,
 def _commit_shard(
     out_dir: str, row: dict[str, Any], *, with_npz: bool, max_retries: int, retry_delay_s: float
 ) -> dict[str, Any]:
-    """Write the shard (retrying failed writes with growing waits); returns the row ``{"entry": JSON}``."""
+    """Write the shard (retrying failed writes with growing waits).
+
+    Returns the row ``{"name": shard, "entry": JSON, "error": ""}``, or, once the retries are spent,
+    ``{"name": shard, "entry": "", "error": what failed}``: the driver counts failed writes to stop a build
+    whose output cannot be written. A counts bug (RuntimeError) still raises.
+    """
     path = _join(out_dir, row["shard"])
     for attempt in range(max_retries + 1):
         try:
             entry = _write_shard(path, row, with_npz=with_npz)
-            return {"entry": json.dumps(entry, sort_keys=True)}
+            return {"name": row["shard"], "entry": json.dumps(entry, sort_keys=True), "error": ""}
         except RuntimeError:
             raise
         except Exception as exc:  # the store failed us (connection, credentials, throttling)
             if attempt == max_retries:
-                raise ShardIOError(f"{path}: cannot write ({type(exc).__name__}: {exc})") from exc
+                error = f"{path}: cannot write ({type(exc).__name__}: {exc})"
+                log.warning("%s; giving up on this shard", error)
+                return {"name": row["shard"], "entry": "", "error": error}
             wait = retry_delay_s * 2**attempt
             log.warning(
                 "%s: write failed (%s); retry %d of %d in %.0f s", path, exc, attempt + 1, max_retries, wait
@@ -594,6 +601,21 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
+def _check_cluster_storage(out_dir: str) -> None:
+    """On a cluster of several nodes, or one an autoscaler can grow, the output must be shared storage.
+
+    The actors write shards on whatever node they run; the manifest and a rerun's checks see the driver's.
+    """
+    import ray
+
+    from siclip import ray_compat
+    from siclip.preflight import check_shared_folder
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    can_grow = bool(ray_compat.max_cluster_resources())
+    check_shared_folder("caption.output_dir", out_dir, nodes=nodes, can_add_nodes=can_grow)
+
+
 def _output_name(url: str) -> str:
     """The output shard's name: the input's base name; for a ``pipe:`` command, that of the tar it names."""
     if url.startswith("pipe:"):
@@ -633,6 +655,38 @@ def _resolve_inputs(cfg: SiclipCfg) -> list[tuple[str, str]]:
 
 def _join(out_dir: str, name: str) -> str:
     return out_dir.rstrip("/") + "/" + name
+
+
+def _probe_output(out_dir: str) -> str:
+    """Write a small file into ``out_dir`` and delete it; returns "" or what failed (one line)."""
+    import uuid
+
+    path = _join(out_dir, f".siclip-write-probe-{uuid.uuid4().hex}")
+    try:
+        if is_uri(out_dir):
+            import fsspec
+
+            fs, fs_path = fsspec.core.url_to_fs(path)
+            with fs.open(fs_path, "wb") as f:
+                f.write(b"siclip write probe\n")
+            fs.rm(fs_path)
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(b"siclip write probe\n")
+            os.remove(path)
+    except Exception as exc:  # permissions, a read-only mount, a missing bucket, credentials
+        return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return ""
+
+
+def _check_output_writable(out_dir: str, error: str, where: str) -> None:
+    if error:
+        raise ConfigError(
+            f"caption.output_dir: got {out_dir!r}; cannot write there from {where} ({error}); nothing was "
+            "captioned: allowed: a folder or bucket every node can write (check the path, its permissions "
+            "and the credentials, e.g. ray.env_vars)"
+        )
 
 
 def _load_previous(
@@ -798,8 +852,7 @@ def run_pipeline(
     if c.teacher_embeddings:
         _check_teacher(cfg)
     out_dir = c.output_dir
-    if not is_uri(out_dir):
-        os.makedirs(out_dir, exist_ok=True)
+    _check_output_writable(out_dir, _probe_output(out_dir), "this driver")
     # What else decides an output byte: the crop, and which inputs (the rerun guard compares both).
     build = {
         "center_crop": center_crop,
@@ -841,12 +894,18 @@ def run_pipeline(
 
     init_ray(cfg.ray)
     prepare_cpus = 1.0
+    _check_cluster_storage(out_dir)
     _check_resources(cfg, prepare_cpus)
     cfg_dict = to_dict(cfg)
     chunk = chunk_size or c.batch_size
     # Tasks and actors get ray.env_vars (e.g. AWS_ENDPOINT_URL for an S3-compatible store).
     env_vars = {str(k): str(v) for k, v in cfg.ray.env_vars.items()}  # YAML may give numbers; Ray wants str
     env: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    # The actors write the shards: check a worker can, before any GPU time is spent.
+    probe = ray.remote(num_cpus=0, max_retries=0, **env)(_probe_output)
+    _check_output_writable(
+        out_dir, ray.get(probe.remote(out_dir), timeout=float(cfg.ray.data_timeout_s)), "a Ray worker"
+    )
 
     ds = ray.data.from_items(
         [{"url": u, "name": n} for u, n in pending], override_num_blocks=len(pending)
@@ -898,9 +957,25 @@ def run_pipeline(
 
     written = 0
     unrecorded: list[str] = []
+    failed_writes: list[str] = []
+    records_new: set[str] = set()
     for row in ds.iter_rows():
+        if row["error"]:
+            failed_writes.append(row["error"])
+            if (
+                c.stop_after_failed_writes
+                and len(failed_writes) >= c.stop_after_failed_writes
+                and not records_new
+            ):
+                raise ShardBuildError(
+                    f"siclip data: the first {len(failed_writes)} shards all failed to write "
+                    f"(caption.stop_after_failed_writes={c.stop_after_failed_writes}), so the build stopped "
+                    f"rather than caption every shard for nothing; last: {failed_writes[-1]}"
+                )
+            continue
         entry = json.loads(row["entry"])
         name = entry["name"]
+        records_new.add(name)
         records[name] = entry
         written += int(entry["samples"])
         # Rewritten after every shard, so a killed run still knows what it finished; one try here (the

@@ -245,6 +245,23 @@ def test_failed_read_is_retried_and_never_marked_finished(
     assert manifest.samples_in == manifest.samples_out + manifest.samples_skipped
 
 
+def test_an_output_that_refuses_every_shard_stops_after_the_first_k(
+    ray_session: None, inputs: Path, tmp_path: Path
+) -> None:
+    """The probe passes (the folder is writable) but every shard's final name is taken by a folder."""
+    from siclip.data.pipeline import ShardBuildError, run_pipeline
+
+    out = tmp_path / "syn"
+    for i in range(4):
+        (out / f"in-00000{i}.tar").mkdir(parents=True)
+    with pytest.raises(
+        ShardBuildError, match=r"the first 2 shards all failed to write .*IsADirectoryError"
+    ) as info:
+        run_pipeline(_cfg(inputs, out, stop_after_failed_writes=2, max_retries=0), progress=False)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+    assert not (out / "manifest.json").exists()
+
+
 def test_gpu_on_cpu_cluster_fails_fast(ray_session: None, inputs: Path, tmp_path: Path) -> None:
     from siclip.data.pipeline import run_pipeline
 

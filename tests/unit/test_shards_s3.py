@@ -100,7 +100,9 @@ def test_uri_globs_expand_on_s3(s3_server: S3Server) -> None:  # noqa: F811
         fs.pipe(f"inputs/cc12m/{name}", b"x" * 10)
     want = [f"s3://inputs/cc12m/0000{i}.tar" for i in range(3)]
     assert expand_shards(["s3://inputs/cc12m/*.tar"]) == want
-    assert expand_shards(["s3://inputs/cc12m/0000{1..2}.tar"]) == want[1:]  # braces without a glob stay as given
+    assert (
+        expand_shards(["s3://inputs/cc12m/0000{1..2}.tar"]) == want[1:]
+    )  # braces without a glob stay as given
     assert expand_shards(["s3://inputs/cc12m/0000[02].tar", "s3://inputs/cc12m/other/*.tar"]) == [
         want[0],
         want[2],
