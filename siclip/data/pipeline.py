@@ -37,6 +37,7 @@ import math
 import os
 import tarfile
 import time
+import unicodedata
 import warnings
 import zlib
 from collections import Counter
@@ -66,10 +67,12 @@ __all__ = [
     "PreparedShard",
     "ShardBuildError",
     "TeacherActor",
+    "clean_text",
     "prepare_shard",
     "read_tar_groups",
     "resize_image",
     "run_pipeline",
+    "to_rgb",
     "validate_sample",
 ]
 
@@ -192,7 +195,7 @@ def validate_sample(
     if "txt" not in members:
         return "missing_caption", None, "", {}
     try:
-        caption = members["txt"].decode("utf-8").strip()
+        caption = clean_text(members["txt"].decode("utf-8"))
     except UnicodeDecodeError:
         return "undecodable_text", None, "", {}
     if not caption:
@@ -221,12 +224,40 @@ def validate_sample(
             return "bad_aspect", None, "", {}
         try:
             opened.load()
-            image = opened.convert("RGB")
+            image = to_rgb(opened)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             return "decompression_bomb", None, "", {}
         except Exception:  # truncated data, bad Huffman tables: the image is unusable
             return "truncated_image", None, "", {}
     return None, image, caption, meta
+
+
+def clean_text(text: str) -> str:
+    """A caption without byte-order marks or control characters (each control run becomes one space), its
+    whitespace collapsed; "" when nothing else was there (the sample is then skipped as ``empty_caption``)."""
+    kept = (" " if unicodedata.category(ch) == "Cc" else ch for ch in text if ch != "\ufeff")
+    return " ".join("".join(kept).split())
+
+
+def to_rgb(image: Any) -> Any:
+    """An RGB copy of a PIL image, as img2dataset would make it.
+
+    Transparency (an alpha channel, or a palette / grey image's transparent colour) is composited on white;
+    16-bit (and 32-bit integer) greyscale is scaled to 8 bits, so mid-grey stays mid-grey instead of being
+    clipped to white.
+    """
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        import numpy as np
+
+        grey = np.asarray(image).astype(np.int64)
+        return Image.fromarray((np.clip(grey, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resize_image(image: Any, size: int, *, center_crop: bool = False) -> Any:
