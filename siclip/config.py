@@ -335,6 +335,9 @@ class CaptionCfg:
     """How often a shard's read (a Ray task retry) or write (in the actor) is retried after an I/O error."""
     retry_delay_s: float = field(default=10.0, metadata=_rng(0.0))
     """Wait before a retry (doubling per write retry), so a throttling or restarting store can recover."""
+    worker_start_timeout_s: int = field(default=900, metadata=_rng(1))
+    """On a cluster whose autoscaler can launch the GPUs (or CPUs) the actor pools need but has not yet (GPU
+    workers scaled to zero): how long the build asks for them and waits before it fails."""
     stop_after_failed_writes: int = field(default=3, metadata=_rng(0))
     """Stop the build when this many shards have failed to write (retries spent) before any was written: the
     output is unusable and every further shard would be captioned for nothing. 0: never stop."""

@@ -588,7 +588,9 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
 
     Every pool (captioner, and teacher when on) starts ``caption.min_actors`` actors, so those must fit
     together, with a CPU left for a read task; pools that cannot all grow to ``caption.num_actors`` only
-    get a warning (they are elastic and grow as far as the cluster allows).
+    get a warning (they are elastic and grow as far as the cluster allows). When the cluster lacks them now
+    but its autoscaler can launch them (GPU workers scaled to zero), they are requested and waited for, up
+    to ``caption.worker_start_timeout_s``.
     """
     import ray
 
@@ -599,9 +601,12 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
         if pools == 2
         else ("captioner pool", "needs", "it stays")
     )
+    need_gpus = pools * c.min_actors * c.num_gpus_per_actor
+    need_cpus = pools * c.min_actors * c.num_cpus_per_actor
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0))
-    need_gpus = pools * c.min_actors * c.num_gpus_per_actor
+    if need_gpus > gpus + 1e-9 or need_cpus + prepare_cpus > cpus + 1e-9:
+        gpus, cpus = _wait_for_autoscaler(cfg, need_gpus, need_cpus + prepare_cpus, what, need)
     if need_gpus > gpus + 1e-9:
         raise RuntimeError(
             f"caption.num_gpus_per_actor={c.num_gpus_per_actor:g}: the {what} {need} at least {pools} x "
@@ -609,7 +614,6 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
             f"cluster has {gpus:g}; lower caption.min_actors or caption.num_gpus_per_actor (0: caption on "
             "CPUs), or connect to a cluster with more GPUs (ray.address / RAY_ADDRESS)."
         )
-    need_cpus = pools * c.min_actors * c.num_cpus_per_actor
     if need_cpus + prepare_cpus > cpus + 1e-9:
         raise RuntimeError(
             f"caption.num_cpus_per_actor={c.num_cpus_per_actor:g} leaves no CPU for reading shards: the "
@@ -618,7 +622,7 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
             "caption.num_cpus_per_actor or caption.min_actors."
         )
     full = pools * c.num_actors * c.num_gpus_per_actor
-    if full > gpus + 1e-9:
+    if full > gpus + 1e-9 and full > _autoscaler_max().get("GPU", 0.0) + 1e-9:
         log.warning(
             "the %s would need %g GPUs at caption.num_actors=%d but the cluster has %g: %s smaller",
             what,
@@ -627,6 +631,64 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
             gpus,
             stays,
         )
+
+
+_WAIT_POLL_S = 5.0
+
+
+def _autoscaler_max() -> dict[str, float]:
+    from siclip import ray_compat
+
+    return ray_compat.max_cluster_resources()
+
+
+def _wait_for_autoscaler(
+    cfg: SiclipCfg, need_gpus: float, need_cpus: float, what: str, need: str
+) -> tuple[float, float]:
+    """Ask the autoscaler for the pools' minimum and wait for it; returns the cluster's (GPUs, CPUs) then.
+
+    Returns at once (with what the cluster has) when there is no autoscaler or it can never launch that
+    much: the caller's checks then fail with their own message.
+    """
+    import ray
+
+    res = ray.cluster_resources()
+    have = (float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0)))
+    most = _autoscaler_max()
+    if not most or need_gpus > most.get("GPU", 0.0) + 1e-9 or need_cpus > most.get("CPU", 0.0) + 1e-9:
+        return have
+    from ray.autoscaler.sdk import request_resources
+
+    c = cfg.caption
+    timeout = c.worker_start_timeout_s
+    pools = 2 if c.teacher_embeddings else 1
+    bundle = {"CPU": c.num_cpus_per_actor, **({"GPU": c.num_gpus_per_actor} if c.num_gpus_per_actor else {})}
+    print(
+        f"siclip data: the cluster has {have[0]:g} GPUs and {have[1]:g} CPUs now; the {what} {need} "
+        f"{need_gpus:g} GPUs and {need_cpus:g} CPUs (a read task included): asking the autoscaler and waiting "
+        f"up to {timeout} s (caption.worker_start_timeout_s)",
+        flush=True,
+    )
+    request_resources(bundles=[bundle] * (pools * c.min_actors) + [{"CPU": 1.0}])
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            res = ray.cluster_resources()
+            have = (float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0)))
+            if have[0] + 1e-9 >= need_gpus and have[1] + 1e-9 >= need_cpus:
+                return have
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"caption.worker_start_timeout_s: {timeout} s passed and the autoscaler never launched "
+                    f"the {need_gpus:g} GPUs and {need_cpus:g} CPUs the {what} {need} (the cluster has "
+                    f"{have[0]:g} GPUs and {have[1]:g} CPUs); allowed: a longer timeout, fewer or smaller "
+                    "actors (caption.min_actors, caption.num_gpus_per_actor), or a cluster that can launch "
+                    "such nodes"
+                )
+            time.sleep(_WAIT_POLL_S)
+    finally:
+        # The actors' own demand keeps the nodes from here on; a standing request would pin the cluster size.
+        request_resources(bundles=[])
 
 
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
