@@ -538,16 +538,19 @@ class DamagedTarError(tarfile.ReadError):
 
 
 class _CountingReader:
-    """A read-only stream that counts the bytes it hands on."""
+    """A read-only stream that counts the bytes it hands on and notes when it reached the end of its data."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
         self.position = 0
+        self.at_eof = False
         self.size = _known_size(stream)
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
         self.position += len(data)
+        if not data or (n is not None and n > 0 and len(data) < n):
+            self.at_eof = True
         return data
 
     def drain(self) -> None:
@@ -607,11 +610,19 @@ def _check_archive_end(tar: tarfile.TarFile, failures: list[tuple[int, int, Exce
         raise DamagedTarError(f"byte {offset}: a lone zero block followed by data")
 
 
-def _ran_out(tar: tarfile.TarFile | None, failures: list[tuple[int, int, Exception]]) -> bool:
-    """Whether a content error came from the data running out (a cut) rather than from bad bytes."""
+def _ran_out(
+    reader: _CountingReader, tar: tarfile.TarFile | None, failures: list[tuple[int, int, Exception]]
+) -> bool:
+    """Whether a content error came from the data running out (a cut) rather than from bad bytes.
+
+    The input must have reached its end (bad compressed data mid-stream also stops a member short), and the
+    tar must have wanted more: a header (first, or one after a long-name header) came back short, or the
+    data stopped before the next header's offset (inside a member or its padding).
+    """
+    if not reader.at_eof:
+        return False
     if failures and failures[-1][1] < tarfile.BLOCKSIZE:
-        return True  # a header (first, or one after a long-name header) came back short
-    # tarfile checks that the data reaches the next header by reading its last byte before: it fell short
+        return True
     return tar is not None and tar.fileobj is not None and tar.fileobj.tell() < tar.offset
 
 
@@ -660,7 +671,7 @@ def iter_tar_members(url: str, *, expected_samples: int | None = None) -> Iterat
             except _Cut as exc:
                 error = exc
             except _CONTENT_ERRORS as exc:
-                if _ran_out(tar, failures):
+                if _ran_out(reader, tar, failures):
                     at = (
                         f" at byte {tar.fileobj.tell()}"
                         if tar is not None and tar.fileobj is not None

@@ -143,3 +143,44 @@ def test_the_read_stage_retries_a_cut_tar_and_hands_on_nothing(
             retry_delay_s=1.5,
         )
     assert waited == [1.5]
+
+
+def test_bad_compressed_data_in_the_middle_is_damage_not_a_cut(tmp_path: Path) -> None:
+    """Bytes that are all there but do not decompress stop a member short too: that is bad data, counted.
+
+    (Damage that instead makes the compressed stream *end* early cannot be told from a cut by the tar's
+    bytes; those spots are left out here. img2dataset's shards are plain tars.)
+    """
+    import gzip
+    import zlib
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(40):
+            data = (b"abc%d " % i) * 5000 + rng.integers(0, 4, 5000, dtype=np.uint8).tobytes()
+            info = tarfile.TarInfo(f"{i:05d}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    whole = gzip.compress(buf.getvalue())
+    errors = []
+    for at in range(len(whole) // 5, len(whole) * 4 // 5, len(whole) // 10):
+        bad = whole[:at] + b"\xff" * 2000 + whole[at + 2000 :]
+        try:
+            gzip.decompress(bad)
+            continue
+        except zlib.error:  # the decompressor refuses the bytes: what this test is about
+            pass
+        except (EOFError, OSError):  # the stream ends early (or its CRC fails): not this case
+            continue
+        path = tmp_path / f"bad-{at}.tar.gz"
+        path.write_bytes(bad)
+        try:
+            list(iter_tar_members(str(path)))
+        except ShardIOError as exc:
+            raise AssertionError(f"damage at byte {at} read as a failed read: {exc}") from exc
+        except tarfile.TarError as exc:
+            errors.append(exc)
+    assert errors  # at least one of the spots breaks the compressed stream
