@@ -310,8 +310,20 @@ class Captioner:
             rows = [torch.tensor(self.vocab.decode_ids(r.tolist())) for r in rows]
         return [clean_caption(open_clip.decode(t)) for t in rows]
 
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """The model's input ``[N, 3, H, W]`` for PIL images (its own eval transform), on the CPU.
+
+        Safe to run in another thread while :meth:`caption` runs (the pipeline prepares the next chunk so).
+        """
+        return torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+
     def caption(
-        self, images: Sequence[Any], *, seed: int | None = None, sample_seeds: Sequence[int] | None = None
+        self,
+        images: Sequence[Any],
+        *,
+        seed: int | None = None,
+        sample_seeds: Sequence[int] | None = None,
+        pixels: torch.Tensor | None = None,
     ) -> list[list[str]]:
         """``num_captions`` cleaned captions for each PIL image, in order.
 
@@ -320,15 +332,19 @@ class Captioner:
         on the image and its seed, not on the images captioned with it nor on ``batch_size`` (the pipeline
         seeds each sample by its key, so a rebuilt shard is the same whatever the batching). The cached
         decoder then draws per-row noise in the batch; open_clip's decoder captions image by image.
+        ``pixels``: the images already through :meth:`preprocess_images` (``images`` then only gives their
+        number and may be empty).
         """
         if seed is not None:
             torch.manual_seed(seed)
-        if sample_seeds is not None and len(sample_seeds) != len(images):
-            raise ValueError(f"sample_seeds: got {len(sample_seeds)} for {len(images)} images; need one each")
-        if not images:
+        count = len(images) if pixels is None else int(pixels.shape[0])
+        if sample_seeds is not None and len(sample_seeds) != count:
+            raise ValueError(f"sample_seeds: got {len(sample_seeds)} for {count} images; need one each")
+        if count == 0:
             return []
         k = self.num_captions
-        pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+        if pixels is None:
+            pixels = self.preprocess_images(images)
         # One call samples all k captions of batch_size images (rows image by image, as generate() sees
         # repeat_interleave'd images), so both decoders consume the random stream alike.
         per_call = max(1, self.batch_size)
@@ -336,7 +352,7 @@ class Captioner:
         for start in range(0, pixels.shape[0], per_call):
             seeds = None if sample_seeds is None else sample_seeds[start : start + per_call]
             texts.extend(self._generate(pixels[start : start + per_call].to(self.device), k, seeds))
-        return [texts[i * k : (i + 1) * k] for i in range(len(images))]
+        return [texts[i * k : (i + 1) * k] for i in range(count)]
 
 
 # ------------------------------------------------------------------------------------ tiny CoCa training

@@ -42,6 +42,7 @@ import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -483,11 +484,24 @@ class CaptionerActor:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         jpgs = list(row["jpg"])
         seeds = [_sample_seed(self.cfg.caption.seed, row["shard"], str(key)) for key in row["keys"]]
+        starts = list(range(0, len(jpgs), self.chunk))
         syn: list[str] = []
-        for start in range(0, len(jpgs), self.chunk):
-            images = _decode_images(jpgs[start : start + self.chunk])
-            captions = self.captioner.caption(images, sample_seeds=seeds[start : start + self.chunk])
-            syn.extend(json.dumps({"syn_text": caps}) for caps in captions)
+
+        def pixels(start: int) -> Any:
+            return self.captioner.preprocess_images(_decode_images(jpgs[start : start + self.chunk]))
+
+        # Decoding and preprocessing the next chunk (PIL and torch release the GIL) overlaps captioning this
+        # one, so the GPU does not wait for the CPU between chunks.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="siclip-decode") as pool:
+            ahead = pool.submit(pixels, starts[0]) if starts else None
+            for i, start in enumerate(starts):
+                assert ahead is not None
+                batch = ahead.result()
+                ahead = pool.submit(pixels, starts[i + 1]) if i + 1 < len(starts) else None
+                captions = self.captioner.caption(
+                    [], pixels=batch, sample_seeds=seeds[start : start + self.chunk]
+                )
+                syn.extend(json.dumps({"syn_text": caps}) for caps in captions)
         row["syn"] = syn
         if not self.out_dir:
             return row
