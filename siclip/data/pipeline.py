@@ -493,11 +493,11 @@ class CaptionerActor:
         # Decoding and preprocessing the next chunk (PIL and torch release the GIL) overlaps captioning this
         # one, so the GPU does not wait for the CPU between chunks.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="siclip-decode") as pool:
-            ahead = pool.submit(pixels, starts[0]) if starts else None
+            ahead = [pool.submit(pixels, starts[0])] if starts else []
             for i, start in enumerate(starts):
-                assert ahead is not None
-                batch = ahead.result()
-                ahead = pool.submit(pixels, starts[i + 1]) if i + 1 < len(starts) else None
+                batch = ahead.pop().result()
+                if i + 1 < len(starts):
+                    ahead.append(pool.submit(pixels, starts[i + 1]))
                 captions = self.captioner.caption(
                     [], pixels=batch, sample_seeds=seeds[start : start + self.chunk]
                 )
