@@ -4,11 +4,16 @@ This module owns the data stage: :func:`run_pipeline` and the pieces it is made 
 
 Design (one input shard -> one output shard with the same base name, so a rerun skips finished shards):
 
+0. before any captioning: the earlier build's manifest is read (only a missing one means "nothing built";
+   a rerun that would change an output byte is refused), the output is probed with a write and delete
+   from the driver and from a Ray worker, a node-local output is refused on a multi-node or autoscaling
+   cluster, and GPU workers at zero are requested from the autoscaler and waited for;
 1. a dataset of the pending shard paths, one row each;
-2. ``map(prepare)`` in CPU tasks, one per shard: read the tar, validate every sample (unusable ones are
-   skipped and counted by reason), resize (shorter side to ``caption.image_size``, no crop by default) and
-   re-encode JPEG; out comes one row per shard. A read that fails for any reason other than the tar's
-   content (:class:`~siclip.data.shards.ShardIOError`) fails the task, which Ray retries up to
+2. ``map(prepare)`` in CPU tasks, one per shard (memory reserved from the largest shard): read the tar to
+   its end, validate every sample (unusable ones are skipped and counted by reason), resize (shorter side
+   to ``caption.image_size``, no crop by default) and re-encode JPEG; out comes one row per shard. A read
+   that fails for any reason other than the tar's content, a tar cut short included
+   (:class:`~siclip.data.shards.ShardIOError`), fails the task, which Ray retries up to
    ``caption.max_retries`` times;
 3. ``map(CaptionerActor)`` on an elastic actor pool (``caption.min_actors`` .. ``caption.num_actors``
    actors, each with ``num_gpus_per_actor``/``num_cpus_per_actor``; Ray restarts a lost actor and reruns
@@ -19,8 +24,9 @@ Design (one input shard -> one output shard with the same base name, so a rerun 
 5. the last actor stage writes the shard itself, straight to ``caption.output_dir`` (local or ``s3://``,
    :class:`~siclip.data.shards.AtomicShardWriter`), and returns only its manifest entry; the driver
    collects the entries and rewrites ``manifest.json``. A shard is finished only when it is in the manifest
-   *and* its file exists with the size recorded there (one listing of the folder); a shard whose task failed for good is named at the end
-   (:class:`ShardBuildError`) and built by the next run.
+   *and* its file exists with the size recorded there (one listing of the folder); a shard whose task
+   failed for good is named at the end (:class:`ShardBuildError`) and built by the next run, and when the
+   first ``caption.stop_after_failed_writes`` shards all fail to write the build stops.
 
 Why one row per shard: the actor that writes a shard must hold all of it, and regrouping smaller rows by
 shard would need an all-to-all shuffle that does not stream. Parallelism comes from the shards (CC12M has
