@@ -414,6 +414,12 @@ class CaptionCfg:
     """How often a shard's read (a Ray task retry) or write (in the actor) is retried after an I/O error."""
     retry_delay_s: float = field(default=10.0, metadata=_rng(0.0))
     """Wait before a retry (doubling per write retry), so a throttling or restarting store can recover."""
+    worker_start_timeout_s: int = field(default=900, metadata=_rng(1))
+    """On a cluster whose autoscaler can launch the GPUs (or CPUs) the actor pools need but has not yet (GPU
+    workers scaled to zero): how long the build asks for them and waits before it fails."""
+    stop_after_failed_writes: int = field(default=3, metadata=_rng(0))
+    """Stop the build when this many shards have failed to write (retries spent) before any was written: the
+    output is unusable and every further shard would be captioned for nothing. 0: never stop."""
     teacher_embeddings: bool = False
     """Also store the teacher's image/text embeddings per sample (``npz``)."""
     seed: int = 0
@@ -765,17 +771,32 @@ def is_uri(path: str) -> bool:
 
 
 def expand_shards(patterns: tuple[str, ...] | list[str]) -> list[str]:
-    """Expand brace patterns and local globs into a sorted-within-pattern list of shard URLs."""
+    """Expand brace patterns and globs into a sorted-within-pattern list of shard URLs.
+
+    Local globs use the local filesystem; a URI glob (``s3://bucket/cc12m/*.tar``, ``gs://...``, any fsspec
+    filesystem) is listed through fsspec. ``pipe:`` commands and ``local-dir:`` sources are never globbed.
+    """
     from braceexpand import braceexpand
 
     urls: list[str] = []
     for pattern in patterns:
         for item in braceexpand(pattern):
-            if is_uri(item) or not any(c in item for c in "*?["):
+            if not any(c in item for c in "*?[") or item.startswith(("pipe:", "local-dir:")):
                 urls.append(item)
+            elif "://" in item:
+                urls.extend(_glob_uri(item))
             else:
                 urls.extend(sorted(glob.glob(item)))
     return urls
+
+
+def _glob_uri(pattern: str) -> list[str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(pattern)
+    fs.invalidate_cache()  # the shards may have been written since this process last listed
+    found = fs.glob(path, detail=True)  # one listing, with each entry's type: no request per object
+    return sorted(fs.unstrip_protocol(p) for p, info in found.items() if info.get("type") == "file")
 
 
 def _walk(cfg: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, dataclasses.Field[Any]]]:

@@ -149,6 +149,27 @@ def student_shards(world: Any, syn_dir: str, n_shards: int) -> list[str]:
     return [str(Path(syn_dir) / Path(p).name) for p in world.web_shards[:n_shards]]
 
 
+def _drop_stale_captions(cfg: SiclipCfg) -> None:
+    """Delete the demo's CC12M-SYN folder when it was captioned from other web shards (the world was made
+    again at another size, e.g. ``--quick`` before): it is derived data, and the data build refuses to add
+    to a folder built from other inputs."""
+    import os
+    import shutil
+
+    from siclip.config import expand_shards
+    from siclip.data.shards import ManifestError, read_manifest
+
+    out = cfg.caption.output_dir
+    try:
+        built = read_manifest(out).config.get("build", {}).get("inputs")
+    except ManifestError:
+        return
+    now = [os.path.abspath(u) for u in expand_shards(cfg.caption.input_shards)]
+    if isinstance(built, list) and sorted(built) != sorted(now):
+        print(f"siclip demo: {out} was captioned from another demo world; captioning again", flush=True)
+        shutil.rmtree(out)
+
+
 def prepare_demo(
     *,
     out_dir: str = DEFAULT_ROOT,
@@ -201,6 +222,7 @@ def prepare_demo(
             image_size=cap.image_size,
             seed=cap.seed,
         )
+    _drop_stale_captions(student_cfg)
     run_pipeline(student_cfg)
     syn_shards = sorted(str(p) for p in Path(cap.output_dir).glob("*.tar"))
     quality = compare_captions(world.web_shards, syn_shards)

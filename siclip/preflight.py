@@ -15,7 +15,13 @@ from pathlib import Path
 
 from siclip.config import ConfigError, SiclipCfg, _walk, expand_shards, is_uri
 
-__all__ = ["LOCAL_FS_TYPES", "check_job_paths", "check_shared_run_folder", "filesystem_type"]
+__all__ = [
+    "LOCAL_FS_TYPES",
+    "check_job_paths",
+    "check_shared_folder",
+    "check_shared_run_folder",
+    "filesystem_type",
+]
 
 OUTPUT_KEYS = ("train.runs_dir", "caption.output_dir")
 """Folders a run writes: relative ones would land in the job's temporary copy of the working dir."""
@@ -114,13 +120,25 @@ def check_shared_run_folder(
     A URI always is. A path on a machine-local filesystem (ext4, xfs, overlay, tmpfs, ...) is refused: Ray
     Train's workers on other nodes write checkpoints there, and a resume after a node loss reads them.
     """
-    runs_dir = cfg.train.runs_dir
-    if is_uri(runs_dir) or (nodes <= 1 and not can_add_nodes):
+    check_shared_folder(
+        "train.runs_dir", cfg.train.runs_dir, nodes=nodes, can_add_nodes=can_add_nodes, mounts=mounts
+    )
+
+
+def check_shared_folder(
+    key: str, folder: str, *, nodes: int, can_add_nodes: bool, mounts: str | None = None
+) -> None:
+    """On a cluster of several nodes (or one that can grow), the folder ``key`` names must be shared storage.
+
+    A URI always is; a path on a machine-local filesystem (``LOCAL_FS_TYPES``) is refused with one line: what
+    workers on other nodes write there is not where the driver (and a rerun) looks.
+    """
+    if is_uri(folder) or (nodes <= 1 and not can_add_nodes):
         return
-    kind = filesystem_type(runs_dir, mounts)
+    kind = filesystem_type(folder, mounts)
     if kind not in LOCAL_FS_TYPES:
         return
     raise ConfigError(
-        f"train.runs_dir: got {runs_dir!r}, on a node-local {kind} disk of a cluster with "
+        f"{key}: got {folder!r}, on a node-local {kind} disk of a cluster with "
         f"{nodes} node(s){' that can grow' if can_add_nodes else ''}; allowed: {_SHARED_HINT}"
     )

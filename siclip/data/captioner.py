@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -282,8 +283,8 @@ class Captioner:
         """``model:source``, recorded in the manifest as the producer."""
         return f"{self.model_name}:{self.source}" if self.source else self.model_name
 
-    def _generate(self, pixels: torch.Tensor, k: int) -> list[str]:
-        """``k`` cleaned captions for each image of ``pixels``, image by image."""
+    def _generate(self, pixels: torch.Tensor, k: int, seeds: Sequence[int] | None = None) -> list[str]:
+        """``k`` cleaned captions for each image of ``pixels``, image by image (``seeds``: one per image)."""
         import open_clip
 
         kwargs: dict[str, Any] = {"seq_len": self.max_length}
@@ -293,31 +294,65 @@ class Captioner:
             kwargs.update(generation_type="top_p", top_p=self.top_p)
         else:
             kwargs.update(generation_type="beam_search")
-        tokens = generate_tokens(self.model, pixels, num_captions=k, decoder=self.decoder, **kwargs)
-        rows = list(tokens.cpu())
+        if seeds is None or self.method != "top_p":  # beam search draws nothing: no seed to give
+            tokens = generate_tokens(self.model, pixels, num_captions=k, decoder=self.decoder, **kwargs)
+            rows = list(tokens.cpu())
+        elif self.decoder is not None:
+            row_seeds = torch.tensor([zlib.crc32(f"{s}:{j}".encode()) for s in seeds for j in range(k)])
+            tokens = self.decoder.generate(pixels, num_captions=k, row_seeds=row_seeds, **kwargs)
+            rows = list(tokens.cpu())
+        else:  # open_clip's generate samples from the global stream: one image per call, seeded
+            rows = []
+            for i, s in enumerate(seeds):
+                torch.manual_seed(s)
+                rows.extend(generate_tokens(self.model, pixels[i : i + 1], num_captions=k, **kwargs).cpu())
         if self.vocab is not None:
             rows = [torch.tensor(self.vocab.decode_ids(r.tolist())) for r in rows]
         return [clean_caption(open_clip.decode(t)) for t in rows]
 
-    def caption(self, images: Sequence[Any], *, seed: int | None = None) -> list[list[str]]:
+    def preprocess_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """The model's input ``[N, 3, H, W]`` for PIL images (its own eval transform), on the CPU.
+
+        Safe to run in another thread while :meth:`caption` runs (the pipeline prepares the next chunk so).
+        """
+        return torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+
+    def caption(
+        self,
+        images: Sequence[Any],
+        *,
+        seed: int | None = None,
+        sample_seeds: Sequence[int] | None = None,
+        pixels: torch.Tensor | None = None,
+    ) -> list[list[str]]:
         """``num_captions`` cleaned captions for each PIL image, in order.
 
         With ``seed``, the torch RNG is reset first, so the same images in the same order give the same
-        captions whatever ran before (the pipeline seeds per shard so reruns reproduce shards exactly).
+        captions whatever ran before. With ``sample_seeds`` (one per image) each image's captions depend only
+        on the image and its seed, not on the images captioned with it nor on ``batch_size`` (the pipeline
+        seeds each sample by its key, so a rebuilt shard is the same whatever the batching). The cached
+        decoder then draws per-row noise in the batch; open_clip's decoder captions image by image.
+        ``pixels``: the images already through :meth:`preprocess_images` (``images`` then only gives their
+        number and may be empty).
         """
         if seed is not None:
             torch.manual_seed(seed)
-        if not images:
+        count = len(images) if pixels is None else int(pixels.shape[0])
+        if sample_seeds is not None and len(sample_seeds) != count:
+            raise ValueError(f"sample_seeds: got {len(sample_seeds)} for {count} images; need one each")
+        if count == 0:
             return []
         k = self.num_captions
-        pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+        if pixels is None:
+            pixels = self.preprocess_images(images)
         # One call samples all k captions of batch_size images (rows image by image, as generate() sees
         # repeat_interleave'd images), so both decoders consume the random stream alike.
         per_call = max(1, self.batch_size)
         texts: list[str] = []
         for start in range(0, pixels.shape[0], per_call):
-            texts.extend(self._generate(pixels[start : start + per_call].to(self.device), k))
-        return [texts[i * k : (i + 1) * k] for i in range(len(images))]
+            seeds = None if sample_seeds is None else sample_seeds[start : start + per_call]
+            texts.extend(self._generate(pixels[start : start + per_call].to(self.device), k, seeds))
+        return [texts[i * k : (i + 1) * k] for i in range(count)]
 
 
 # ------------------------------------------------------------------------------------ tiny CoCa training

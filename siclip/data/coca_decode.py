@@ -56,6 +56,21 @@ GenerationType = Literal["top_p", "top_k", "greedy"]
 _GPU_SYNC_EVERY = 8
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply rounds) on int64 tensors holding values below 2**32.
+
+    The multipliers are below 2**31, so every product fits in int64 and CPU and GPU give the same bits.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    return x ^ (x >> 16)
+
+
 @dataclass
 class DecodeStats:
     """What the last :meth:`CachedCoCaDecoder.generate` call did (for tests and benchmarks)."""
@@ -208,6 +223,21 @@ class CachedCoCaDecoder:
         race = torch.empty_like(probs).exponential_(1, generator=generator)
         return (probs / race).argmax(dim=-1)
 
+    @staticmethod
+    def _sample_rows(probs: torch.Tensor, row_seeds: torch.Tensor, step: int) -> torch.Tensor:
+        """One token per row from noise that depends only on (the row's seed, the step, the token).
+
+        The exponential race ``argmax(p / E)`` with ``E ~ Exp(1)`` draws from ``p``; here ``E`` comes from a
+        counter-based hash instead of a shared random stream, so a row's tokens are the same whatever other
+        rows are in the batch, in which order, or whether finished rows are still in it.
+        """
+        vocab = torch.arange(probs.shape[-1], device=probs.device, dtype=torch.int64)
+        h = _mix32((row_seeds[:, None] + _mix32(torch.tensor(step + 1, device=probs.device)) * 2) & _M32)
+        h = _mix32((h + vocab[None, :]) & _M32)
+        uniform = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1), never 0
+        race = -torch.log(uniform)
+        return (probs.float() / race).argmax(dim=-1)
+
     # ------------------------------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(
@@ -225,12 +255,16 @@ class CachedCoCaDecoder:
         eos_token_id: int = 49407,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        row_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids ``[B * num_captions, L]`` like ``CoCa.generate`` on the images repeated ``num_captions``
         times (``repeat_interleave``): each row starts with ``sot_token_id``, ends with ``eos_token_id``
         (forced at position ``seq_len - 1``) and is padded with ``pad_token_id`` to the longest row.
 
         Defaults are ``generate``'s. ``generator`` defaults to torch's global one, as in ``generate``.
+        ``row_seeds`` (``[B * num_captions]`` integers) replaces the random stream by per-row noise: each row's
+        tokens then depend only on its image and its seed, not on the batch it is sampled in (no longer
+        ``generate``'s tokens for a global seed).
         """
         if seq_len <= min_seq_len:
             raise ValueError(f"seq_len: got {seq_len}; must be larger than min_seq_len={min_seq_len}")
@@ -285,6 +319,13 @@ class CachedCoCaDecoder:
         out = torch.full((rows, seq_len), pad, dtype=torch.long, device=dev)
         out[:, 0] = sot_token_id
         active = torch.arange(rows, device=dev)  # original row of each row in the batch
+        seeds: torch.Tensor | None = None
+        if row_seeds is not None:
+            if row_seeds.shape != (rows,):
+                raise ValueError(
+                    f"row_seeds: got shape {tuple(row_seeds.shape)}; need ({rows},), one per row"
+                )
+            seeds = row_seeds.to(device=dev, dtype=torch.int64) & _M32
         tokens = torch.full((rows,), sot_token_id, dtype=torch.long, device=dev)
         finished = torch.zeros(rows, dtype=torch.bool, device=dev)
         for t in range(steps):
@@ -300,7 +341,10 @@ class CachedCoCaDecoder:
                     nxt = logits.argmax(dim=-1)
                 else:
                     probs = F.softmax(warper(None, logits) / temperature, dim=-1)
-                    nxt = self._sample(probs, generator)
+                    if seeds is None:
+                        nxt = self._sample(probs, generator)
+                    else:
+                        nxt = self._sample_rows(probs, seeds.index_select(0, active), t)
             nxt = torch.where(finished, pad, nxt)
             out[active, cur_len] = nxt
             finished = finished | (nxt == eos_token_id) | (nxt == pad)

@@ -4,23 +4,29 @@ This module owns the data stage: :func:`run_pipeline` and the pieces it is made 
 
 Design (one input shard -> one output shard with the same base name, so a rerun skips finished shards):
 
+0. before any captioning: the earlier build's manifest is read (only a missing one means "nothing built";
+   a rerun that would change an output byte is refused), the output is probed with a write and delete
+   from the driver and from a Ray worker, a node-local output is refused on a multi-node or autoscaling
+   cluster, and GPU workers at zero are requested from the autoscaler and waited for;
 1. a dataset of the pending shard paths, one row each;
-2. ``map(prepare)`` in CPU tasks, one per shard: read the tar, validate every sample (unusable ones are
-   skipped and counted by reason), resize (shorter side to ``caption.image_size``, no crop by default) and
-   re-encode JPEG; out comes one row per shard. A read that fails for any reason other than the tar's
-   content (:class:`~siclip.data.shards.ShardIOError`) fails the task, which Ray retries up to
+2. ``map(prepare)`` in CPU tasks, one per shard (memory reserved from the largest shard): read the tar to
+   its end, validate every sample (unusable ones are skipped and counted by reason), resize (shorter side
+   to ``caption.image_size``, no crop by default) and re-encode JPEG; out comes one row per shard. A read
+   that fails for any reason other than the tar's content, a tar cut short included
+   (:class:`~siclip.data.shards.ShardIOError`), fails the task, which Ray retries up to
    ``caption.max_retries`` times;
 3. ``map(CaptionerActor)`` on an elastic actor pool (``caption.min_actors`` .. ``caption.num_actors``
    actors, each with ``num_gpus_per_actor``/``num_cpus_per_actor``; Ray restarts a lost actor and reruns
-   its task): k captions per image in calls of ``caption.batch_size`` images, seeded per (seed, shard,
-   chunk) so a rerun reproduces a shard exactly whatever actor or order captions it;
+   its task): k captions per image in calls of ``caption.batch_size`` images, seeded per sample (seed,
+   shard, key) so a rerun reproduces a shard exactly whatever actor, order or batch size captions it;
 4. optionally ``map(TeacherActor)`` on a second such pool: the teacher's image and text embeddings per
    sample (``npz``);
 5. the last actor stage writes the shard itself, straight to ``caption.output_dir`` (local or ``s3://``,
    :class:`~siclip.data.shards.AtomicShardWriter`), and returns only its manifest entry; the driver
    collects the entries and rewrites ``manifest.json``. A shard is finished only when it is in the manifest
-   *and* its file exists; a shard whose task failed for good is named at the end
-   (:class:`ShardBuildError`) and built by the next run.
+   *and* its file exists with the size recorded there (one listing of the folder); a shard whose task
+   failed for good is named at the end (:class:`ShardBuildError`) and built by the next run, and when the
+   first ``caption.stop_after_failed_writes`` shards all fail to write the build stops.
 
 Why one row per shard: the actor that writes a shard must hold all of it, and regrouping smaller rows by
 shard would need an all-to-all shuffle that does not stream. Parallelism comes from the shards (CC12M has
@@ -37,10 +43,12 @@ import math
 import os
 import tarfile
 import time
+import unicodedata
 import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,13 +56,14 @@ from siclip.config import ConfigError, SiclipCfg, expand_shards, from_dict, is_u
 from siclip.data.shards import (
     IMAGE_EXTENSIONS,
     AtomicShardWriter,
+    DamagedTarError,
     Manifest,
     ManifestError,
+    ManifestNotFoundError,
     ShardIOError,
-    TruncatedMemberError,
-    finished,
     img2dataset_count,
     iter_tar_members,
+    list_sizes,
     read_manifest,
     write_manifest,
 )
@@ -65,10 +74,13 @@ __all__ = [
     "PreparedShard",
     "ShardBuildError",
     "TeacherActor",
+    "clean_text",
     "prepare_shard",
     "read_tar_groups",
+    "read_task_memory",
     "resize_image",
     "run_pipeline",
+    "to_rgb",
     "validate_sample",
 ]
 
@@ -92,9 +104,9 @@ SKIP_REASONS = (
 )
 """Why a sample is skipped. ``unreadable_tar`` counts the samples lost in a tar whose content is damaged
 part-way: as many as img2dataset's ``<shard>_stats.json`` says the tar held beyond those read, or one when
-there is no such file (samples read before the damage are kept). A tar that cannot be *read* (missing,
-no connection, no credentials) is not bad data: its task fails and is retried, and the shard stays
-unfinished."""
+there is no such file (samples read before the damage are kept). A tar that cannot be *read* to its end
+(missing, no connection, no credentials, cut short anywhere) is not bad data: its task fails and is
+retried, and the shard stays unfinished."""
 
 # Caption settings that change what is written: a rerun into a folder made with other values would mix
 # two datasets, so it is refused.
@@ -115,11 +127,17 @@ _OUTPUT_KEYS = (
 # Teacher settings that change the stored embeddings (checked when caption.teacher_embeddings is on).
 _TEACHER_KEYS = ("name", "source")
 _JPEG_QUALITY = 95
+_NEW_FOLDER = "use a new caption.output_dir (or delete the old one) rather than mixing two datasets"
 _PREPARE_MEMORY = 256 * 1024 * 1024
+# A read task holds the tar's members and the re-encoded images (about 2x the shard's bytes at its peak,
+# measured: +178 MB for a 92 MB shard of 2,000 384 px JPEGs), and Ray Data copies the returned row into a
+# block: 3x the largest input shard on top of the worker's own.
+_PREPARE_MEMORY_PER_SHARD_BYTE = 3
 
 
 class ShardBuildError(RuntimeError):
-    """Some shards could not be built (or recorded) in this run; the message names them. Rerun to finish."""
+    """The build could not finish: some shards could not be built or recorded (the message names them; rerun
+    to finish), or the output folder's manifest exists but cannot be read (the message names it)."""
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -129,8 +147,10 @@ def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool]
     Returns ``(groups, readable)``: ``groups`` in file order (a key seen again later in the file, or an
     extension repeated within one key, makes a group marked with the ``"__duplicate__"`` member, which
     validation skips as ``duplicate_key``), ``readable`` False when the tar's content is damaged before its
-    end (the group being read then is dropped). Raises
-    :class:`~siclip.data.shards.ShardIOError` when the tar cannot be read for any other reason.
+    end (the group being read is kept when the damage is at a member header, since each of its members was
+    read whole, and dropped otherwise). Raises :class:`~siclip.data.shards.ShardIOError` when the tar cannot
+    be read to its end: a missing object, a failed connection, or data that stops early anywhere, in a
+    stream or a file at rest, including fewer samples than img2dataset's ``<shard>_stats.json`` says.
     """
     groups: list[tuple[str, dict[str, bytes]]] = []
     seen: set[str] = set()
@@ -146,7 +166,7 @@ def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool]
         groups.append((current_key, current))
 
     try:
-        for key, ext, data in iter_tar_members(url):
+        for key, ext, data in iter_tar_members(url, expected_samples=img2dataset_count(url)):
             if key != current_key:
                 flush()
                 current_key, current = key, {}
@@ -154,8 +174,8 @@ def read_tar_groups(url: str) -> tuple[list[tuple[str, dict[str, bytes]]], bool]
                 current["__duplicate__"] = b""
             current[ext.lower()] = data
     except (tarfile.TarError, EOFError, zlib.error) as exc:  # damaged content (I/O failures propagate)
-        if isinstance(exc, TruncatedMemberError) and exc.key != current_key:
-            flush()  # the damage starts a new sample: the one before it is complete
+        if isinstance(exc, DamagedTarError):
+            flush()
         log.warning("%s: damaged tar (%s); kept %d samples read before the damage", url, exc, len(groups))
         return groups, False
     flush()
@@ -187,7 +207,7 @@ def validate_sample(
     if "txt" not in members:
         return "missing_caption", None, "", {}
     try:
-        caption = members["txt"].decode("utf-8").strip()
+        caption = clean_text(members["txt"].decode("utf-8"))
     except UnicodeDecodeError:
         return "undecodable_text", None, "", {}
     if not caption:
@@ -216,12 +236,40 @@ def validate_sample(
             return "bad_aspect", None, "", {}
         try:
             opened.load()
-            image = opened.convert("RGB")
+            image = to_rgb(opened)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             return "decompression_bomb", None, "", {}
         except Exception:  # truncated data, bad Huffman tables: the image is unusable
             return "truncated_image", None, "", {}
     return None, image, caption, meta
+
+
+def clean_text(text: str) -> str:
+    """A caption without byte-order marks or control characters (each control run becomes one space), its
+    whitespace collapsed; "" when nothing else was there (the sample is then skipped as ``empty_caption``)."""
+    kept = (" " if unicodedata.category(ch) == "Cc" else ch for ch in text if ch != "\ufeff")
+    return " ".join("".join(kept).split())
+
+
+def to_rgb(image: Any) -> Any:
+    """An RGB copy of a PIL image, as img2dataset would make it.
+
+    Transparency (an alpha channel, or a palette / grey image's transparent colour) is composited on white;
+    16-bit (and 32-bit integer) greyscale is scaled to 8 bits, so mid-grey stays mid-grey instead of being
+    clipped to white.
+    """
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        import numpy as np
+
+        grey = np.asarray(image).astype(np.int64)
+        return Image.fromarray((np.clip(grey, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resize_image(image: Any, size: int, *, center_crop: bool = False) -> Any:
@@ -334,9 +382,10 @@ def _prepare_row(
     }
 
 
-def _chunk_seed(seed: int, shard: str, chunk: int) -> int:
+def _sample_seed(seed: int, shard: str, key: str) -> int:
+    """The caption seed of one sample: its captions depend on it and the image only, never on the batch."""
     # crc32, not hash(): Python salts str hashes per process, and every actor is its own process.
-    return zlib.crc32(f"{seed}:{shard}:{chunk}".encode()) & 0x7FFFFFFF
+    return zlib.crc32(f"{seed}:{shard}:{key}".encode()) & 0x7FFFFFFF
 
 
 def _decode_images(jpgs: list[bytes]) -> list[Any]:
@@ -373,23 +422,32 @@ def _write_shard(path: str, row: dict[str, Any], *, with_npz: bool) -> dict[str,
         "samples": samples,
         "samples_in": samples_in,
         "skipped": dict(sorted(skipped.items())),
+        "bytes": writer.size,
+        "sha256": writer.sha256,
     }
 
 
 def _commit_shard(
     out_dir: str, row: dict[str, Any], *, with_npz: bool, max_retries: int, retry_delay_s: float
 ) -> dict[str, Any]:
-    """Write the shard (retrying failed writes with growing waits); returns the row ``{"entry": JSON}``."""
+    """Write the shard (retrying failed writes with growing waits).
+
+    Returns the row ``{"name": shard, "entry": JSON, "error": ""}``, or, once the retries are spent,
+    ``{"name": shard, "entry": "", "error": what failed}``: the driver counts failed writes to stop a build
+    whose output cannot be written. A counts bug (RuntimeError) still raises.
+    """
     path = _join(out_dir, row["shard"])
     for attempt in range(max_retries + 1):
         try:
             entry = _write_shard(path, row, with_npz=with_npz)
-            return {"entry": json.dumps(entry, sort_keys=True)}
+            return {"name": row["shard"], "entry": json.dumps(entry, sort_keys=True), "error": ""}
         except RuntimeError:
             raise
         except Exception as exc:  # the store failed us (connection, credentials, throttling)
             if attempt == max_retries:
-                raise ShardIOError(f"{path}: cannot write ({type(exc).__name__}: {exc})") from exc
+                error = f"{path}: cannot write ({type(exc).__name__}: {exc})"
+                log.warning("%s; giving up on this shard", error)
+                return {"name": row["shard"], "entry": "", "error": error}
             wait = retry_delay_s * 2**attempt
             log.warning(
                 "%s: write failed (%s); retry %d of %d in %.0f s", path, exc, attempt + 1, max_retries, wait
@@ -431,11 +489,25 @@ class CaptionerActor:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         jpgs = list(row["jpg"])
+        seeds = [_sample_seed(self.cfg.caption.seed, row["shard"], str(key)) for key in row["keys"]]
+        starts = list(range(0, len(jpgs), self.chunk))
         syn: list[str] = []
-        for index, start in enumerate(range(0, len(jpgs), self.chunk)):
-            images = _decode_images(jpgs[start : start + self.chunk])
-            seed = _chunk_seed(self.cfg.caption.seed, row["shard"], index)
-            syn.extend(json.dumps({"syn_text": caps}) for caps in self.captioner.caption(images, seed=seed))
+
+        def pixels(start: int) -> Any:
+            return self.captioner.preprocess_images(_decode_images(jpgs[start : start + self.chunk]))
+
+        # Decoding and preprocessing the next chunk (PIL and torch release the GIL) overlaps captioning this
+        # one, so the GPU does not wait for the CPU between chunks.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="siclip-decode") as pool:
+            ahead = [pool.submit(pixels, starts[0])] if starts else []
+            for i, start in enumerate(starts):
+                batch = ahead.pop().result()
+                if i + 1 < len(starts):
+                    ahead.append(pool.submit(pixels, starts[i + 1]))
+                captions = self.captioner.caption(
+                    [], pixels=batch, sample_seeds=seeds[start : start + self.chunk]
+                )
+                syn.extend(json.dumps({"syn_text": caps}) for caps in captions)
         row["syn"] = syn
         if not self.out_dir:
             return row
@@ -541,7 +613,9 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
 
     Every pool (captioner, and teacher when on) starts ``caption.min_actors`` actors, so those must fit
     together, with a CPU left for a read task; pools that cannot all grow to ``caption.num_actors`` only
-    get a warning (they are elastic and grow as far as the cluster allows).
+    get a warning (they are elastic and grow as far as the cluster allows). When the cluster lacks them now
+    but its autoscaler can launch them (GPU workers scaled to zero), they are requested and waited for, up
+    to ``caption.worker_start_timeout_s``.
     """
     import ray
 
@@ -552,9 +626,12 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
         if pools == 2
         else ("captioner pool", "needs", "it stays")
     )
+    need_gpus = pools * c.min_actors * c.num_gpus_per_actor
+    need_cpus = pools * c.min_actors * c.num_cpus_per_actor
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0))
-    need_gpus = pools * c.min_actors * c.num_gpus_per_actor
+    if need_gpus > gpus + 1e-9 or need_cpus + prepare_cpus > cpus + 1e-9:
+        gpus, cpus = _wait_for_autoscaler(cfg, need_gpus, need_cpus + prepare_cpus, what, need)
     if need_gpus > gpus + 1e-9:
         raise RuntimeError(
             f"caption.num_gpus_per_actor={c.num_gpus_per_actor:g}: the {what} {need} at least {pools} x "
@@ -562,7 +639,6 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
             f"cluster has {gpus:g}; lower caption.min_actors or caption.num_gpus_per_actor (0: caption on "
             "CPUs), or connect to a cluster with more GPUs (ray.address / RAY_ADDRESS)."
         )
-    need_cpus = pools * c.min_actors * c.num_cpus_per_actor
     if need_cpus + prepare_cpus > cpus + 1e-9:
         raise RuntimeError(
             f"caption.num_cpus_per_actor={c.num_cpus_per_actor:g} leaves no CPU for reading shards: the "
@@ -571,7 +647,7 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
             "caption.num_cpus_per_actor or caption.min_actors."
         )
     full = pools * c.num_actors * c.num_gpus_per_actor
-    if full > gpus + 1e-9:
+    if full > gpus + 1e-9 and full > _autoscaler_max().get("GPU", 0.0) + 1e-9:
         log.warning(
             "the %s would need %g GPUs at caption.num_actors=%d but the cluster has %g: %s smaller",
             what,
@@ -582,7 +658,98 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
         )
 
 
+_WAIT_POLL_S = 5.0
+
+
+def _autoscaler_max() -> dict[str, float]:
+    from siclip import ray_compat
+
+    return ray_compat.max_cluster_resources()
+
+
+def _wait_for_autoscaler(
+    cfg: SiclipCfg, need_gpus: float, need_cpus: float, what: str, need: str
+) -> tuple[float, float]:
+    """Ask the autoscaler for the pools' minimum and wait for it; returns the cluster's (GPUs, CPUs) then.
+
+    Returns at once (with what the cluster has) when there is no autoscaler or it can never launch that
+    much: the caller's checks then fail with their own message.
+    """
+    import ray
+
+    res = ray.cluster_resources()
+    have = (float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0)))
+    most = _autoscaler_max()
+    if not most or need_gpus > most.get("GPU", 0.0) + 1e-9 or need_cpus > most.get("CPU", 0.0) + 1e-9:
+        return have
+    from ray.autoscaler.sdk import request_resources
+
+    c = cfg.caption
+    timeout = c.worker_start_timeout_s
+    pools = 2 if c.teacher_embeddings else 1
+    bundle = {"CPU": c.num_cpus_per_actor, **({"GPU": c.num_gpus_per_actor} if c.num_gpus_per_actor else {})}
+    print(
+        f"siclip data: the cluster has {have[0]:g} GPUs and {have[1]:g} CPUs now; the {what} {need} "
+        f"{need_gpus:g} GPUs and {need_cpus:g} CPUs (a read task included): asking the autoscaler and waiting "
+        f"up to {timeout} s (caption.worker_start_timeout_s)",
+        flush=True,
+    )
+    request_resources(bundles=[bundle] * (pools * c.min_actors) + [{"CPU": 1.0}])
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            res = ray.cluster_resources()
+            have = (float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0)))
+            if have[0] + 1e-9 >= need_gpus and have[1] + 1e-9 >= need_cpus:
+                return have
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"caption.worker_start_timeout_s: {timeout} s passed and the autoscaler never launched "
+                    f"the {need_gpus:g} GPUs and {need_cpus:g} CPUs the {what} {need} (the cluster has "
+                    f"{have[0]:g} GPUs and {have[1]:g} CPUs); allowed: a longer timeout, fewer or smaller "
+                    "actors (caption.min_actors, caption.num_gpus_per_actor), or a cluster that can launch "
+                    "such nodes"
+                )
+            time.sleep(_WAIT_POLL_S)
+    finally:
+        # The actors' own demand keeps the nodes from here on; a standing request would pin the cluster size.
+        request_resources(bundles=[])
+
+
+_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def _check_cluster_storage(out_dir: str) -> None:
+    """On a cluster of several nodes, or one an autoscaler can grow, the output must be shared storage.
+
+    The actors write shards on whatever node they run; the manifest and a rerun's checks see the driver's.
+    """
+    import ray
+
+    from siclip import ray_compat
+    from siclip.preflight import check_shared_folder
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    can_grow = bool(ray_compat.max_cluster_resources())
+    check_shared_folder("caption.output_dir", out_dir, nodes=nodes, can_add_nodes=can_grow)
+
+
 def _output_name(url: str) -> str:
+    """The output shard's name: the input's base name; for a ``pipe:`` command, that of the tar it names."""
+    if url.startswith("pipe:"):
+        import shlex
+
+        try:
+            words = shlex.split(url.removeprefix("pipe:"))
+        except ValueError:
+            words = url.removeprefix("pipe:").split()
+        tars = [w for w in (w.split("?")[0].split("#")[0] for w in words) if w.endswith(_SHARD_SUFFIXES)]
+        if not tars:
+            raise ConfigError(
+                f"caption.input_shards: got {url!r}; a pipe: command must name its tar (a word ending in "
+                f"{', '.join(_SHARD_SUFFIXES)}), which gives the output shard its name"
+            )
+        url = tars[-1]
     return url.rstrip("/").rsplit("/", 1)[-1]
 
 
@@ -604,16 +771,85 @@ def _resolve_inputs(cfg: SiclipCfg) -> list[tuple[str, str]]:
     return list(zip(urls, names, strict=True))
 
 
+def read_task_memory(urls: list[str]) -> int:
+    """Bytes to reserve for one read task: the worker's own plus 3x the largest of these input shards.
+
+    Sizes come from one listing per input folder; shards of unknown size (``pipe:``, a listing that fails)
+    count as nothing, so the reservation never falls below the fixed part.
+    """
+    by_dir: dict[str, set[str]] = {}
+    for url in urls:
+        if url.startswith("pipe:"):
+            continue
+        folder, _, name = url.rpartition("/")
+        by_dir.setdefault(folder or ".", set()).add(name)
+    largest = 0
+    for folder, names in by_dir.items():
+        try:
+            sizes = list_sizes(folder)
+        except Exception as exc:  # the read tasks will report a real problem; this is only a reservation
+            log.warning("%s: cannot list the input shards' sizes (%s); reserving the default", folder, exc)
+            continue
+        largest = max([largest, *(sizes.get(n, 0) for n in names)])
+    return _PREPARE_MEMORY + _PREPARE_MEMORY_PER_SHARD_BYTE * largest
+
+
 def _join(out_dir: str, name: str) -> str:
     return out_dir.rstrip("/") + "/" + name
 
 
-def _load_previous(out_dir: str, cfg: SiclipCfg) -> dict[str, dict[str, Any]]:
-    """Per-shard records of an earlier run into the same folder (refusing one made differently)."""
+def _probe_output(out_dir: str) -> str:
+    """Write a small file into ``out_dir`` and delete it; returns "" or what failed (one line)."""
+    import uuid
+
+    path = _join(out_dir, f".siclip-write-probe-{uuid.uuid4().hex}")
+    try:
+        if is_uri(out_dir):
+            import fsspec
+
+            fs, fs_path = fsspec.core.url_to_fs(path)
+            with fs.open(fs_path, "wb") as f:
+                f.write(b"siclip write probe\n")
+            fs.rm(fs_path)
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(b"siclip write probe\n")
+            os.remove(path)
+    except Exception as exc:  # permissions, a read-only mount, a missing bucket, credentials
+        return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return ""
+
+
+def _check_output_writable(out_dir: str, error: str, where: str) -> None:
+    if error:
+        raise ConfigError(
+            f"caption.output_dir: got {out_dir!r}; cannot write there from {where} ({error}); nothing was "
+            "captioned: allowed: a folder or bucket every node can write (check the path, its permissions "
+            "and the credentials, e.g. ray.env_vars)"
+        )
+
+
+def _load_previous(
+    out_dir: str, cfg: SiclipCfg, build: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per-shard records of an earlier run into the same folder (refusing one made differently).
+
+    Made differently: other caption settings that change an output byte, another teacher (when embeddings
+    are stored), and, from ``build`` (``{"center_crop": bool, "inputs": [urls]}``, as the manifest records
+    it), cropping or other input shards. A manifest that does not record a setting has nothing to contradict.
+    """
     try:
         previous = read_manifest(out_dir)
-    except ManifestError:
+    except ManifestNotFoundError:
         return {}
+    except ManifestError as exc:
+        # Only "not there" means a new build: starting afresh over an unreadable or damaged manifest would
+        # rebuild every shard and overwrite the record of what was built.
+        raise ShardBuildError(
+            f"siclip data: {exc}; the earlier build's record is kept untouched and nothing was built: fix "
+            "access to it (or restore it), then run again"
+        ) from exc
     before = previous.config.get("caption", {})
     now = to_dict(cfg.caption)
     changed = [
@@ -627,23 +863,59 @@ def _load_previous(out_dir: str, cfg: SiclipCfg) -> dict[str, dict[str, Any]]:
         section, name = key.split(".")
         was = (before if section == "caption" else previous.config["teacher"]).get(name)
         value = to_dict(getattr(cfg, section))[name]
-        raise ConfigError(
-            f"{key}: got {value!r} but {out_dir} was built with {was!r}; "
-            "use a new caption.output_dir (or delete the old one) rather than mixing two datasets"
-        )
+        raise ConfigError(f"{key}: got {value!r} but {out_dir} was built with {was!r}; {_NEW_FOLDER}")
+    built = previous.config.get("build", {})
+    if build is not None and isinstance(built, dict):
+        if "center_crop" in built and built["center_crop"] != build["center_crop"]:
+            raise ConfigError(
+                f"center_crop: got {build['center_crop']!r} but {out_dir} was built with "
+                f"{built['center_crop']!r}; {_NEW_FOLDER}"
+            )
+        if "inputs" in built and set(built["inputs"]) != set(build["inputs"]):
+            added = [u for u in build["inputs"] if u not in set(built["inputs"])]
+            dropped = [u for u in built["inputs"] if u not in set(build["inputs"])]
+            parts = [f"{len(added)} new (first {added[0]!r})"] if added else []
+            parts += [f"{len(dropped)} no longer given (first {dropped[0]!r})"] if dropped else []
+            raise ConfigError(
+                f"caption.input_shards: not the {len(built['inputs'])} shards {out_dir} was built from: "
+                f"{' and '.join(parts)}; {_NEW_FOLDER}"
+            )
     return {s["name"]: s for s in previous.shards}
 
 
+def _intact(record: dict[str, Any], sizes: dict[str, int], out_dir: str) -> bool:
+    """A recorded shard is finished when its file is there with the size recorded (when one was)."""
+    name = record["name"]
+    if name not in sizes:
+        return False
+    want = record.get("bytes")
+    if isinstance(want, int) and sizes[name] != want:
+        log.warning(
+            "%s: %d bytes but the manifest recorded %d; building it again",
+            _join(out_dir, name),
+            sizes[name],
+            want,
+        )
+        return False
+    return True
+
+
 def _build_manifest(
-    cfg: SiclipCfg, order: list[str], records: dict[str, dict[str, Any]], producer: dict[str, Any]
+    cfg: SiclipCfg,
+    order: list[str],
+    records: dict[str, dict[str, Any]],
+    producer: dict[str, Any],
+    build: dict[str, Any] | None = None,
 ) -> Manifest:
     shards = [records[n] for n in order if n in records]
     skipped: Counter[str] = Counter()
     for s in shards:
         skipped.update(s.get("skipped", {}))
-    config = {"caption": to_dict(cfg.caption)}
+    config: dict[str, Any] = {"caption": to_dict(cfg.caption)}
     if cfg.caption.teacher_embeddings:
         config["teacher"] = to_dict(cfg.teacher)
+    if build is not None:
+        config["build"] = build
     manifest = Manifest(
         kind="cc12m-syn",
         shards=shards,
@@ -721,13 +993,20 @@ def run_pipeline(
     if c.teacher_embeddings:
         _check_teacher(cfg)
     out_dir = c.output_dir
-    if not is_uri(out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-    records = _load_previous(out_dir, cfg)
+    _check_output_writable(out_dir, _probe_output(out_dir), "this driver")
+    # What else decides an output byte: the crop, and which inputs (the rerun guard compares both).
+    build = {
+        "center_crop": center_crop,
+        "inputs": [u if is_uri(u) else os.path.abspath(u) for u, _ in inputs],
+    }
+    records = _load_previous(out_dir, cfg, build)
     order = [name for _, name in inputs]
-    # A shard on disk but not in the manifest was written just before a kill; redo it (same bytes).
-    pending = [(u, n) for u, n in inputs if not (n in records and finished(_join(out_dir, n)))]
-    records = {n: r for n, r in records.items() if n in order and finished(_join(out_dir, n))}
+    # A shard on disk but not in the manifest was written just before a kill; redo it (same bytes). One
+    # listing gives every file's size: a recorded shard whose size differs is not the file that was built.
+    sizes = list_sizes(out_dir)
+    done = {n for n in order if n in records and _intact(records[n], sizes, out_dir)}
+    pending = [(u, n) for u, n in inputs if n not in done]
+    records = {n: r for n, r in records.items() if n in done}
     producer = {
         "captioner": f"{c.model}:{c.source}" if c.source else c.model,
         "model": c.model,
@@ -740,7 +1019,7 @@ def run_pipeline(
     done_before = len(inputs) - len(pending)
     attempts = c.max_retries + 1
     if not pending:
-        manifest = _build_manifest(cfg, order, records, producer)
+        manifest = _build_manifest(cfg, order, records, producer, build)
         if not _try_write_manifest(out_dir, manifest, attempts=attempts, delay_s=c.retry_delay_s):
             raise _unfinished_error(out_dir, [], order)
         _summary(
@@ -756,12 +1035,18 @@ def run_pipeline(
 
     init_ray(cfg.ray)
     prepare_cpus = 1.0
+    _check_cluster_storage(out_dir)
     _check_resources(cfg, prepare_cpus)
     cfg_dict = to_dict(cfg)
     chunk = chunk_size or c.batch_size
     # Tasks and actors get ray.env_vars (e.g. AWS_ENDPOINT_URL for an S3-compatible store).
     env_vars = {str(k): str(v) for k, v in cfg.ray.env_vars.items()}  # YAML may give numbers; Ray wants str
     env: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}} if env_vars else {}
+    # The actors write the shards: check a worker can, before any GPU time is spent.
+    probe = ray.remote(num_cpus=0, max_retries=0, **env)(_probe_output)
+    _check_output_writable(
+        out_dir, ray.get(probe.remote(out_dir), timeout=float(cfg.ray.data_timeout_s)), "a Ray worker"
+    )
 
     ds = ray.data.from_items(
         [{"url": u, "name": n} for u, n in pending], override_num_blocks=len(pending)
@@ -775,9 +1060,10 @@ def run_pipeline(
             "retry_delay_s": c.retry_delay_s,
         },
         num_cpus=prepare_cpus,
-        # A read task holds one shard in memory; the reservation also keeps Ray Data from fusing the read
-        # tasks into the captioner actors, which would serialise decoding with captioning.
-        memory=_PREPARE_MEMORY,
+        # A read task holds one shard in memory (reserved from the largest pending shard's size); the
+        # reservation also keeps Ray Data from fusing the read tasks into the captioner actors, which would
+        # serialise decoding with captioning.
+        memory=read_task_memory([u for u, _ in pending]),
         # Bounded retries of I/O failures only: bad data never raises, and a bug would fail every try.
         max_retries=c.max_retries,
         retry_exceptions=[ShardIOError],
@@ -813,22 +1099,38 @@ def run_pipeline(
 
     written = 0
     unrecorded: list[str] = []
+    failed_writes: list[str] = []
+    records_new: set[str] = set()
     for row in ds.iter_rows():
+        if row["error"]:
+            failed_writes.append(row["error"])
+            if (
+                c.stop_after_failed_writes
+                and len(failed_writes) >= c.stop_after_failed_writes
+                and not records_new
+            ):
+                raise ShardBuildError(
+                    f"siclip data: the first {len(failed_writes)} shards all failed to write "
+                    f"(caption.stop_after_failed_writes={c.stop_after_failed_writes}), so the build stopped "
+                    f"rather than caption every shard for nothing; last: {failed_writes[-1]}"
+                )
+            continue
         entry = json.loads(row["entry"])
         name = entry["name"]
+        records_new.add(name)
         records[name] = entry
         written += int(entry["samples"])
         # Rewritten after every shard, so a killed run still knows what it finished; one try here (the
         # next shard, or the end, tries again), so a flaky store does not stall the build.
         if _try_write_manifest(
-            out_dir, _build_manifest(cfg, order, records, producer), attempts=1, delay_s=0
+            out_dir, _build_manifest(cfg, order, records, producer, build), attempts=1, delay_s=0
         ):
             unrecorded = []
             if on_shard is not None:
                 on_shard(entry)
         else:
             unrecorded.append(name)
-    manifest = _build_manifest(cfg, order, records, producer)
+    manifest = _build_manifest(cfg, order, records, producer, build)
     recorded = unrecorded == [] or _try_write_manifest(
         out_dir, manifest, attempts=attempts, delay_s=c.retry_delay_s
     )

@@ -13,14 +13,17 @@ This module owns:
   are dropped; ``npz`` loads with ``allow_pickle=False``), safe to run with ``WDS_SECURE=1``;
 - :func:`open_url`: local paths, ``pipe:`` and webdataset's own schemes, and any fsspec URI (``s3://``...);
 - the line between bad data and failed I/O: :func:`iter_tar_members` raises ``tarfile.TarError`` (or
-  ``EOFError``/``zlib.error``) only for damaged content and :class:`ShardIOError` for everything else (a
-  missing object, a refused connection, missing credentials, a stream cut short), so callers count the
-  first and retry the second; :func:`img2dataset_count` reads how many samples img2dataset put in a tar.
+  ``EOFError``/``zlib.error``) only for damaged content (bytes that are there but are no tar) and
+  :class:`ShardIOError` for everything else (a missing object, a refused connection, missing credentials,
+  data that ends before the tar's end-of-archive marker or the object's size, streamed or at rest), so
+  callers count the first and retry the second; :func:`img2dataset_count` reads how many samples
+  img2dataset put in a tar.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -39,10 +42,11 @@ __all__ = [
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "AtomicShardWriter",
+    "DamagedTarError",
     "Manifest",
     "ManifestError",
+    "ManifestNotFoundError",
     "ShardIOError",
-    "TruncatedMemberError",
     "decode_sample",
     "encode_sample",
     "finished",
@@ -52,6 +56,7 @@ __all__ = [
     "iter_samples",
     "iter_tar_members",
     "list_shards",
+    "list_sizes",
     "manifest_sample_count",
     "open_url",
     "read_manifest",
@@ -74,7 +79,11 @@ _CONTENT_ERRORS = (tarfile.TarError, EOFError, zlib.error)
 
 
 class ManifestError(ValueError):
-    """A manifest file is missing or malformed; the message names the file."""
+    """A manifest file is missing, unreadable or malformed; the message names the file."""
+
+
+class ManifestNotFoundError(ManifestError):
+    """There is no manifest file (the folder holds no finished shards): the one case that means "empty"."""
 
 
 class ShardIOError(OSError):
@@ -94,7 +103,8 @@ class Manifest:
     kind: str = ""
     """What the shards are: ``demo-web``, ``demo-clean``, ``demo-retrieval``, ``cc12m-syn``, ..."""
     shards: list[dict[str, Any]] = field(default_factory=list)
-    """One ``{"name": file name relative to the folder, "samples": int}`` per finished shard."""
+    """One ``{"name": file name relative to the folder, "samples": int}`` per finished shard; a builder may
+    add more (the data build: ``samples_in``, ``skipped``, ``bytes`` and ``sha256`` of the file)."""
     samples_in: int = 0
     samples_out: int = 0
     samples_skipped: int = 0
@@ -180,18 +190,29 @@ def write_manifest(out_dir: str | os.PathLike[str], manifest: Manifest) -> str:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
     return path
 
 
 def read_manifest(dir_or_file: str | os.PathLike[str]) -> Manifest:
-    """Read a folder's ``manifest.json`` (or the given ``.json`` file); raises :class:`ManifestError`."""
+    """Read a folder's ``manifest.json`` (or the given ``.json`` file).
+
+    Raises :class:`ManifestNotFoundError` when there is none, :class:`ManifestError` when it cannot be read
+    (permissions, the store failing) or is not a valid manifest (truncated, not JSON, wrong keys).
+    """
     path = _manifest_path(dir_or_file)
     try:
         with open_url(path, "rb") as f:
             text = f.read().decode("utf-8")
-    except (FileNotFoundError, OSError) as e:
-        raise ManifestError(f"{path}: cannot read the shard manifest ({e})") from e
+    except FileNotFoundError as e:
+        raise ManifestNotFoundError(f"{path}: cannot read the shard manifest ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from e
+    except Exception as e:  # permissions, an expired token, a store that answers 503: not "no manifest"
+        raise ManifestError(f"{path}: cannot read the shard manifest ({type(e).__name__}: {e})") from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -281,6 +302,33 @@ def encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _DigestingStream:
+    """A write-only stream that counts and hashes (sha256) what it passes on."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+        self.size = 0
+        self.digest = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.stream.write(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename inside ``path`` durable (best effort: some filesystems refuse a directory fsync)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class AtomicShardWriter:
     """Write one WebDataset shard to ``<path>.tmp`` and rename it to ``path`` only on a clean close.
 
@@ -315,8 +363,9 @@ class AtomicShardWriter:
         else:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self._stream = open(self.tmp_path, "wb")  # noqa: SIM115 -- closed in close()/abort()
+        self._digesting = _DigestingStream(self._stream)
         # An integer mtime keeps tar headers plain ustar (a float forces a pax header per member).
-        self._writer = wds.TarWriter(self._stream, encoder=False, mtime=int(mtime), mode=0o644)
+        self._writer = wds.TarWriter(self._digesting, encoder=False, mtime=int(mtime), mode=0o644)
         self._count = 0
         self._closed = False
 
@@ -324,6 +373,16 @@ class AtomicShardWriter:
     def count(self) -> int:
         """Samples written so far."""
         return self._count
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (the whole file's size once closed)."""
+        return self._digesting.size
+
+    @property
+    def sha256(self) -> str:
+        """The hex SHA-256 of the bytes written so far (of the whole file once closed)."""
+        return self._digesting.digest.hexdigest()
 
     def write(self, sample: dict[str, Any]) -> None:
         """Add one sample: ``__key__`` plus extension keys (``jpg`` bytes, ``txt`` str, ``json`` dict, ...)."""
@@ -339,6 +398,10 @@ class AtomicShardWriter:
         self._closed = True
         try:
             self._writer.close()
+            if not self._remote:
+                # On disk before the rename: a node crash after it must not leave a short "finished" file.
+                self._stream.flush()
+                os.fsync(self._stream.fileno())
             self._stream.close()
         except BaseException:
             self._closed = False
@@ -350,6 +413,7 @@ class AtomicShardWriter:
             self._fs.mv(self._fs_path + ".tmp", self._fs_path)
         else:
             os.replace(self.tmp_path, self.path)
+            _fsync_dir(os.path.dirname(self.path))
 
     def abort(self) -> None:
         """Drop the partial shard: no final file is left behind."""
@@ -466,16 +530,15 @@ def image_of(sample: dict[str, Any]) -> Any:
     raise KeyError(f"sample {sample.get('__key__')!r} has no image ({', '.join(IMAGE_EXTENSIONS)})")
 
 
-class TruncatedMemberError(tarfile.ReadError):
-    """A tar member ends early; ``key`` is the sample it belonged to."""
+class DamagedTarError(tarfile.ReadError):
+    """A member header in the middle of a tar is not valid although the bytes go on: damaged content.
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
+    Every member before it was read whole (``iter_tar_members`` yielded them); what follows is lost.
+    """
 
 
 class _CountingReader:
-    """A read-only stream that counts bytes and notes whether it reached the end of its data."""
+    """A read-only stream that counts the bytes it hands on and notes when it reached the end of its data."""
 
     def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
@@ -490,6 +553,11 @@ class _CountingReader:
             self.at_eof = True
         return data
 
+    def drain(self) -> None:
+        """Read what is left, so ``position`` says where the data really ended."""
+        while self.read(1 << 20):
+            pass
+
 
 def _known_size(stream: Any) -> int | None:
     size = getattr(stream, "size", None)  # fsspec files know their object's size
@@ -501,19 +569,88 @@ def _known_size(stream: Any) -> int | None:
         return None
 
 
-def iter_tar_members(url: str) -> Iterator[tuple[str, str, bytes]]:
+class _Cut(Exception):
+    """The tar's data ran out before its end-of-archive marker (internal: becomes a ShardIOError)."""
+
+
+def _header_log(failures: list[tuple[int, int, Exception]]) -> type[tarfile.TarInfo]:
+    """A TarInfo class that notes every header read that fails: (offset, bytes it got, error).
+
+    In stream mode ``tarfile`` ends the archive silently at an empty, partial or invalid header past the
+    first; the note says which of these it was (the data ran out, or the bytes are not a header).
+    """
+
+    class _LoggedTarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar: tarfile.TarFile) -> Any:
+            start = tar.fileobj.tell()  # type: ignore[union-attr]
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.HeaderError as exc:
+                failures.append((start, tar.fileobj.tell() - start, exc))  # type: ignore[union-attr]
+                raise
+
+    return _LoggedTarInfo
+
+
+def _check_archive_end(tar: tarfile.TarFile, failures: list[tuple[int, int, Exception]]) -> None:
+    """After the last member: the archive must end with its two zero blocks, else it was cut or damaged."""
+    if not failures:
+        raise _Cut("the data ends without an end-of-archive marker")
+    offset, got, exc = failures[-1]
+    if got < tarfile.BLOCKSIZE:
+        where = "at" if got == 0 else f"{got} bytes into"
+        raise _Cut(f"the data ends {where} the member header at byte {offset}")
+    if not isinstance(exc, tarfile.EOFHeaderError):  # type: ignore[attr-defined]  # a zero block
+        raise DamagedTarError(f"byte {offset}: not a valid member header ({exc})")
+    second = tar.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+    if len(second) < tarfile.BLOCKSIZE:
+        raise _Cut(f"the data ends inside the end-of-archive marker at byte {offset}")
+    if second.count(0) != tarfile.BLOCKSIZE:
+        raise DamagedTarError(f"byte {offset}: a lone zero block followed by data")
+
+
+def _ran_out(
+    reader: _CountingReader, tar: tarfile.TarFile | None, failures: list[tuple[int, int, Exception]]
+) -> bool:
+    """Whether a content error came from the data running out (a cut) rather than from bad bytes.
+
+    The input must have reached its end (bad compressed data mid-stream also stops a member short), and the
+    tar must have wanted more: a header (first, or one after a long-name header) came back short, or the
+    data stopped before the next header's offset (inside a member or its padding).
+    """
+    if not reader.at_eof:
+        return False
+    if failures and failures[-1][1] < tarfile.BLOCKSIZE:
+        return True
+    return tar is not None and tar.fileobj is not None and tar.fileobj.tell() < tar.offset
+
+
+def iter_tar_members(url: str, *, expected_samples: int | None = None) -> Iterator[tuple[str, str, bytes]]:
     """``(sample key, extension, bytes)`` for each file member of one tar, in file order.
 
     The key is the member name up to the first dot of its base name, like webdataset; members without an
-    extension are skipped. Damaged content raises ``tarfile.TarError``/``EOFError``/``zlib.error`` (a
-    member shorter than its header says: :class:`TruncatedMemberError`); any other failure, or a stream
-    that ends before the object's known size, raises :class:`ShardIOError`.
+    extension are skipped. The tar counts as read only when it was read to its end-of-archive marker, the
+    stream gave as many bytes as the object's known size, and (``expected_samples``, e.g. img2dataset's
+    ``successes``) it held at least that many samples. Damaged content (bytes present but not a tar)
+    raises ``tarfile.TarError`` (:class:`DamagedTarError` for a bad header past the first),
+    ``EOFError`` or ``zlib.error``; data that ends early anywhere (at or inside a header, inside a member
+    or its padding, inside the end marker), in a stream or in a file at rest, and any other failure raise
+    :class:`ShardIOError`: the tar is incomplete, not bad, so the read is retried and never finished.
     """
     reader: _CountingReader | None = None
     try:
         with open_url(url, "rb") as stream:
             reader = _CountingReader(stream)
-            with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
+            failures: list[tuple[int, int, Exception]] = []
+            tar: tarfile.TarFile | None = None
+            error: Exception | None = None
+            keys: set[str] = set()
+            try:
+                # Not closed: closing a stream-mode TarFile closes nothing of ours (open_url's stream is).
+                tar = tarfile.open(  # type: ignore[call-overload]  # noqa: SIM115
+                    fileobj=reader, mode="r|*", tarinfo=_header_log(failures)
+                )
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -523,19 +660,45 @@ def iter_tar_members(url: str) -> Iterator[tuple[str, str, bytes]]:
                         continue
                     key = f"{dirname}/{stem}" if dirname else stem
                     f = tar.extractfile(member)
-                    try:
-                        data = f.read() if f is not None else b""
-                    except _CONTENT_ERRORS as exc:  # the stream ends inside this member
-                        raise TruncatedMemberError(key, f"{member.name}: {exc}") from exc
+                    data = f.read() if f is not None else b""
                     if len(data) != member.size:
-                        raise TruncatedMemberError(key, f"{member.name}: unexpected end of data")
+                        raise _Cut(
+                            f"the data ends {len(data)} bytes into {member.name} ({member.size} bytes)"
+                        )
+                    keys.add(key)
                     yield key, ext, data
-    except _CONTENT_ERRORS as exc:
-        if reader is not None and reader.at_eof and reader.size is not None and reader.position < reader.size:
-            # The bytes stopped coming before the object ended: the transport failed, not the tar.
-            raise ShardIOError(
-                f"{url}: the stream ended after {reader.position} of {reader.size} bytes ({exc})"
-            ) from exc
+                _check_archive_end(tar, failures)
+            except _Cut as exc:
+                error = exc
+            except _CONTENT_ERRORS as exc:
+                if _ran_out(reader, tar, failures):
+                    at = (
+                        f" at byte {tar.fileobj.tell()}"
+                        if tar is not None and tar.fileobj is not None
+                        else ""
+                    )
+                    error = _Cut(f"the data ends early{at} ({exc})")
+                else:
+                    error = exc
+            reader.drain()
+            if reader.size is not None and reader.position < reader.size:
+                # The bytes stopped coming before the object ended: the transport failed, not the tar.
+                raise ShardIOError(
+                    f"{url}: the stream ended after {reader.position} of {reader.size} bytes"
+                    + (f" ({error})" if error is not None else "")
+                )
+            if isinstance(error, _Cut):
+                raise ShardIOError(
+                    f"{url}: incomplete tar, {error}; a download or copy cut short (get the file again)"
+                )
+            if error is not None:
+                raise error
+            if expected_samples is not None and len(keys) < expected_samples:
+                raise ShardIOError(
+                    f"{url}: incomplete tar, {len(keys)} samples where img2dataset's stats say it wrote "
+                    f"{expected_samples} (get the file again)"
+                )
+    except _CONTENT_ERRORS:
         raise
     except ShardIOError:
         raise
@@ -569,14 +732,23 @@ def img2dataset_count(url: str) -> int | None:
 
 
 def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Raw samples (extension -> bytes, plus ``__key__``, ``__url__``) of one tar, in file order."""
+    """Raw samples (extension -> bytes, plus ``__key__``, ``__url__``) of one tar, in file order.
+
+    When the tar fails part-way (damaged, or cut short), the members read before the failure still come
+    out, each whole (the last sample may lack members that came after), then the error is raised.
+    """
     current: dict[str, Any] | None = None
-    for key, ext, data in iter_tar_members(url):
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__url__": url}
-        current[ext] = data
+    try:
+        for key, ext, data in iter_tar_members(url):
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            current[ext] = data
+    except Exception:
+        if current is not None:
+            yield current
+        raise
     if current is not None:
         yield current
 
@@ -592,6 +764,33 @@ def list_shards(folder: str | os.PathLike[str]) -> list[str]:
     """The shard paths a folder's manifest lists, in manifest order (local folders and URIs)."""
     base = os.fspath(folder).rstrip("/")
     return [f"{base}/{s['name']}" for s in read_manifest(base).shards]
+
+
+def list_sizes(folder: str | os.PathLike[str]) -> dict[str, int]:
+    """File name -> size of every file directly in ``folder`` (local or any fsspec URI), in one listing.
+
+    An absent folder lists as empty. Other processes (the actors) wrote it: no cached listing is used.
+    """
+    base = os.fspath(folder).rstrip("/")
+    if "://" in base:
+        import fsspec
+
+        fs, fs_path = fsspec.core.url_to_fs(base)
+        fs.invalidate_cache(fs_path)
+        try:
+            entries = fs.ls(fs_path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {
+            str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries
+            if e.get("type") == "file"
+        }
+    try:
+        with os.scandir(base) as it:
+            return {e.name: e.stat().st_size for e in it if e.is_file()}
+    except FileNotFoundError:
+        return {}
 
 
 def finished(path: str | os.PathLike[str]) -> bool:

@@ -66,10 +66,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     whole = root / "whole.tar"
     _tar(whole, [m for i in range(4) for m in _good(f"d{i}", 200 + i)])
     with tarfile.open(whole) as tar:
-        cut = tar.getmember("d2.jpg").offset_data + 100  # inside the 3rd sample's image
-    data = whole.read_bytes()
+        at = tar.getmember("d2.jpg").offset  # the 3rd sample's header: damaged bytes, not a cut
+    data = bytearray(whole.read_bytes())
     whole.unlink()
-    (root / "in-000002.tar").write_bytes(data[:cut])
+    data[at : at + 512] = b"\x07" * 512
+    (root / "in-000002.tar").write_bytes(bytes(data))
     (root / "in-000003.tar").write_bytes(b"not a tar archive " * 64)
     # The teacher's weights: a teacher without any is refused (its embeddings would mean nothing).
     import torch
@@ -122,9 +123,9 @@ def test_build_counts_readback_and_resume(ray_session: None, inputs: Path, tmp_p
 
     expected_skips = dict.fromkeys(BAD, 1)
     expected_skips["duplicate_key"] = 1
-    expected_skips["unreadable_tar"] = 2  # the cut tar and the garbage file
+    expected_skips["unreadable_tar"] = 2  # the damaged tar and the garbage file
     assert manifest.skipped == dict(sorted(expected_skips.items()))
-    assert manifest.samples_out == 3 + 7 + 2  # the cut tar keeps the 2 samples before the cut
+    assert manifest.samples_out == 3 + 7 + 2  # the damaged tar keeps the 2 samples before the damage
     assert manifest.samples_in == manifest.samples_out + manifest.samples_skipped
     assert [s["name"] for s in manifest.shards] == [f"in-00000{i}.tar" for i in range(4)]
     assert [s["samples"] for s in manifest.shards] == [3, 7, 2, 0]
@@ -204,6 +205,12 @@ def test_failed_read_is_retried_and_never_marked_finished(
     script.write_text(FLAKY.replace("$FAIL", "1 2"))
     flaky = f"pipe:sh {script} {src}/in-000001.tar"
     good = str(inputs / "in-000000.tar")
+    # A copy cut at a member header: tarfile alone would read it as a shorter, complete tar.
+    whole = (inputs / "in-000001.tar").read_bytes()
+    with tarfile.open(inputs / "in-000001.tar") as tar:
+        at = tar.getmember("c4.jpg").offset
+    cut = src / "in-000009.tar"
+    cut.write_bytes(whole[:at])
     out = tmp_path / "syn"
 
     def cfg(retries: int) -> object:
@@ -213,24 +220,46 @@ def test_failed_read_is_retried_and_never_marked_finished(
             out,
             None,
             {"env_vars": {"WDS_SECURE": "0"}},
-            input_shards=[good, flaky],
+            input_shards=[good, flaky, str(cut)],
             max_retries=retries,
         )
 
-    # No retries: the failed read fails the shard; the other is kept; the build names the missing one.
-    with pytest.raises(ShardBuildError, match=r"1 shards could not be built \(in-000001.tar\)"):
+    # No retries: the failed read and the cut tar fail their shards; the other is kept; the build names
+    # the missing ones.
+    with pytest.raises(
+        ShardBuildError, match=r"2 shards could not be built \(in-000001.tar, in-000009.tar\)"
+    ):
         run_pipeline(cfg(0), progress=False)  # type: ignore[arg-type]
     partial = read_manifest(out)
     assert [s["name"] for s in partial.shards] == ["in-000000.tar"]
-    assert not (out / "in-000001.tar").exists()
+    assert not (out / "in-000001.tar").exists() and not (out / "in-000009.tar").exists()
     assert partial.samples_in == partial.samples_out + partial.samples_skipped
 
-    # One retry: attempt 2 fails too, attempt 3 (Ray's retry) reads the shard: the rerun completes it.
+    # One retry: attempt 2 fails too, attempt 3 (Ray's retry) reads the shard; the cut tar, downloaded
+    # again, is read whole: the rerun completes both.
+    cut.write_bytes(whole)
     manifest = run_pipeline(cfg(1), progress=False)  # type: ignore[arg-type]
     assert len((src / "in-000001.tar.attempts").read_text().split()) == 3
-    assert [s["name"] for s in manifest.shards] == ["in-000000.tar", "in-000001.tar"]
-    assert [s["samples"] for s in manifest.shards] == [3, 7]
+    assert [s["name"] for s in manifest.shards] == ["in-000000.tar", "in-000001.tar", "in-000009.tar"]
+    assert [s["samples"] for s in manifest.shards] == [3, 7, 7]
     assert manifest.samples_in == manifest.samples_out + manifest.samples_skipped
+
+
+def test_an_output_that_refuses_every_shard_stops_after_the_first_k(
+    ray_session: None, inputs: Path, tmp_path: Path
+) -> None:
+    """The probe passes (the folder is writable) but every shard's final name is taken by a folder."""
+    from siclip.data.pipeline import ShardBuildError, run_pipeline
+
+    out = tmp_path / "syn"
+    for i in range(4):
+        (out / f"in-00000{i}.tar").mkdir(parents=True)
+    with pytest.raises(
+        ShardBuildError, match=r"the first 2 shards all failed to write .*IsADirectoryError"
+    ) as info:
+        run_pipeline(_cfg(inputs, out, stop_after_failed_writes=2, max_retries=0), progress=False)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+    assert not (out / "manifest.json").exists()
 
 
 def test_gpu_on_cpu_cluster_fails_fast(ray_session: None, inputs: Path, tmp_path: Path) -> None:

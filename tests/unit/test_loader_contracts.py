@@ -135,7 +135,7 @@ def test_a_cut_shard_logs_the_rest_of_it_as_skipped(tmp_path, caplog) -> None:
     Path(url).write_bytes(data[:cut])
     with caplog.at_level(logging.WARNING, logger="siclip.data.loader"):
         list(itertools.islice(_loader([url], batch_size=2, shuffle_buffer=0), 6))  # into the 2nd epoch
-    assert f"skipping the rest of shard {url}: TruncatedMemberError" in caplog.text
+    assert f"skipping the rest of shard {url}: ShardIOError" in caplog.text
 
 
 def test_a_caption_that_is_not_utf8_is_skipped(tmp_path, caplog) -> None:

@@ -1,11 +1,14 @@
-"""The data build's pre-flight checks, without a Ray cluster: GPUs and CPUs counted over every actor pool."""
+"""The data build's pre-flight checks, without a Ray cluster: GPUs and CPUs counted over every actor pool, and
+on an autoscaling cluster whose GPU workers are at zero, a request and a bounded wait instead of a refusal."""
 
 from __future__ import annotations
 
 import pytest
 import ray
+import ray.autoscaler.sdk as autoscaler_sdk
 
-from siclip.config import from_dict
+import siclip.data.pipeline as pipeline
+from siclip.config import ConfigError, from_dict
 from siclip.data.pipeline import _check_resources
 
 
@@ -17,6 +20,7 @@ def _cfg(**caption: object) -> object:
 def cluster(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     resources = {"CPU": 16.0, "GPU": 1.0}
     monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
+    monkeypatch.setattr(pipeline, "_autoscaler_max", dict)  # no autoscaler: what is there is all there is
     return resources
 
 
@@ -69,3 +73,52 @@ def test_a_cluster_listing_no_cpus_has_none_to_give(cluster: dict[str, float]) -
         "caption.num_cpus_per_actor=1 leaves no CPU for reading shards: the cluster has 0 CPUs, the captioner "
         "pool needs 1 x 1 x 1 = 1 and a read task 0.5. Lower caption.num_cpus_per_actor or caption.min_actors."
     )
+
+
+class _Autoscaler:
+    """A fake autoscaling cluster: GPU nodes come up after ``boot_polls`` looks, if ever; time is simulated."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, *, most: dict[str, float], boot_polls: int | None
+    ) -> None:
+        self.now, self.looks, self.requests = 0.0, 0, []
+        self.boot_polls, self.sleeps = boot_polls, []
+        monkeypatch.setattr(pipeline, "_autoscaler_max", lambda: most)
+        monkeypatch.setattr(ray, "cluster_resources", self.resources)
+        monkeypatch.setattr(pipeline.time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(pipeline.time, "sleep", self.sleep)
+        monkeypatch.setattr(autoscaler_sdk, "request_resources", lambda **kw: self.requests.append(kw))
+
+    def resources(self) -> dict[str, float]:
+        self.looks += 1
+        up = self.boot_polls is not None and self.looks > self.boot_polls
+        return {"CPU": 4.0 + (8.0 if up else 0.0), **({"GPU": 2.0} if up else {})}  # the head has no GPU
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_gpu_workers_at_zero_are_requested_and_waited_for(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    scaler = _Autoscaler(monkeypatch, most={"CPU": 100.0, "GPU": 8.0}, boot_polls=4)
+    _check_resources(_cfg(min_actors=2, num_actors=8, worker_start_timeout_s=600), 1.0)  # type: ignore[arg-type]
+    assert "caption.worker_start_timeout_s" in capsys.readouterr().out  # it says it waits, and for how long
+    asked, cleared = scaler.requests
+    assert sum(b.get("GPU", 0) for b in asked["bundles"]) == 2  # min_actors x num_gpus_per_actor
+    assert cleared == {"bundles": []}  # no standing request once the nodes are there
+    assert 0 < scaler.now < 600
+
+
+def test_gpu_workers_that_never_come_fail_naming_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    scaler = _Autoscaler(monkeypatch, most={"CPU": 100.0, "GPU": 8.0}, boot_polls=None)
+    with pytest.raises(ConfigError, match=r"^caption\.worker_start_timeout_s: 120 s passed") as info:
+        _check_resources(_cfg(worker_start_timeout_s=120), 1.0)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+    assert 120 <= scaler.now < 130 and scaler.requests[-1] == {"bundles": []}
+
+
+def test_an_autoscaler_too_small_for_the_pools_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    scaler = _Autoscaler(monkeypatch, most={"CPU": 100.0, "GPU": 1.0}, boot_polls=None)
+    with pytest.raises(RuntimeError, match=r"= 2 GPUs but the Ray cluster has 0"):
+        _check_resources(_cfg(min_actors=2, num_actors=2), 1.0)  # type: ignore[arg-type]
+    assert scaler.requests == [] and scaler.sleeps == []

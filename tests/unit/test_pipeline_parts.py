@@ -1,16 +1,16 @@
 """The data build's Ray-free parts that ``run_pipeline`` and its actors are made of, called directly.
 
 The integration test runs them inside Ray Data; here each one is pinned on its own: naming and joining shard
-paths, the per-chunk caption seed, a shard row as the read stage hands it on, writing and committing a shard
+paths, a shard row as the read stage hands it on, writing and committing a shard
 (retries, waits, the counts check), the inputs' checks, refusing to mix two datasets in one folder, the
 manifest's totals and its retried write, and the message naming unfinished shards.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ def _cfg(**caption: Any) -> Any:
     return from_dict({"caption": caption, "teacher": {"name": "tiny-teacher", "source": "t.pt"}})
 
 
-# ---- names, seeds, images ------------------------------------------------------------------------------------
+# ---- names, images ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -44,24 +44,25 @@ def _cfg(**caption: Any) -> Any:
         ("s3://bucket/cc12m/00012.tar", "00012.tar"),
         ("data/in/00012.tar/", "00012.tar"),
         ("00012.tar", "00012.tar"),
+        ("pipe:aws s3 cp s3://bucket/cc12m/00012.tar -", "00012.tar"),
+        ("pipe:curl -fsSL 'https://host/cc12m/00012.tar?sig=a/b' ", "00012.tar"),
+        ('pipe:cat "/data/my shards/00012.tar.gz"', "00012.tar.gz"),
     ],
 )
 def test_output_name_is_the_inputs_base_name(url: str, name: str) -> None:
     assert pipeline._output_name(url) == name
 
 
+def test_a_pipe_that_names_no_tar_is_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"^caption\.input_shards: got 'pipe:cat -'; a pipe: command must name"
+    ):
+        pipeline._output_name("pipe:cat -")
+
+
 @pytest.mark.parametrize(("out_dir", "want"), [("s3://b/out/", "s3://b/out/a.tar"), ("out", "out/a.tar")])
 def test_join_puts_one_slash_between(out_dir: str, want: str) -> None:
     assert pipeline._join(out_dir, "a.tar") == want
-
-
-def test_chunk_seed_is_the_crc32_of_seed_shard_chunk() -> None:
-    """Stable across processes and releases (a rerun must caption a shard the same): crc32, 31 bits."""
-    for seed, shard, chunk in [(0, "00000.tar", 0), (7, "00012.tar", 3), (2**40, "x", 99)]:
-        want = zlib.crc32(f"{seed}:{shard}:{chunk}".encode()) % 2**31
-        assert pipeline._chunk_seed(seed, shard, chunk) == want
-    seeds = {pipeline._chunk_seed(s, n, c) for s in (0, 1) for n in ("a", "b") for c in (0, 1)}
-    assert len(seeds) == 8
 
 
 def test_decode_images_gives_rgb_of_the_same_size() -> None:
@@ -143,11 +144,14 @@ def _row(
 def test_write_shard_writes_every_sample_and_returns_its_entry(tmp_path: Path, with_npz: bool) -> None:
     path = str(tmp_path / "00003.tar")
     entry = pipeline._write_shard(path, _row(), with_npz=with_npz)
+    data = Path(path).read_bytes()
     assert entry == {
         "name": "00003.tar",
         "samples": 2,
         "samples_in": 5,
         "skipped": {"empty_caption": 2, "not_image": 1},
+        "bytes": len(data),  # what a resume checks the file against
+        "sha256": hashlib.sha256(data).hexdigest(),
     }
     assert list(entry["skipped"]) == ["empty_caption", "not_image"]  # sorted
     got = list(iter_raw_samples(path))
@@ -183,21 +187,25 @@ def test_commit_shard_retries_a_failing_store_with_doubling_waits(
     out = pipeline._commit_shard(str(tmp_path) + "/", _row(), with_npz=True, max_retries=2, retry_delay_s=1.5)
     assert calls == [f"{tmp_path}/00003.tar"] * 3
     assert sleeps == [1.5, 3.0]
-    assert json.loads(out["entry"])["samples"] == 2 and list(out) == ["entry"]
+    assert json.loads(out["entry"])["samples"] == 2 and out["error"] == "" and out["name"] == "00003.tar"
     assert (tmp_path / "00003.tar").is_file()
 
 
-def test_commit_shard_gives_up_with_a_shard_io_error_naming_the_path(
+def test_commit_shard_gives_up_with_an_error_row_naming_the_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
 ) -> None:
+    """Retries spent, the shard comes back as a failed write (the driver counts them to stop early)."""
+
     def broken(path: str, row: dict[str, Any], *, with_npz: bool) -> dict[str, Any]:
         raise PermissionError("no credentials")
 
     monkeypatch.setattr(pipeline, "_write_shard", broken)
-    with pytest.raises(ShardIOError) as info:
-        pipeline._commit_shard("s3://b/out", _row(), with_npz=False, max_retries=1, retry_delay_s=2.0)
-    assert str(info.value) == "s3://b/out/00003.tar: cannot write (PermissionError: no credentials)"
-    assert isinstance(info.value.__cause__, PermissionError)
+    out = pipeline._commit_shard("s3://b/out", _row(), with_npz=False, max_retries=1, retry_delay_s=2.0)
+    assert out == {
+        "name": "00003.tar",
+        "entry": "",
+        "error": "s3://b/out/00003.tar: cannot write (PermissionError: no credentials)",
+    }
     assert sleeps == [2.0]
 
 

@@ -42,7 +42,7 @@ def test_each_bad_kind_is_skipped_and_counted_under_its_reason(kind: str, tmp_pa
     assert out.skipped == {kind: 1} and out.samples_in == 3
 
 
-def test_duplicates_and_a_cut_tar_are_counted(tmp_path: Path) -> None:
+def test_duplicates_and_a_damaged_tar_are_counted(tmp_path: Path) -> None:
     url = tmp_path / "dup.tar"
     _tar(url, _sample("good", "a") + _sample("good", "b") + _sample("good", "a"))
     out = prepare_shard(str(url), image_size=8)
@@ -50,12 +50,14 @@ def test_duplicates_and_a_cut_tar_are_counted(tmp_path: Path) -> None:
     whole = tmp_path / "whole.tar"
     _tar(whole, [m for i in range(4) for m in _sample("good", f"d{i}")])
     with tarfile.open(whole) as tar:
-        end = tar.getmember("d2.jpg").offset_data + 100  # inside the 3rd sample's image
-    cut = tmp_path / "cut.tar"
-    cut.write_bytes(whole.read_bytes()[:end])
-    groups, readable = read_tar_groups(str(cut))
+        at = tar.getmember("d2.jpg").offset  # the 3rd sample's first header: bytes, but no header
+    data = bytearray(whole.read_bytes())
+    data[at : at + 512] = b"\x07" * 512
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(bytes(data))
+    groups, readable = read_tar_groups(str(damaged))
     assert not readable and [k for k, _ in groups] == ["d0", "d1"]
-    out = prepare_shard(str(cut), image_size=8)
+    out = prepare_shard(str(damaged), image_size=8)
     assert out.keys == ["d0", "d1"] and out.skipped == {"unreadable_tar": 1} and out.samples_in == 3
 
 

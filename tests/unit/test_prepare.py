@@ -141,16 +141,18 @@ def test_stream_cut_short_is_an_io_error(tmp_path: Path, monkeypatch: pytest.Mon
         prepare_shard(url, image_size=IMAGE_SIZE)
 
 
-def _cut_tar(tmp_path: Path, n: int) -> str:
+def _damaged_tar(tmp_path: Path, n: int) -> str:
     url = _tar(tmp_path / "in-000000.tar", [(f"g{i}", _encode((48, 40), seed=i), "jpg") for i in range(n)])
     with tarfile.open(url) as tar:
-        cut = tar.getmember("g2.jpg").offset_data + 50  # inside the 3rd sample's image
-    Path(url).write_bytes(Path(url).read_bytes()[:cut])
+        at = tar.getmember("g2.jpg").offset  # the 3rd sample's first header: bytes, but no header
+    data = bytearray(Path(url).read_bytes())
+    data[at : at + 512] = b"\x07" * 512
+    Path(url).write_bytes(bytes(data))
     return url
 
 
 def test_damaged_tar_counts_lost_samples_from_img2dataset_stats(tmp_path: Path) -> None:
-    url = _cut_tar(tmp_path, 6)
+    url = _damaged_tar(tmp_path, 6)
     # Without img2dataset's stats the loss cannot be known: it stands as one.
     prepared = prepare_shard(url, image_size=IMAGE_SIZE)
     assert prepared.keys == ["g0", "g1"] and prepared.skipped == {"unreadable_tar": 1}

@@ -20,7 +20,9 @@ from siclip.data.shards import (
     decode_sample,
     iter_samples,
     list_shards,
+    list_sizes,
     manifest_sample_count,
+    open_url,
     read_manifest,
     shard_name,
     write_manifest,
@@ -176,3 +178,47 @@ def test_fsspec_uri_write_read_and_manifest() -> None:
     (s,) = list(iter_samples(url))
     assert s["txt"] == "caption 5" and s["jpg"].size == (16, 12)
     assert list_shards(base) == [url]
+
+
+def test_writer_reports_the_size_and_sha256_of_the_file(tmp_path) -> None:
+    import hashlib
+
+    for target in (str(tmp_path / "a.tar"), "memory://sizes/a.tar"):
+        with AtomicShardWriter(target) as w:
+            w.write({"__key__": "k", "txt": "hello" * 300})
+        with open_url(target) as f:
+            data = f.read()
+        assert w.size == len(data) and w.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_local_shard_and_manifest_reach_the_disk_before_their_rename(tmp_path, monkeypatch) -> None:
+    """fsync of the finished temp file comes before the rename that makes it 'finished'."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {os.path.basename(os.readlink(f'/proc/self/fd/{fd}'))}")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(f"rename {os.path.basename(src)}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with AtomicShardWriter(tmp_path / "s.tar") as w:
+        w.write({"__key__": "k", "txt": "x"})
+    write_manifest(tmp_path, Manifest(kind="t"))
+    for name in ("s.tar.tmp", "manifest.json.tmp"):
+        assert events.index(f"fsync {name}") < events.index(f"rename {name}")
+
+
+def test_list_sizes_lists_a_folder_once(tmp_path) -> None:
+    (tmp_path / "a.tar").write_bytes(b"x" * 7)
+    (tmp_path / "sub").mkdir()
+    assert list_sizes(tmp_path) == {"a.tar": 7}
+    assert list_sizes(tmp_path / "absent") == {}
+    with AtomicShardWriter("memory://ls/out/b.tar") as w:
+        w.write({"__key__": "k", "txt": "x"})
+    assert list_sizes("memory://ls/out") == {"b.tar": w.size}
+    assert list_sizes("memory://ls/nothing") == {}

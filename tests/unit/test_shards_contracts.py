@@ -5,7 +5,7 @@ trailing slash, sample counts from shard paths (``.tar``/``.tar.gz``/``.tgz``) a
 (images from PIL or arrays with their mode kept, JSON with sorted keys, npz, class ids) and its error; the tar
 headers (mtime 0, mode 0644); the writer's life cycle (close/abort twice, write after close, a failing close
 or abort leaves no file and keeps the caller's exception, fsspec ``file://`` and ``memory://`` targets);
-decoding of every member kind; member names with folders and dots; truncated members and streams cut short
+decoding of every member kind; member names with folders and dots; damaged headers and tars cut short
 (bad data vs failed I/O); img2dataset's stats file; ``register_fsspec_schemes``; ``open_url``'s schemes.
 """
 
@@ -31,7 +31,6 @@ from siclip.data.shards import (
     Manifest,
     ManifestError,
     ShardIOError,
-    TruncatedMemberError,
     decode_sample,
     encode_sample,
     finished,
@@ -362,20 +361,27 @@ def _two_samples(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def test_a_truncated_member_is_bad_data_naming_its_sample(tmp_path) -> None:
+def test_a_truncated_member_is_an_io_error_and_a_bad_header_bad_data(tmp_path) -> None:
     path = tmp_path / "t.tar"
     data = _two_samples(path)
     with tarfile.open(path) as tar:
         second = tar.getmembers()[1]
-    path.write_bytes(data[: second.offset_data + 100])
-    with pytest.raises(TruncatedMemberError, match=r"^000001\.txt: unexpected end of data$") as err:
+    path.write_bytes(data[: second.offset_data + 100])  # a file at rest that stops inside a member
+    with pytest.raises(ShardIOError, match=rf"^{path}: incomplete tar, the data ends early"):
         list(iter_tar_members(str(path)))
-    assert err.value.key == "000001"
     gz = tmp_path / "t.tar.gz"
     whole = gzip.compress(data)
     gz.write_bytes(whole[: len(whole) - 30])
-    with pytest.raises(tarfile.TarError):
+    with pytest.raises(ShardIOError, match="incomplete tar"):
         list(iter_tar_members(str(gz)))
+    # Bytes that are there but are no header: damaged content, the members before it read whole.
+    damaged = bytearray(data)
+    damaged[second.offset : second.offset + 512] = b"\x07" * 512
+    path.write_bytes(bytes(damaged))
+    got = []
+    with pytest.raises(shards.DamagedTarError, match=rf"byte {second.offset}: not a valid member header"):
+        got.extend(k for k, _, _ in iter_tar_members(str(path)))
+    assert got == ["000000"]
 
 
 class _CutStream(io.RawIOBase):
@@ -408,7 +414,7 @@ class _CutStream(io.RawIOBase):
 def test_a_stream_cut_short_is_an_io_error(tmp_path, monkeypatch, how: str) -> None:
     path = tmp_path / "c.tar"
     data = _two_samples(path)
-    cut = 2 * 512 + 3072 + 100  # inside the second sample's member (a cut in a header reads as the end)
+    cut = 2 * 512 + 3072 + 100  # inside the second sample's member
     if how == "object size":
         stream = _CutStream(data, cut)
     else:  # a mounted bucket: the local file's size says how much should have come
@@ -420,13 +426,13 @@ def test_a_stream_cut_short_is_an_io_error(tmp_path, monkeypatch, how: str) -> N
         list(iter_tar_members("s3://b/c.tar"))
 
 
-def test_a_stream_without_a_known_size_cut_short_is_bad_data(tmp_path, monkeypatch) -> None:
+def test_a_stream_without_a_known_size_cut_short_is_an_io_error(tmp_path, monkeypatch) -> None:
     path = tmp_path / "c.tar"
     data = _two_samples(path)
     monkeypatch.setattr(
         shards, "open_url", lambda url, mode="rb": _CutStream(data, 2 * 512 + 3072 + 100, size=False)
     )
-    with pytest.raises(TruncatedMemberError):
+    with pytest.raises(ShardIOError, match=r"^pipe:cat c\.tar: incomplete tar"):
         list(iter_tar_members("pipe:cat c.tar"))
     # and a whole one reads fine
     monkeypatch.setattr(shards, "open_url", lambda url, mode="rb": _CutStream(data, len(data), size=False))

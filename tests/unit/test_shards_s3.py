@@ -86,3 +86,34 @@ def test_aborted_upload_stays_aborted(s3_server: S3Server, monkeypatch: pytest.M
     gc.collect()  # a discarded upload has nothing to flush when it is collected
     assert unraisable == []
     assert fs.ls("shards", refresh=True) == []
+
+
+def test_uri_globs_expand_on_s3(s3_server: S3Server) -> None:  # noqa: F811
+    """``s3://bucket/cc12m/*.tar`` lists the bucket (it used to stay one literal shard that never opens)."""
+    from siclip.config import expand_shards, from_dict
+    from siclip.data.pipeline import _resolve_inputs
+    from siclip.data.shards import list_sizes
+
+    fs = s3_server.filesystem()
+    fs.mkdir("inputs")
+    for name in ("00001.tar", "00000.tar", "00002.tar", "00000_stats.json", "other/00003.tar"):
+        fs.pipe(f"inputs/cc12m/{name}", b"x" * 10)
+    want = [f"s3://inputs/cc12m/0000{i}.tar" for i in range(3)]
+    assert expand_shards(["s3://inputs/cc12m/*.tar"]) == want
+    assert (
+        expand_shards(["s3://inputs/cc12m/0000{1..2}.tar"]) == want[1:]
+    )  # braces without a glob stay as given
+    assert expand_shards(["s3://inputs/cc12m/0000[02].tar", "s3://inputs/cc12m/other/*.tar"]) == [
+        want[0],
+        want[2],
+        "s3://inputs/cc12m/other/00003.tar",
+    ]
+    assert expand_shards(["s3://inputs/nothing/*.tar"]) == []
+    cfg = from_dict({"caption": {"input_shards": ["s3://inputs/cc12m/*.tar"]}})
+    assert _resolve_inputs(cfg) == [(u, u.rsplit("/", 1)[1]) for u in want]
+    assert list_sizes("s3://inputs/cc12m") == {
+        "00000.tar": 10,
+        "00001.tar": 10,
+        "00002.tar": 10,
+        "00000_stats.json": 10,
+    }
