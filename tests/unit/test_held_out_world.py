@@ -151,3 +151,37 @@ def test_one_demo_folder_never_mixes_the_two_worlds(tmp_path: Path) -> None:
         prepare_demo(out_dir=str(tmp_path), quick=True, held_out=True)
     assert not (tmp_path / "world").exists()
     assert demo_config("demo", root=str(tmp_path)).eval.zeroshot_dir == str(tmp_path / "world" / "zeroshot")
+
+
+def test_the_world_zero_shot_folder_gives_seen_and_unseen_accuracy(world: DemoWorld) -> None:
+    """The held-out world's zero-shot folder alone makes the evaluation split its accuracy."""
+    import torch
+    import torch.nn.functional as F
+    from torchvision.transforms.functional import to_tensor
+
+    from siclip.eval.zeroshot import evaluate_zeroshot, load_classnames
+
+    names = load_classnames(world.classnames_file)
+
+    class ColourModel(torch.nn.Module):
+        def encode_image(self, x: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+            return F.normalize(x.mean(dim=(2, 3)), dim=-1)
+
+        def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+            return F.normalize(
+                torch.rand(tokens.shape[0], 3, generator=torch.Generator().manual_seed(0)), dim=-1
+            )
+
+    got = evaluate_zeroshot(
+        ColourModel(),
+        tokenizer=lambda texts: torch.tensor([names.index(t) for t in texts])[:, None],
+        transform=to_tensor,
+        folder=world.zeroshot_dir,
+        classnames=names,
+        templates=["{}"],
+    )
+    assert set(got) == {f"zeroshot_top{k}{g}" for k in (1, 5) for g in ("", "_seen", "_unseen")}
+    # 24 seen and 12 unseen classes, one image each: the overall accuracy is their weighted mean
+    assert got["zeroshot_top1"] == pytest.approx(
+        (24 * got["zeroshot_top1_seen"] + 12 * got["zeroshot_top1_unseen"]) / 36
+    )
