@@ -144,7 +144,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from siclip.ablate import ROWS, ablation_table_path, run_ablation
 
     result, table = run_ablation(
-        out_dir=args.out,
+        out_dir=_demo_out(args),
+        held_out=args.held_out,
         seeds=args.seeds,
         steps=args.steps,
         quick=args.quick,
@@ -152,7 +153,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         config=args.config,
         rows=tuple(args.row or ROWS),
         tag=args.tag,
-        out=ablation_table_path(args.config, args.tag),
+        out=ablation_table_path(args.config, args.tag, held_out=args.held_out),
     )
     if args.json:
         _print_json(result)
@@ -282,8 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="name a variant: run folders ablate-<row>-<tag>-s<seed>, table benchmarks/ablation-<tag>.md",
     )
-    p.add_argument("--out", default="runs/demo", help="the demo world's folder (without --config)")
+    p.add_argument(
+        "--out",
+        default="",
+        help="the demo world's folder (without --config; default runs/demo, runs/demo-heldout)",
+    )
     p.add_argument("--quick", action="store_true", help="the small demo world (without --config)")
+    p.add_argument("--held-out", action="store_true", help=HELD_OUT_HELP + " (without --config)")
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "overrides",
