@@ -167,7 +167,7 @@ def run_ablation(
     if config is None:
         prep = prepare_demo(out_dir=out_dir, quick=quick, overrides=overrides, held_out=held_out)
         base, captions = prep.student_cfg, prep.caption_quality
-        data = "the held-out demo world (docs/ablation-design.md)" if held_out else "the demo world"
+        data = "the held-out demo world of docs/ablation-design.md" if held_out else "the demo world"
         teacher_model = build_preset(prep.teacher_cfg.model.name, sasp=prep.teacher_cfg.model.sasp)
         load_student_weights(teacher_model, prep.teacher_dir / "final")
         teacher_model.eval()
