@@ -128,8 +128,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from siclip.demo import run_demo
 
-    run_demo(out_dir=args.out, quick=args.quick, overrides=args.overrides)
+    run_demo(out_dir=_demo_out(args), quick=args.quick, overrides=args.overrides, held_out=args.held_out)
     return 0
+
+
+def _demo_out(args: argparse.Namespace) -> str:
+    """``--out``, else the default folder of the chosen world (the held-out world never shares the default's)."""
+    from siclip.demo import DEFAULT_ROOT, HELD_OUT_ROOT
+
+    return args.out or (HELD_OUT_ROOT if args.held_out else DEFAULT_ROOT)
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
@@ -168,7 +175,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from siclip.ablate import ROWS, ablation_table_path, run_ablation
 
     result, table = run_ablation(
-        out_dir=args.out,
+        out_dir=_demo_out(args),
+        held_out=args.held_out,
         seeds=args.seeds,
         steps=args.steps,
         quick=args.quick,
@@ -176,7 +184,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         config=args.config,
         rows=tuple(args.row or ROWS),
         tag=args.tag,
-        out=ablation_table_path(args.config, args.tag),
+        out=ablation_table_path(args.config, args.tag, held_out=args.held_out),
     )
     if args.json:
         _print_json(result)
@@ -242,6 +250,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ parser
+HELD_OUT_HELP = (
+    "the world of docs/ablation-design.md: a third of the classes absent from the student's web data, "
+    "a teacher trained on every class with clean captions; zero-shot on seen and unseen classes"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siclip", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,8 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--json", action="store_true")
     p = add("demo", cmd_demo, "the embedded demo world end to end on CPU")
-    p.add_argument("--out", default="runs/demo", help="folder for the demo's data and runs")
+    p.add_argument(
+        "--out", default="", help="folder for the demo's data and runs (default runs/demo, runs/demo-heldout)"
+    )
     p.add_argument("--quick", action="store_true", help="a smaller, faster demo (for tests)")
+    p.add_argument("--held-out", action="store_true", help=HELD_OUT_HELP)
     p.add_argument(
         "overrides",
         nargs="*",
@@ -306,8 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="name a variant: run folders ablate-<row>-<tag>-s<seed>, table benchmarks/ablation-<tag>.md",
     )
-    p.add_argument("--out", default="runs/demo", help="the demo world's folder (without --config)")
+    p.add_argument(
+        "--out",
+        default="",
+        help="the demo world's folder (without --config; default runs/demo, runs/demo-heldout)",
+    )
     p.add_argument("--quick", action="store_true", help="the small demo world (without --config)")
+    p.add_argument("--held-out", action="store_true", help=HELD_OUT_HELP + " (without --config)")
     p.add_argument("--json", action="store_true")
     p.add_argument(
         "overrides",

@@ -10,6 +10,12 @@ The data regime mirrors the paper's: the teacher (MobileCLIP-S0's role, trained 
 and cleaner data for longer (the clean split's complete captions plus the whole web set with its
 synthetic captions), the student sees only a small subset of the web set with its synthetic captions
 (CC12M-SYN's role): ``DEMO_SIZES[...]["student_web_shards"]`` of the web shards.
+
+``held_out=True`` builds the world of docs/ablation-design.md instead (under its own folder,
+``HELD_OUT_ROOT``): a third of the zero-shot classes never occur in the student's web shards; the teacher
+learns every class from clean captions only (the clean split plus the world's ``teacher`` split); the
+captioner, trained on the clean split, captions only the student's web shards; zero-shot is reported on all
+classes and on the seen and unseen ones.
 """
 
 from __future__ import annotations
@@ -33,13 +39,23 @@ from siclip.config import (
 )
 from siclip.train.grad_share import format_shares
 
-__all__ = ["DEMO_SIZES", "DemoPrep", "demo_config", "prepare_demo", "run_demo"]
+__all__ = [
+    "DEMO_SIZES",
+    "HELD_OUT_ROOT",
+    "HELD_OUT_WORLD",
+    "DemoPrep",
+    "demo_config",
+    "prepare_demo",
+    "run_demo",
+]
 
 _PACKAGED = Path(__file__).resolve().parent / "configs"
 CONFIGS = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 """The shipped configs: ``siclip/configs/`` in an installed wheel (setup.py copies them in), else a
 checkout's top-level ``configs/``."""
 DEFAULT_ROOT = "runs/demo"
+HELD_OUT_ROOT = "runs/demo-heldout"
+"""Where ``--held-out`` keeps its world, captions and runs unless told otherwise (never the default world's)."""
 
 DEMO_SIZES: dict[str, dict[str, Any]] = {
     "full": {
@@ -73,6 +89,15 @@ DEMO_SIZES: dict[str, dict[str, Any]] = {
         "student_grad_share_every": 10,
     },
 }
+
+
+HELD_OUT_WORLD: dict[str, dict[str, int]] = {
+    # docs/ablation-design.md: the student's 2 web shards (seen classes only), a 6,000-image teacher split
+    # with clean captions, 25 zero-shot images per class (600 seen, 300 unseen)
+    "full": {"n_web": 2000, "n_teacher": 6000, "n_zeroshot_per_class": 25},
+    "quick": {"n_web": 300, "n_teacher": 1200, "n_zeroshot_per_class": 4},
+}
+"""What the held-out world changes in ``DEMO_SIZES[mode]["world"]``; the student takes every web shard."""
 
 
 STUDENT_ONLY = ("model.", "loss.", "teacher.", "profile=")
@@ -140,11 +165,15 @@ class DemoPrep:
 
 
 def student_shards(world: Any, syn_dir: str, n_shards: int) -> list[str]:
-    """The student's data: the CC12M-SYN shards (in ``syn_dir``) of the first ``n_shards`` web shards."""
-    if not 1 <= n_shards < len(world.web_shards):
+    """The student's data: the CC12M-SYN shards (in ``syn_dir``) of the first ``n_shards`` web shards.
+
+    A world with a ``teacher`` split gives the teacher its own data, so the student may take every web shard;
+    otherwise the teacher's data is the whole web set, and the student must take fewer shards."""
+    most = len(world.web_shards) if getattr(world, "teacher_shards", None) else len(world.web_shards) - 1
+    if not 1 <= n_shards <= most:
         raise ConfigError(
-            f"student_web_shards: got {n_shards}; allowed: 1 to {len(world.web_shards) - 1} "
-            f"(fewer than the world's {len(world.web_shards)} web shards: the teacher must see more)"
+            f"student_web_shards: got {n_shards}; allowed: 1 to {most} "
+            f"(of the world's {len(world.web_shards)} web shards; without a teacher split the teacher must see more)"
         )
     return [str(Path(syn_dir) / Path(p).name) for p in world.web_shards[:n_shards]]
 
@@ -170,46 +199,112 @@ def _drop_stale_captions(cfg: SiclipCfg) -> None:
         shutil.rmtree(out)
 
 
+def _check_regime(root: Path, held_out: bool) -> None:
+    """One demo folder holds one world: a teacher or captions of the other world are never resumed."""
+    mark = root / "demo_regime.txt"
+    regime = "held-out" if held_out else "default"
+    if mark.is_file() and mark.read_text().strip() != regime:
+        raise ConfigError(
+            f"--out: {str(root)!r} holds the {mark.read_text().strip()} demo world; got a {regime} run "
+            "(use another folder)"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    mark.write_text(regime + "\n")
+
+
+def _listed(paths: list[str]) -> str:
+    return f"[{','.join(paths)}]"
+
+
+def held_out_mentions(syn_shards: list[str], held_out: tuple[str, ...]) -> dict[str, float]:
+    """How many synthetic captions of ``syn_shards`` name a held-out class (a captioner's error: the
+    student's images never show one), and their share of all synthetic captions."""
+    from siclip.data.demo_world import names_a_class
+    from siclip.data.shards import iter_samples
+
+    total = naming = 0
+    for shard in syn_shards:
+        for sample in iter_samples(shard):
+            for text in sample.get("syn.json", {}).get("syn_text", []):
+                total += 1
+                naming += any(names_a_class(str(text), c) for c in held_out)
+    return {
+        "captions": float(total),
+        "naming_held_out": float(naming),
+        "share": naming / total if total else 0.0,
+    }
+
+
 def prepare_demo(
     *,
     out_dir: str = DEFAULT_ROOT,
     quick: bool = False,
     overrides: list[str] | tuple[str, ...] = (),
+    held_out: bool = False,
 ) -> DemoPrep:
-    """Stages 1-3 (world, CC12M-SYN captions, teacher); each skipped when already done."""
+    """Stages 1-3 (world, CC12M-SYN captions, teacher); each skipped when already done.
+
+    ``held_out``: the world of docs/ablation-design.md (see the module's docstring)."""
     from siclip.data.caption_quality import compare_captions
     from siclip.data.captioner import train_captioner
     from siclip.data.demo_world import generate_demo_world
     from siclip.data.pipeline import run_pipeline
     from siclip.train.launch import launch
 
-    sizes = DEMO_SIZES["quick" if quick else "full"]
+    mode = "quick" if quick else "full"
+    sizes = DEMO_SIZES[mode]
     root = str(Path(out_dir))
-    _stage("1/6 demo world")
-    world = generate_demo_world(Path(root) / "world", **sizes["world"])
+    _check_regime(Path(root), held_out)
+    _stage("1/6 demo world" + (" (held-out classes: docs/ablation-design.md)" if held_out else ""))
+    world_sizes = {**sizes["world"], **(HELD_OUT_WORLD[mode] if held_out else {})}
+    world = generate_demo_world(Path(root) / "world", held_out=held_out, **world_sizes)
     print(
         f"web {len(world.web_shards)} shards, clean {len(world.clean_shards)}, zero-shot {world.zeroshot_dir}"
     )
     syn_dir = demo_config("demo", root=root, overrides=overrides).caption.output_dir
-    shards = student_shards(world, syn_dir, sizes["student_web_shards"])
-    print(
-        f"teacher data: clean {len(world.clean_shards)} shards + web {len(world.web_shards)} shards; "
-        f"student data: web {len(shards)} shards (with synthetic captions)"
-    )
+    n_student = len(world.web_shards) if held_out else sizes["student_web_shards"]
+    shards = student_shards(world, syn_dir, n_student)
+    student_extra: list[str] = []
+    teacher_extra: list[str] = []
+    if held_out:
+        print(
+            f"held out of the student's data ({len(world.held_out_classes)} classes): "
+            + ", ".join(world.held_out_classes)
+        )
+        print(
+            f"teacher data: clean {len(world.clean_shards)} shards + teacher {len(world.teacher_shards)} shards "
+            f"(every class, clean captions); student data: web {len(shards)} shards (seen classes, with "
+            "synthetic captions)"
+        )
+        student_extra = [f"caption.input_shards={_listed(world.web_shards[:n_student])}"]
+        teacher_extra = [
+            f"data.train_shards={_listed([*world.clean_shards, *world.teacher_shards])}",
+            "data.synthetic=off",
+        ]
+    else:
+        print(
+            f"teacher data: clean {len(world.clean_shards)} shards + web {len(world.web_shards)} shards; "
+            f"student data: web {len(shards)} shards (with synthetic captions)"
+        )
     student_cfg = demo_config(
         "demo",
         root=root,
         overrides=[
-            f"data.train_shards=[{','.join(shards)}]",
+            f"data.train_shards={_listed(shards)}",
             f"train.max_steps={sizes['student_steps']}",
             f"train.grad_share_every={sizes['student_grad_share_every']}",
+            *student_extra,
             *overrides,
         ],
     )
     teacher_cfg = demo_config(
         "demo_teacher",
         root=root,
-        overrides=[f"train.max_steps={sizes['teacher_steps']}", *teacher_overrides(overrides)],
+        overrides=[
+            f"train.max_steps={sizes['teacher_steps']}",
+            *teacher_extra,
+            *teacher_overrides(overrides),
+        ],
     )
 
     _stage("2/6 captioner: tiny CoCa on the clean captions, then CC12M-SYN of the web set (Ray Data)")
@@ -225,18 +320,30 @@ def prepare_demo(
     _drop_stale_captions(student_cfg)
     run_pipeline(student_cfg)
     syn_shards = sorted(str(p) for p in Path(cap.output_dir).glob("*.tar"))
-    quality = compare_captions(world.web_shards, syn_shards)
+    web_captioned = world.web_shards[: len(syn_shards)] if held_out else world.web_shards
+    quality: dict[str, Any] = dict(compare_captions(web_captioned, syn_shards))
     print("caption attribute accuracy (web vs synthetic):", json.dumps(quality), flush=True)
+    if held_out:
+        quality["held_out_mentions"] = held_out_mentions(syn_shards, world.held_out_classes)
+        print("synthetic captions naming a held-out class:", json.dumps(quality["held_out_mentions"]))
 
-    _stage("3/6 teacher: tiny CLIP from scratch on clean + all web data, CLIP loss (Ray Train)")
+    _stage(
+        "3/6 teacher: tiny CLIP from scratch on "
+        + ("clean captions of every class" if held_out else "clean + all web data")
+        + ", CLIP loss (Ray Train)"
+    )
     teacher_run = launch(_checked(teacher_cfg))
     return DemoPrep(world, teacher_cfg, student_cfg, Path(teacher_run.run_dir), quality)
 
 
 def run_demo(
-    *, out_dir: str = DEFAULT_ROOT, quick: bool = False, overrides: list[str] | tuple[str, ...] = ()
+    *,
+    out_dir: str = DEFAULT_ROOT,
+    quick: bool = False,
+    overrides: list[str] | tuple[str, ...] = (),
+    held_out: bool = False,
 ) -> dict[str, Any]:
-    """Run every stage; returns (and prints) the results table as a dict."""
+    """Run every stage; returns (and prints) the results table as a dict (``held_out``: see the module)."""
     from siclip.models.info import param_counts
     from siclip.models.presets import build_preset
     from siclip.train.launch import launch
@@ -244,7 +351,7 @@ def run_demo(
 
     started = time.perf_counter()
     print("siclip demo, student: " + "\n".join(resolve_switches(CONFIGS / "demo.yaml", overrides).lines()))
-    prep = prepare_demo(out_dir=out_dir, quick=quick, overrides=overrides)
+    prep = prepare_demo(out_dir=out_dir, quick=quick, overrides=overrides, held_out=held_out)
 
     _stage("4/6 evaluate the teacher")
     teacher_metrics = _eval(
@@ -284,6 +391,8 @@ def run_demo(
 
 def format_results(results: dict[str, Any]) -> str:
     keys = ["zeroshot_top1", "zeroshot_top5", "i2t_r@1", "t2i_r@1", "image_params"]
+    if "zeroshot_top1_unseen" in results["teacher"]:
+        keys[1:1] = ["zeroshot_top1_seen", "zeroshot_top1_unseen"]
     lines = [
         "| model | " + " | ".join(keys) + " |",
         "|---|" + "---|" * len(keys),

@@ -11,6 +11,11 @@ noisy background. The splits mirror the real setting so every stage of the pipel
 - ``zeroshot``: a held-out ImageFolder whose classes are "<colour> <shape>" (folder ``red_circle``), with
   ``classnames.txt`` listing "red circle" per line in sorted folder order.
 
+With ``held_out=True`` (the paper's data regime, docs/ablation-design.md) a third of the classes, chosen by
+:func:`held_out_classes`, never occur in the ``web`` split (neither as images nor named by a caption), and an
+extra ``teacher`` split (``n_teacher`` images over every class, clean captions) holds the teacher's data; the
+zero-shot folder records the held-out classes in ``held_out_classes.txt`` (one folder name per line).
+
 Pure numpy + PIL; one generator per image (seeded by split and index) makes the output byte-identical for
 a seed and independent of the order of generation.
 """
@@ -24,7 +29,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,9 +41,12 @@ from siclip.data.shards import AtomicShardWriter, Manifest, shard_name, write_ma
 __all__ = [
     "ATTRIBUTES",
     "CLEAN_TEMPLATES",
+    "HELD_OUT_FILE",
     "DemoWorld",
     "clean_captions",
     "generate_demo_world",
+    "held_out_classes",
+    "names_a_class",
     "render_image",
     "sample_attributes",
     "web_caption",
@@ -122,7 +130,19 @@ CLEAN_TEMPLATES = [
 _A_BEFORE_VOWEL = re.compile(r"\ba (?=[aeiou])")
 
 # Split codes seed each image's generator, so splits never share an image.
-_SPLIT_CODES = {"web": 1, "clean": 2, "retrieval": 3, "zeroshot": 4}
+_SPLIT_CODES = {"web": 1, "clean": 2, "retrieval": 3, "zeroshot": 4, "teacher": 5}
+_PATH_FIELDS = (
+    "web_shards",
+    "clean_shards",
+    "retrieval_shards",
+    "teacher_shards",
+    "zeroshot_dir",
+    "classnames_file",
+)
+
+HELD_OUT_FILE = "held_out_classes.txt"
+"""In a zero-shot ImageFolder: the class folders the student's training data lacks, one per line."""
+HELD_OUT_RULE = "(colour index + shape index) mod 3 == 0, indices in ATTRIBUTES order"
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,10 @@ class DemoWorld:
     retrieval_shards: list[str]
     zeroshot_dir: str
     classnames_file: str
+    teacher_shards: list[str] = field(default_factory=list)
+    """The ``teacher`` split (every class, clean captions); empty unless ``n_teacher`` was given."""
+    held_out_classes: tuple[str, ...] = ()
+    """Zero-shot class folders absent from the ``web`` split (``held_out=True``), sorted."""
 
 
 # ----------------------------------------------------------------------------------------- content
@@ -223,12 +247,15 @@ def _pick(rng: np.random.Generator, options: list[str]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def web_caption(attrs: dict[str, str], rng: np.random.Generator) -> tuple[str, dict[str, str]]:
+def web_caption(
+    attrs: dict[str, str], rng: np.random.Generator, *, avoid: frozenset[tuple[str, str]] = frozenset()
+) -> tuple[str, dict[str, str]]:
     """A noisy, partial alt-text caption and the attribute values it mentions (colour may be wrong).
 
     About 10 % say nothing about the image; otherwise shape and colour are each mentioned with
     probability 0.65 (a shape by a synonym 30 % of the time), size 0.3 and position 0.15, at least one of
-    them; a mentioned colour is wrong 10 % of the time.
+    them; a mentioned colour is wrong 10 % of the time. A wrong colour is never one that makes a
+    ``(colour, shape)`` pair of ``avoid`` with the image's shape.
     """
     n = int(rng.integers(100, 9999))
     if rng.random() < 0.1:
@@ -249,7 +276,8 @@ def web_caption(attrs: dict[str, str], rng: np.random.Generator) -> tuple[str, d
     if mention["colour"]:
         colour = attrs["colour"]
         if rng.random() < 0.1:
-            colour = _pick(rng, [c for c in ATTRIBUTES["colour"] if c != colour])
+            wrong = [c for c in ATTRIBUTES["colour"] if c != colour and (c, attrs["shape"]) not in avoid]
+            colour = _pick(rng, wrong)
         said["colour"] = colour
         words.append(colour)
     if mention["shape"]:
@@ -289,6 +317,30 @@ def zeroshot_classes() -> list[tuple[str, str, str]]:
     return sorted(pairs)
 
 
+def held_out_classes() -> list[str]:
+    """The classes the paper-regime world keeps out of the student's web split, as zero-shot folder names.
+
+    The rule (docs/ablation-design.md): number colours and shapes in :data:`ATTRIBUTES` order; class
+    (colour ``i``, shape ``j``) is held out iff ``(i + j) % 3 == 0``. 12 of the 36 classes; every colour and
+    every shape is held out in exactly 2 of its 6 combinations.
+    """
+    colours, shapes = ATTRIBUTES["colour"], ATTRIBUTES["shape"]
+    return sorted(f"{c}_{s}" for i, c in enumerate(colours) for j, s in enumerate(shapes) if (i + j) % 3 == 0)
+
+
+def _pairs(folders: list[str] | tuple[str, ...]) -> frozenset[tuple[str, str]]:
+    return frozenset((f.split("_", 1)[0], f.split("_", 1)[1]) for f in folders)
+
+
+def names_a_class(text: str, folder: str) -> bool:
+    """Whether ``text`` names the class ``folder`` (``red_circle``): its colour word directly followed by
+    the shape's name or one of its web synonyms, case-insensitively (``"Red ball"``, ``"a red circle"``)."""
+    colour, shape = folder.split("_", 1)
+    words = sorted({shape, *(s.split()[0] for s in _SHAPE_SYNONYMS[shape])})
+    pattern = rf"\b{re.escape(colour)}\s+(?:{'|'.join(map(re.escape, words))})\b"
+    return re.search(pattern, text.lower()) is not None
+
+
 # ---------------------------------------------------------------------------------------- writing
 def _jpeg(image: Image.Image) -> bytes:
     buf = io.BytesIO()
@@ -310,6 +362,7 @@ def _write_split(
     samples_per_shard: int,
     make_text: Callable[[dict[str, str], np.random.Generator], tuple[str, dict[str, Any]]],
     params: dict[str, Any],
+    exclude: frozenset[tuple[str, str]] = frozenset(),
 ) -> list[str]:
     folder = os.path.join(root, split)
     os.makedirs(folder, exist_ok=True)
@@ -322,6 +375,8 @@ def _write_split(
             for i in range(start, min(n, start + samples_per_shard)):
                 rng = _rng_for(seed, split, i)
                 attrs = sample_attributes(rng)
+                while (attrs["colour"], attrs["shape"]) in exclude:  # redrawn from the image's own generator
+                    attrs = sample_attributes(rng)
                 image = render_image(attrs, rng, size=image_size)
                 text, extra = make_text(attrs, rng)
                 key = f"{i:09d}"
@@ -355,12 +410,24 @@ def _web_text(attrs: dict[str, str], rng: np.random.Generator) -> tuple[str, dic
     return text, {"mentioned": said}
 
 
+def _web_text_avoiding(
+    avoid: frozenset[tuple[str, str]],
+) -> Callable[[dict[str, str], np.random.Generator], tuple[str, dict[str, Any]]]:
+    def make(attrs: dict[str, str], rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
+        text, said = web_caption(attrs, rng, avoid=avoid)
+        return text, {"mentioned": said}
+
+    return make
+
+
 def _clean_text(attrs: dict[str, str], rng: np.random.Generator) -> tuple[str, dict[str, Any]]:
     captions = clean_captions(attrs, rng)
     return captions[0], {"captions": captions}
 
 
-def _write_zeroshot(root: str, *, seed: int, per_class: int, image_size: int) -> tuple[str, str]:
+def _write_zeroshot(
+    root: str, *, seed: int, per_class: int, image_size: int, held_out: tuple[str, ...] = ()
+) -> tuple[str, str]:
     folder = os.path.join(root, "zeroshot")
     index = 0
     lines = []
@@ -376,6 +443,9 @@ def _write_zeroshot(root: str, *, seed: int, per_class: int, image_size: int) ->
             with open(path + ".tmp", "wb") as f:
                 f.write(_jpeg(render_image(attrs, rng, size=image_size)))
             os.replace(path + ".tmp", path)
+    if held_out:
+        with open(os.path.join(folder, HELD_OUT_FILE), "w") as f:
+            f.write("\n".join(held_out) + "\n")
     classnames = os.path.join(root, "classnames.txt")
     with open(classnames, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -394,11 +464,21 @@ def _from_record(root: str, record: dict[str, Any]) -> DemoWorld:
         retrieval_shards=[full(p) for p in paths["retrieval_shards"]],
         zeroshot_dir=full(paths["zeroshot_dir"]),
         classnames_file=full(paths["classnames_file"]),
+        teacher_shards=[full(p) for p in paths.get("teacher_shards", [])],
+        held_out_classes=tuple(record.get("held_out_classes", ())),
     )
 
 
 def _complete(world: DemoWorld) -> bool:
-    files = [*world.web_shards, *world.clean_shards, *world.retrieval_shards, world.classnames_file]
+    files = [
+        *world.web_shards,
+        *world.clean_shards,
+        *world.retrieval_shards,
+        *world.teacher_shards,
+        world.classnames_file,
+    ]
+    if world.held_out_classes:
+        files.append(os.path.join(world.zeroshot_dir, HELD_OUT_FILE))
     return all(os.path.isfile(p) for p in files) and os.path.isdir(world.zeroshot_dir)
 
 
@@ -412,8 +492,14 @@ def generate_demo_world(
     n_zeroshot_per_class: int = 10,
     image_size: int = 64,
     samples_per_shard: int = 1000,
+    held_out: bool = False,
+    n_teacher: int = 0,
 ) -> DemoWorld:
     """Generate (or find) the demo world under ``out_dir``; returns its paths.
+
+    ``held_out``: keep the classes of :func:`held_out_classes` out of the ``web`` split (the student's data)
+    and record them (``demo_world.json``, ``zeroshot/held_out_classes.txt``). ``n_teacher``: images of an
+    extra ``teacher`` split over every class with clean captions (0: none).
 
     Idempotent: when ``out_dir/demo_world.json`` records the same parameters and its files exist, nothing
     is regenerated. Otherwise the split folders are rebuilt from scratch, and ``demo_world.json`` is
@@ -421,6 +507,8 @@ def generate_demo_world(
     """
     if min(n_web, n_clean, n_retrieval, n_zeroshot_per_class) < 1 or image_size < 16 or samples_per_shard < 1:
         raise ValueError("demo world sizes must be >= 1 (image_size >= 16)")
+    if n_teacher < 0:
+        raise ValueError(f"n_teacher: got {n_teacher}; allowed: 0 (no teacher split) or more")
     root = os.path.abspath(os.fspath(out_dir))
     params = {
         "seed": seed,
@@ -433,6 +521,12 @@ def generate_demo_world(
         "attributes": ATTRIBUTES,
         "generator_version": 1,
     }
+    held = tuple(held_out_classes()) if held_out else ()
+    # Recorded only when used, so the default world's record (and an existing world on disk) is unchanged.
+    if held_out:
+        params["held_out"] = HELD_OUT_RULE
+    if n_teacher:
+        params["n_teacher"] = n_teacher
     record_path = os.path.join(root, "demo_world.json")
     if os.path.isfile(record_path):
         with open(record_path) as f:
@@ -444,15 +538,22 @@ def generate_demo_world(
     os.makedirs(root, exist_ok=True)
     if os.path.exists(record_path):
         os.remove(record_path)
-    for split in ("web", "clean", "retrieval", "zeroshot"):
+    for split in ("web", "clean", "retrieval", "zeroshot", "teacher"):
         shutil.rmtree(os.path.join(root, split), ignore_errors=True)
 
-    common = {"seed": seed, "image_size": image_size, "samples_per_shard": samples_per_shard}
-    web = _write_split(root, "web", n_web, make_text=_web_text, params=params, **common)
+    common: dict[str, Any] = {"seed": seed, "image_size": image_size, "samples_per_shard": samples_per_shard}
+    avoid = _pairs(held)
+    web_text = _web_text_avoiding(avoid) if avoid else _web_text
+    web = _write_split(root, "web", n_web, make_text=web_text, params=params, exclude=avoid, **common)
     clean = _write_split(root, "clean", n_clean, make_text=_clean_text, params=params, **common)
     retrieval = _write_split(root, "retrieval", n_retrieval, make_text=_clean_text, params=params, **common)
+    teacher = (
+        _write_split(root, "teacher", n_teacher, make_text=_clean_text, params=params, **common)
+        if n_teacher
+        else []
+    )
     zeroshot_dir, classnames = _write_zeroshot(
-        root, seed=seed, per_class=n_zeroshot_per_class, image_size=image_size
+        root, seed=seed, per_class=n_zeroshot_per_class, image_size=image_size, held_out=held
     )
     world = DemoWorld(
         root=root,
@@ -461,14 +562,23 @@ def generate_demo_world(
         retrieval_shards=retrieval,
         zeroshot_dir=zeroshot_dir,
         classnames_file=classnames,
+        teacher_shards=teacher,
+        held_out_classes=held,
     )
-    rel = {
-        k: ([os.path.relpath(p, root) for p in v] if isinstance(v, list) else os.path.relpath(v, root))
-        for k, v in asdict(world).items()
-        if k != "root"
-    }
+    rel: dict[str, Any] = {}
+    for name in _PATH_FIELDS:
+        value = getattr(world, name)
+        if isinstance(value, list):
+            if value or name != "teacher_shards":
+                rel[name] = [os.path.relpath(p, root) for p in value]
+        else:
+            rel[name] = os.path.relpath(value, root)
+    written: dict[str, Any] = {"params": params, "paths": rel}
+    if held:
+        written["held_out_classes"] = list(held)
+        written["held_out_rule"] = HELD_OUT_RULE
     tmp = record_path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"params": params, "paths": rel}, f, indent=2, sort_keys=True)
+        json.dump(written, f, indent=2, sort_keys=True)
     os.replace(tmp, record_path)
     return world

@@ -33,7 +33,8 @@ def evaluate_model(
 
     Either part is skipped when its data is not configured. ``shard``: this rank's part of an evaluation
     split across ranks (every rank must call; all get the same metrics). Keys: ``zeroshot_top1``, ``zeroshot_top5``,
-    ``i2t_r@K``, ``t2i_r@K``; values are fractions in [0, 1].
+    ``i2t_r@K``, ``t2i_r@K``; values are fractions in [0, 1]. A zero-shot folder with ``held_out_classes.txt``
+    (the held-out demo world) adds ``zeroshot_top{1,5}_seen`` and ``zeroshot_top{1,5}_unseen``.
     """
     from siclip.eval.retrieval import evaluate_retrieval
     from siclip.eval.zeroshot import evaluate_zeroshot, load_classnames

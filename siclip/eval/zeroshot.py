@@ -1,4 +1,10 @@
-"""Zero-shot classification on an ImageFolder directory with class-name prompts (open_clip's classifier)."""
+"""Zero-shot classification on an ImageFolder directory with class-name prompts (open_clip's classifier).
+
+When the folder names the classes its model's training data lacked (``held_out_classes.txt`` beside the class
+folders, one folder name per line, as the held-out demo world writes it), accuracy is also reported separately
+on the images of those classes (``*_unseen``) and of the others (``*_seen``); the classifier always spans
+every class.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,11 @@ from open_clip import build_zero_shot_classifier
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
+from siclip.data.demo_world import HELD_OUT_FILE
 from siclip.eval.metrics import eval_mode, topk_accuracy
 from siclip.eval.shard import Shard
 
-__all__ = ["evaluate_zeroshot", "load_classnames"]
+__all__ = ["evaluate_zeroshot", "load_classnames", "load_held_out"]
 
 
 def load_classnames(path: str | os.PathLike[str]) -> list[str]:
@@ -25,6 +32,14 @@ def load_classnames(path: str | os.PathLike[str]) -> list[str]:
     if not names:
         raise ValueError(f"{path}: no class names")
     return names
+
+
+def load_held_out(folder: str | os.PathLike[str]) -> list[str]:
+    """The class folders listed in ``folder/held_out_classes.txt`` (empty when there is no such file)."""
+    path = Path(folder) / HELD_OUT_FILE
+    if not path.is_file():
+        return []
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def evaluate_zeroshot(
@@ -39,8 +54,14 @@ def evaluate_zeroshot(
     device: str | torch.device = "cpu",
     loader_workers: int = 0,
     shard: Shard | None = None,
+    unseen_classes: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Top-1 and top-5 accuracy (fractions) of ``model`` on the ImageFolder ``folder``.
+
+    ``unseen_classes``: class folders the model's training data lacked (default: those of
+    ``folder/held_out_classes.txt``, if any). With some, the keys ``zeroshot_top{1,5}_seen`` and
+    ``zeroshot_top{1,5}_unseen`` give the accuracy on the images of the other classes and of those (each
+    only when it has images); the classifier still spans every class.
 
     Class ``i`` is the i-th folder in sorted order; its name is ``classnames[i]`` or the folder name with
     underscores as spaces. Each class's text embedding averages the prompts from ``templates``
@@ -60,11 +81,17 @@ def evaluate_zeroshot(
         )
     if not templates:
         raise ValueError("zero-shot needs at least one prompt template")
+    unseen = list(unseen_classes) if unseen_classes is not None else load_held_out(folder)
+    missing = [c for c in unseen if c not in dataset.classes]
+    if missing:
+        raise ValueError(f"{folder}: held-out class {missing[0]!r} is not one of its class folders")
+    is_unseen = torch.tensor([c in unseen for c in dataset.classes], dtype=torch.bool)
     images_of_rank = Subset(dataset, shard.span(len(dataset)))
     loader = DataLoader(images_of_rank, batch_size=batch_size, shuffle=False, num_workers=loader_workers)
     ks = (1, 5)
-    hits = dict.fromkeys(ks, 0)
-    total = 0
+    groups = ("all", "seen", "unseen")
+    hits = {g: dict.fromkeys(ks, 0) for g in groups}
+    total = dict.fromkeys(groups, 0)
     # fewer classes than ranks: every rank builds the whole (small) classifier instead of an empty slice
     classes = shard.span(len(names)) if len(names) >= shard.world_size else range(len(names))
     with eval_mode(model):
@@ -81,10 +108,24 @@ def evaluate_zeroshot(
         for images, labels in loader:
             features = model.encode_image(images.to(device), normalize=True)
             logits = features.float() @ classifier.float()
-            for k, n in topk_accuracy(logits, labels.to(device), ks).items():
-                hits[k] += n
-            total += labels.shape[0]
-    hit1, hit5, n_total = shard.sum([hits[1], hits[5], total], device=device)
-    if n_total == 0:
+            labels = labels.to(device)
+            unseen_rows = is_unseen.to(device)[labels]
+            for group, rows in (("all", None), ("seen", ~unseen_rows), ("unseen", unseen_rows)):
+                if rows is not None and not unseen:
+                    continue
+                part_logits, part_labels = (logits, labels) if rows is None else (logits[rows], labels[rows])
+                if part_labels.shape[0]:
+                    for k, n in topk_accuracy(part_logits, part_labels, ks).items():
+                        hits[group][k] += n
+                total[group] += int(part_labels.shape[0])
+    counts = shard.sum([v for g in groups for v in (hits[g][1], hits[g][5], total[g])], device=device)
+    summed = {g: counts[3 * i : 3 * i + 3] for i, g in enumerate(groups)}
+    if summed["all"][2] == 0:
         raise ValueError(f"{folder}: no images")
-    return {"zeroshot_top1": hit1 / n_total, "zeroshot_top5": hit5 / n_total}
+    out: dict[str, float] = {}
+    for group, (hit1, hit5, n_images) in summed.items():
+        if n_images:
+            suffix = "" if group == "all" else f"_{group}"
+            out[f"zeroshot_top1{suffix}"] = hit1 / n_images
+            out[f"zeroshot_top5{suffix}"] = hit5 / n_images
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from siclip.ablate import (
     ROWS,
     _row_cfg,
     ablation_table_path,
+    compare_claims,
     curves_dir,
     format_table,
+    regime_checks,
     run_ablation,
     save_curve,
     summarize,
@@ -117,3 +120,87 @@ def test_curve_csv_merges_rows_of_one_step_and_keeps_only_losses_and_metrics(tmp
     assert [r["step"] for r in table] == ["20", "40", "60"]
     assert table[1] == {"step": "40", "loss/clip": "1.5", "loss/total": "2.0", "val/zeroshot_top1": "0.25"}
     assert table[0]["val/zeroshot_top1"] == "" and float(table[2]["loss/total"]) == 1.0
+
+
+def _runs(values: dict[str, list[tuple[float, float, float]]]) -> dict[str, list[dict[str, float]]]:
+    """Row -> per seed (top-1 all, seen, unseen), retrieval fixed."""
+    return {
+        row: [
+            {
+                "zeroshot_top1": t,
+                "zeroshot_top1_seen": s,
+                "zeroshot_top1_unseen": u,
+                "i2t_r@1": 0.1,
+                "t2i_r@1": 0.2,
+            }
+            for t, s, u in seeds
+        ]
+        for row, seeds in values.items()
+    }
+
+
+def test_claims_pair_rows_by_seed_and_read_their_primary_metric() -> None:
+    wi = [(0.60, 0.80, 0.20), (0.62, 0.82, 0.22), (0.61, 0.80, 0.23)]
+    wikd = [(0.63, 0.79, 0.31), (0.60, 0.78, 0.24), (0.64, 0.80, 0.32)]
+    per_row = _runs({"WI": wi, "WIKD": wikd})
+    (claim,) = compare_claims(per_row)  # only the claims whose two rows ran
+    assert claim["claim"] == "WIKD > WI" and claim["primary"] == "zeroshot_top1_unseen"
+    d = [wikd[s][2] - wi[s][2] for s in range(3)]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    got = claim["diffs"]["zeroshot_top1_unseen"]
+    assert got["mean"] == pytest.approx(mean)
+    assert got["low"] == pytest.approx(mean - 4.303 * sd / math.sqrt(3), abs=1e-4)
+    assert claim["verdict"] == ("holds" if got["low"] > 0 else "not shown")
+    # without seen/unseen metrics (the default world) the claim falls back to top-1 on all classes
+    plain = {
+        r: [{"zeroshot_top1": v[0], "i2t_r@1": 0.1, "t2i_r@1": 0.2} for v in seeds]
+        for r, seeds in (("WI", wi), ("WIKD", wikd))
+    }
+    (fallback,) = compare_claims(plain)
+    assert fallback["primary"] == "zeroshot_top1" and "zeroshot_top1_unseen" not in fallback["diffs"]
+
+
+def test_table_has_teacher_seen_unseen_gap_shares_intervals_and_regime_checks() -> None:
+    per_row = _runs(
+        {
+            "baseline": [(0.20, 0.28, 0.04), (0.22, 0.30, 0.06), (0.21, 0.29, 0.05)],
+            "WI": [(0.50, 0.70, 0.10), (0.52, 0.71, 0.14), (0.51, 0.70, 0.13)],
+        }
+    )
+    teacher = {
+        "zeroshot_top1": 0.81,
+        "zeroshot_top1_seen": 0.82,
+        "zeroshot_top1_unseen": 0.79,
+        "i2t_r@1": 0.3,
+    }
+    result = {
+        "seeds": 3,
+        "steps": 200,
+        "rows": summarize(per_row),
+        "teacher": teacher,
+        "comparisons": compare_claims(per_row),
+        "regime": regime_checks(teacher, per_row),
+    }
+    table = format_table(result)
+    lines = table.splitlines()
+    header = next(line for line in lines if line.startswith("| row | zeroshot_top1"))
+    assert header.split(" | ")[1:4] == ["zeroshot_top1", "zeroshot_top1_seen", "zeroshot_top1_unseen"]
+    assert "| teacher (one run) | 81.0 | 82.0 | 79.0 | 30.0 | - | - |" in lines
+    assert any(line.startswith("| WI | 51.0 ± 0.8 | 70.3 ± 0.5 | 12.3 ± 1.7 |") for line in lines)
+    # WI's share of the gap on all classes: (0.51 - 0.21) / (0.81 - 0.21) = 50 %
+    share = next(line for line in lines if line.startswith("| WI | ") and "%" in line)
+    assert share.split(" | ")[1] == "50 %"
+    claim = next(line for line in lines if line.startswith("| WI > baseline |"))
+    assert "holds" in claim and "+30.0 [" in claim
+    assert [c["ok"] for c in result["regime"]] == [True, True]
+    assert "not in regime" not in table
+
+
+def test_held_out_table_path_and_config_conflict(tmp_path: Path) -> None:
+    assert ablation_table_path(None, held_out=True) == "benchmarks/ablation-heldout.md"
+    assert ablation_table_path(None, "siclip", held_out=True) == "benchmarks/ablation-heldout-siclip.md"
+    with pytest.raises(ConfigError, match="--held-out"):
+        run_ablation(out_dir=str(tmp_path / "never"), config="configs/demo.yaml", held_out=True)
+    assert not (tmp_path / "never").exists()
+    assert "WI, web captions only" in ROWS

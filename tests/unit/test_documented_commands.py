@@ -52,7 +52,9 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
     (tune/README.md's cluster sweep is judged as a job of cluster/README.md's "Jobs" section)."""
     found = []
     sections = re.split(r"^## ", README.read_text(), flags=re.M)[1:]
-    tune_jobs = [s for s in re.split(r"^## ", TUNE_README.read_text(), flags=re.M)[1:] if "ray job submit" in s]
+    tune_jobs = [
+        s for s in re.split(r"^## ", TUNE_README.read_text(), flags=re.M)[1:] if "ray job submit" in s
+    ]
     for section in sections + ["Jobs\n" + s for s in tune_jobs]:
         title = section.splitlines()[0].split(" (")[0].split(":")[0].strip()
         for block in re.findall(r"```bash\n(.*?)```", section, re.S):

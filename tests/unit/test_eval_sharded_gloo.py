@@ -53,6 +53,7 @@ def _make_data(root: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         colour = tuple(int(v) for v in torch.randint(0, 256, (3,), generator=g))
         Image.new("RGB", (4, 4), colour).save(folder / f"{i:03d}.png")
+    (root / "zs" / "held_out_classes.txt").write_text("class_1\nclass_3\n")  # seen/unseen split too
     with AtomicShardWriter(root / "ret-000000.tar") as w:
         for i in range(N_SAMPLES):
             colour = tuple(int(v) for v in torch.randint(0, 256, (3,), generator=g))
@@ -91,6 +92,7 @@ def test_sharded_eval_on_two_ranks_equals_single_process(data: Path) -> None:
     mp.spawn(_worker, args=(str(data),), nprocs=WORLD, join=True)
     single = _evaluate(data, Shard())
     assert 0.0 < single["zeroshot_top1"] < 1.0 and 0.0 < single["i2t_r@1"] < 1.0  # not trivially 0 or 1
+    assert {"zeroshot_top1_seen", "zeroshot_top1_unseen"} <= set(single)
     for rank in range(WORLD):
         assert torch.load(data / f"rank{rank}.pt") == single
 
