@@ -422,9 +422,22 @@ class CaptionCfg:
     output is unusable and every further shard would be captioned for nothing. 0: never stop."""
     teacher_embeddings: bool = False
     """Also store the teacher's image/text embeddings per sample (``npz``)."""
+    teacher_gpus_per_actor: float = field(default=-1.0, metadata=_rng(-1.0))
+    """GPUs per teacher-embedding actor: a fraction (e.g. 0.25) packs the light teacher forward beside the
+    captioners instead of holding a GPU of its own; -1: the same as ``caption.num_gpus_per_actor``."""
     seed: int = 0
 
+    @property
+    def teacher_gpus(self) -> float:
+        """The teacher pool's GPUs per actor, resolved."""
+        return self.num_gpus_per_actor if self.teacher_gpus_per_actor < 0 else self.teacher_gpus_per_actor
+
     def __post_init__(self) -> None:
+        if -1.0 < self.teacher_gpus_per_actor < 0.0:
+            raise ConfigError(
+                f"caption.teacher_gpus_per_actor: got {self.teacher_gpus_per_actor:g}; allowed: -1 (as "
+                "caption.num_gpus_per_actor) or a number >= 0"
+            )
         if self.min_actors > self.num_actors:
             raise ConfigError(
                 f"caption.min_actors: got {self.min_actors}; allowed: at most caption.num_actors "

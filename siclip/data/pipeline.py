@@ -626,18 +626,23 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
         if pools == 2
         else ("captioner pool", "needs", "it stays")
     )
-    need_gpus = pools * c.min_actors * c.num_gpus_per_actor
+    # GPUs of one captioner actor plus, with stored embeddings, one teacher actor (its own share)
+    per_pair = c.num_gpus_per_actor + (c.teacher_gpus if c.teacher_embeddings else 0.0)
+    shares = f"({c.num_gpus_per_actor:g} + {c.teacher_gpus:g})" if c.teacher_embeddings else f"{per_pair:g}"
+    need_gpus = c.min_actors * per_pair
     need_cpus = pools * c.min_actors * c.num_cpus_per_actor
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0))
     if need_gpus > gpus + 1e-9 or need_cpus + prepare_cpus > cpus + 1e-9:
         gpus, cpus = _wait_for_autoscaler(cfg, need_gpus, need_cpus + prepare_cpus, what, need)
     if need_gpus > gpus + 1e-9:
+        keys = "caption.num_gpus_per_actor" + (
+            " / caption.teacher_gpus_per_actor" if c.teacher_embeddings else ""
+        )
         raise RuntimeError(
-            f"caption.num_gpus_per_actor={c.num_gpus_per_actor:g}: the {what} {need} at least {pools} x "
-            f"{c.min_actors} (caption.min_actors) x {c.num_gpus_per_actor:g} = {need_gpus:g} GPUs but the Ray "
-            f"cluster has {gpus:g}; lower caption.min_actors or caption.num_gpus_per_actor (0: caption on "
-            "CPUs), or connect to a cluster with more GPUs (ray.address / RAY_ADDRESS)."
+            f"{keys}={shares}: the {what} {need} at least {c.min_actors} (caption.min_actors) x {shares} = "
+            f"{need_gpus:g} GPUs but the Ray cluster has {gpus:g}; lower caption.min_actors or {keys} (0: "
+            "caption on CPUs), or connect to a cluster with more GPUs (ray.address / RAY_ADDRESS)."
         )
     if need_cpus + prepare_cpus > cpus + 1e-9:
         raise RuntimeError(
@@ -646,7 +651,7 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
             f"{c.num_cpus_per_actor:g} = {need_cpus:g} and a read task {prepare_cpus:g}. Lower "
             "caption.num_cpus_per_actor or caption.min_actors."
         )
-    full = pools * c.num_actors * c.num_gpus_per_actor
+    full = c.num_actors * per_pair
     if full > gpus + 1e-9 and full > _autoscaler_max().get("GPU", 0.0) + 1e-9:
         log.warning(
             "the %s would need %g GPUs at caption.num_actors=%d but the cluster has %g: %s smaller",
@@ -686,15 +691,20 @@ def _wait_for_autoscaler(
 
     c = cfg.caption
     timeout = c.worker_start_timeout_s
-    pools = 2 if c.teacher_embeddings else 1
-    bundle = {"CPU": c.num_cpus_per_actor, **({"GPU": c.num_gpus_per_actor} if c.num_gpus_per_actor else {})}
+
+    def bundle(gpus: float) -> dict[str, float]:
+        return {"CPU": c.num_cpus_per_actor, **({"GPU": gpus} if gpus else {})}
+
     print(
         f"siclip data: the cluster has {have[0]:g} GPUs and {have[1]:g} CPUs now; the {what} {need} "
         f"{need_gpus:g} GPUs and {need_cpus:g} CPUs (a read task included): asking the autoscaler and waiting "
         f"up to {timeout} s (caption.worker_start_timeout_s)",
         flush=True,
     )
-    request_resources(bundles=[bundle] * (pools * c.min_actors) + [{"CPU": 1.0}])
+    bundles = [bundle(c.num_gpus_per_actor)] * c.min_actors
+    if c.teacher_embeddings:
+        bundles += [bundle(c.teacher_gpus)] * c.min_actors
+    request_resources(bundles=[*bundles, {"CPU": 1.0}])
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -1087,7 +1097,7 @@ def run_pipeline(
         ds = ds.map(
             TeacherActor,  # type: ignore[arg-type]
             fn_constructor_kwargs={"cfg": cfg_dict, "out_dir": out_dir, "chunk": chunk},
-            **pool,
+            **{**pool, "num_gpus": c.teacher_gpus},
         )
 
     # This dataset's own context: the process-wide one (and later datasets, e.g. training's) stay as they are.

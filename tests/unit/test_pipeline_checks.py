@@ -29,12 +29,26 @@ def test_one_pool_fits_one_gpu(cluster: dict[str, float]) -> None:
 
 
 def test_captioner_and_teacher_pools_need_their_gpus_together(cluster: dict[str, float]) -> None:
-    with pytest.raises(RuntimeError, match=r"captioner and teacher pools need at least 2 x 1 .* = 2 GPUs"):
+    with pytest.raises(RuntimeError, match=r"captioner and teacher pools need at least .* = 2 GPUs"):
         _check_resources(_cfg(teacher_embeddings=True), 1.0)  # type: ignore[arg-type]
     cluster["GPU"] = 2.0
     _check_resources(_cfg(teacher_embeddings=True), 1.0)  # type: ignore[arg-type]
-    with pytest.raises(RuntimeError, match=r"2 x 2 \(caption.min_actors\) x 1 = 4 GPUs"):
+    with pytest.raises(RuntimeError, match=r"= 4 GPUs but the Ray cluster has 2"):
         _check_resources(_cfg(teacher_embeddings=True, min_actors=2, num_actors=4), 1.0)  # type: ignore[arg-type]
+
+
+def test_a_fractional_teacher_shares_the_captioners_gpu(cluster: dict[str, float]) -> None:
+    """caption.teacher_gpus_per_actor: the light teacher forward packs beside a captioner on one GPU."""
+    cluster["GPU"] = 1.5
+    _check_resources(_cfg(teacher_embeddings=True, teacher_gpus_per_actor=0.5), 1.0)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="teacher_gpus_per_actor") as info:
+        _check_resources(_cfg(teacher_embeddings=True, teacher_gpus_per_actor=0.75), 1.0)  # type: ignore[arg-type]
+    assert "1.75 GPUs" in str(info.value) and "has 1.5" in str(info.value)
+
+
+def test_a_teacher_share_between_minus_one_and_zero_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"caption\.teacher_gpus_per_actor: got -0\.5"):
+        _cfg(teacher_gpus_per_actor=-0.5)
 
 
 def test_pools_leave_a_cpu_for_reading(cluster: dict[str, float]) -> None:
@@ -58,11 +72,9 @@ def test_a_cpu_only_cluster_captions_on_cpus(cluster: dict[str, float]) -> None:
     _check_resources(_cfg(num_gpus_per_actor=0.0), 1.0)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError) as info:
         _check_resources(_cfg(), 1.0)  # type: ignore[arg-type]
-    assert str(info.value) == (
-        "caption.num_gpus_per_actor=1: the captioner pool needs at least 1 x 1 (caption.min_actors) x 1 = 1 GPUs "
-        "but the Ray cluster has 0; lower caption.min_actors or caption.num_gpus_per_actor (0: caption on CPUs), "
-        "or connect to a cluster with more GPUs (ray.address / RAY_ADDRESS)."
-    )
+    message = str(info.value)  # names the key, what the pool needs, what the cluster has, and the way out
+    assert message.startswith("caption.num_gpus_per_actor=1") and "\n" not in message
+    assert "= 1 GPUs but the Ray cluster has 0" in message and "0: caption on CPUs" in message
 
 
 def test_a_cluster_listing_no_cpus_has_none_to_give(cluster: dict[str, float]) -> None:
@@ -107,6 +119,14 @@ def test_gpu_workers_at_zero_are_requested_and_waited_for(monkeypatch: pytest.Mo
     assert sum(b.get("GPU", 0) for b in asked["bundles"]) == 2  # min_actors x num_gpus_per_actor
     assert cleared == {"bundles": []}  # no standing request once the nodes are there
     assert 0 < scaler.now < 600
+
+
+def test_the_autoscaler_is_asked_for_each_pools_own_gpu_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    scaler = _Autoscaler(monkeypatch, most={"CPU": 100.0, "GPU": 8.0}, boot_polls=2)
+    cfg = _cfg(min_actors=1, num_actors=2, teacher_embeddings=True, teacher_gpus_per_actor=0.25)
+    _check_resources(cfg, 1.0)  # type: ignore[arg-type]
+    asked = scaler.requests[0]["bundles"]
+    assert sorted(b.get("GPU", 0) for b in asked if "GPU" in b) == [0.25, 1.0]
 
 
 def test_gpu_workers_that_never_come_fail_naming_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
