@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from siclip.losses.terms import SYN_KEY, TOTAL_KEY, is_summed_over_caption_sets
+
 __all__ = ["SiclipTask"]
 
 
@@ -137,14 +139,14 @@ class SiclipTask(nn.Module):
                 t_logit_scale=None if t_logit_scale is None else t_logit_scale.detach(),
             )
             for key, value in terms.items():
-                if key.endswith("loss") or key.startswith("term/"):  # summed over the caption sets
+                if is_summed_over_caption_sets(key):
                     out[key] = out[key] + value if key in out else value
                 else:
                     out.setdefault(key, value)  # temperatures: the same for both caption sets
             if i == 1:
-                out["syn_loss"] = terms["loss"].detach()
+                out[SYN_KEY] = terms[TOTAL_KEY].detach()
         if self.caption_sets == "mean" and len(texts) > 1:
             for key in out:
-                if (key.endswith("loss") and key != "syn_loss") or key.startswith("term/"):
+                if is_summed_over_caption_sets(key):
                     out[key] = out[key] / len(texts)
         return out

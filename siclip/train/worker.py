@@ -47,7 +47,6 @@ __all__ = ["METRICS_TABLE", "build_task", "last_grad_shares", "read_metrics", "r
 
 # Ray Train V2 tees print() to stdout and its logger (each line twice); a logger prints once.
 LOG = logging.getLogger("siclip.train")
-KD_TERMS = ("fd_weight", "crd_weight", "icl_weight")
 
 
 def run_location(cfg: SiclipCfg) -> str:
@@ -57,9 +56,11 @@ def run_location(cfg: SiclipCfg) -> str:
 
 def _teacher_needed(cfg: SiclipCfg) -> bool:
     from siclip.losses.schedule import max_weights
+    from siclip.losses.terms import TERMS
 
     # a KD term that is on in any loss.schedule stage needs the teacher from the start
-    return cfg.teacher.enabled and any(max_weights(cfg.loss)[k.removesuffix("_weight")] > 0 for k in KD_TERMS)
+    weights = max_weights(cfg.loss)
+    return cfg.teacher.enabled and any(weights[t.name] > 0 for t in TERMS if t.needs_teacher)
 
 
 def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
@@ -78,7 +79,6 @@ def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
         cfg.loss,
         student_dim=preset_info(cfg.model.name).embed_dim,
         teacher_dim=preset_info(cfg.teacher.name).embed_dim if teacher is not None else None,
-        gather_with_grad=cfg.loss.gather_with_grad,
     )
     info = {"inherit_report": report.summary() if report is not None else None}
     return SiclipTask(student, loss, teacher, caption_sets=cfg.loss.caption_sets), info
