@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from siclip.config import SiclipCfg, replace
-from siclip.eval.tables import save_table
+from siclip.eval.markdown_tables import save_table
 
 __all__ = ["format_formats_table", "format_table", "run_bench_formats", "run_bench_train"]
 

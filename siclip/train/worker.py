@@ -192,7 +192,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 log.progress(step, metrics)
 
     def on_eval(step: int) -> dict[str, float]:
-        from siclip.eval.shard import Shard
+        from siclip.eval.ranks import Shard
         from siclip.eval.suite import evaluate_cfg
 
         if not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards or cfg.eval.benchmarks):
