@@ -64,22 +64,23 @@ class WIKDLoss(nn.Module):
         built = max_weights(cfg)
         self.teacher_dim = teacher_dim
         has_teacher = teacher_dim is not None
-        # a term is built when its weight is above 0 at some step and, for a KD term, there is a teacher
-        mods = {
-            t.name: t.build(cfg, student_dim)
-            if built[t.name] > 0 and (has_teacher or not t.needs_teacher)
-            else None
-            for t in TERMS
-        }
-        # registration order (clip, fd, crd, icl, projector, pm) fixes the parameter order that optimizer
-        # state and checkpoints index by
-        self.clip = cast("ClipLoss | None", mods["clip"])
-        self.fd = cast("FDLoss | None", mods["fd"])
-        self.crd = cast("CRDLoss | None", mods["crd"])
-        self.icl = cast("ICLLoss | None", mods["icl"])
+        terms = {t.name: t for t in TERMS}
+
+        def build(name: str) -> nn.Module | None:
+            # built when its weight is above 0 at some step and, for a KD term, there is a teacher
+            t = terms[name]
+            on = built[name] > 0 and (has_teacher or not t.needs_teacher)
+            return t.build(cfg, student_dim) if on else None
+
+        # this order (clip, fd, crd, icl, projector, pm) is the order of the random initialisation (the same
+        # seed gives the same weights) and of the parameters, which optimizer state and checkpoints index by
+        self.clip = cast("ClipLoss | None", build("clip"))
+        self.fd = cast("FDLoss | None", build("fd"))
+        self.crd = cast("CRDLoss | None", build("crd"))
+        self.icl = cast("ICLLoss | None", build("icl"))
         needs_proj = (self.fd is not None or self.icl is not None) and teacher_dim != student_dim
         self.projector = EmbedProjector(student_dim, teacher_dim) if needs_proj and teacher_dim else None
-        self.pm = cast("PMLoss | None", mods["pm"])
+        self.pm = cast("PMLoss | None", build("pm"))
 
     def set_step(self, step: int) -> dict[str, float] | None:
         """Use the ``loss.schedule`` weights of optimizer step ``step``; returns them when they changed."""
