@@ -32,8 +32,8 @@ from siclip.config import (
     resolve_switches,
     to_dict,
 )
+from siclip.eval.markdown_tables import save_table
 from siclip.eval.paired import gap_share, paired_difference, verdict
-from siclip.eval.tables import save_table
 from siclip.train.grad_share import format_shares
 
 __all__ = [

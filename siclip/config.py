@@ -171,10 +171,12 @@ class LossStageCfg:
     """Term name (clip, fd, crd, icl, pm) -> weight >= 0; terms not named keep their ``*_weight``."""
 
 
-LOSS_TERMS = ("clip", "fd", "crd", "icl", "pm")
-
-
 def _check_schedule(stages: tuple[LossStageCfg, ...]) -> None:
+    # the terms are the ``<name>_weight`` fields of LossCfg (the table of terms, siclip/losses/terms.py,
+    # names the same fields; this module stays free of torch, so it reads its own schema)
+    terms = [
+        f.name.removesuffix("_weight") for f in dataclasses.fields(LossCfg) if f.name.endswith("_weight")
+    ]
     previous = -1
     for i, stage in enumerate(stages):
         key = f"loss.schedule[{i}]"
@@ -184,8 +186,8 @@ def _check_schedule(stages: tuple[LossStageCfg, ...]) -> None:
             )
         previous = stage.from_step
         for name, w in stage.weights.items():
-            if name not in LOSS_TERMS:
-                raise ConfigError(f"{key}.weights.{name}: unknown term; allowed: {', '.join(LOSS_TERMS)}")
+            if name not in terms:
+                raise ConfigError(f"{key}.weights.{name}: unknown term; allowed: {', '.join(terms)}")
             if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
                 raise ConfigError(f"{key}.weights.{name}: got {w!r}; allowed: a number >= 0")
 

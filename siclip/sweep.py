@@ -286,7 +286,7 @@ def _trial(params: dict[str, Any], *, base: dict[str, Any], experiment: str) -> 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from siclip.train.launch import launch
-    from siclip.train.worker import run_location
+    from siclip.train.run_log import run_location
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, params, run_name=f"{experiment}-{trial_id}")

@@ -3,6 +3,7 @@
 The task is the one module that goes into DDP, so the student *and* the loss's own parameters (ICL
 temperature, PM head, FD projector) are synchronised across workers. The teacher is held outside the
 module tree (not a submodule) so DDP never sees it, and it runs in eval mode under ``torch.no_grad()``.
+:func:`build_task` builds it from a config (Ray-free: the Ray Train worker calls it on every rank).
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SiclipTask"]
+from siclip.config import SiclipCfg
+from siclip.losses.schedule import max_weights
+from siclip.losses.terms import SYN_KEY, TERMS, TOTAL_KEY, is_summed_over_caption_sets
+from siclip.losses.total import build_loss
+from siclip.models.inherit import build_student, build_teacher
+from siclip.models.presets import preset_info
+
+__all__ = ["SiclipTask", "build_task"]
 
 
 class SiclipTask(nn.Module):
@@ -137,14 +145,37 @@ class SiclipTask(nn.Module):
                 t_logit_scale=None if t_logit_scale is None else t_logit_scale.detach(),
             )
             for key, value in terms.items():
-                if key.endswith("loss") or key.startswith("term/"):  # summed over the caption sets
+                if is_summed_over_caption_sets(key):
                     out[key] = out[key] + value if key in out else value
                 else:
                     out.setdefault(key, value)  # temperatures: the same for both caption sets
             if i == 1:
-                out["syn_loss"] = terms["loss"].detach()
+                out[SYN_KEY] = terms[TOTAL_KEY].detach()
         if self.caption_sets == "mean" and len(texts) > 1:
             for key in out:
-                if (key.endswith("loss") and key != "syn_loss") or key.startswith("term/"):
+                if is_summed_over_caption_sets(key):
                     out[key] = out[key] / len(texts)
         return out
+
+
+def _teacher_needed(cfg: SiclipCfg) -> bool:
+    # a KD term that is on in any loss.schedule stage needs the teacher from the start
+    weights = max_weights(cfg.loss)
+    return cfg.teacher.enabled and any(weights[t.name] > 0 for t in TERMS if t.needs_teacher)
+
+
+def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
+    """Student (+ inheritance report), frozen teacher when a KD term is on, and the loss."""
+    student, report = build_student(cfg.model)
+    if not (cfg.model.inherit and cfg.model.source) or cfg.model.reset_logit_scale:
+        with torch.no_grad():
+            logit_scale: torch.Tensor = student.logit_scale  # type: ignore[assignment]
+            logit_scale.fill_(math.log(1.0 / cfg.loss.init_temperature))
+    teacher = build_teacher(cfg.teacher) if _teacher_needed(cfg) else None
+    loss = build_loss(
+        cfg.loss,
+        student_dim=preset_info(cfg.model.name).embed_dim,
+        teacher_dim=preset_info(cfg.teacher.name).embed_dim if teacher is not None else None,
+    )
+    info = {"inherit_report": report.summary() if report is not None else None}
+    return SiclipTask(student, loss, teacher, caption_sets=cfg.loss.caption_sets), info

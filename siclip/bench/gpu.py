@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import torch
 
-from siclip.eval.tables import save_table
+from siclip.eval.markdown_tables import save_table
 
 __all__ = ["format_table", "main", "measure_training", "run_bench_gpu", "synthetic_batch"]
 

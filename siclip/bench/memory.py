@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from siclip.config import LossCfg, ModelCfg, SaspCfg
-from siclip.eval.tables import save_table
+from siclip.eval.markdown_tables import save_table
 
 __all__ = ["format_table", "measure_loss_memory", "measure_step_memory", "run_bench_memory"]
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from siclip.config import SiclipCfg, replace
-from siclip.eval.tables import save_table
+from siclip.eval.markdown_tables import save_table
 
 __all__ = ["format_formats_table", "format_table", "run_bench_formats", "run_bench_train"]
 
@@ -56,10 +56,11 @@ def _steps_per_s(rows: list[dict[str, float]], *, log_every: int) -> float:
 
 
 def _plain_loop(cfg: SiclipCfg, max_steps: int) -> tuple[float, float]:
+    from siclip.task import build_task
     from siclip.train.checkpoint import save_checkpoint
     from siclip.train.loop import LoopHooks, LoopState, build_optimizer, build_scheduler, run_loop
     from siclip.train.memory_format import place
-    from siclip.train.worker import build_batches, build_task
+    from siclip.train.worker import build_batches
 
     started = time.perf_counter()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from siclip.eval.tables import save_table
+from siclip.eval.markdown_tables import save_table
 
 __all__ = ["COLUMNS", "REFERENCES", "format_paper_table", "json_path", "paper_table", "write_paper_table"]
 

@@ -14,7 +14,7 @@ import torch
 
 from siclip.data.shards import image_of, iter_samples
 from siclip.eval.metrics import eval_mode, retrieval_recall
-from siclip.eval.shard import Shard
+from siclip.eval.ranks import Shard
 
 __all__ = ["evaluate_retrieval", "sample_captions"]
 

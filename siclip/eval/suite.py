@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from siclip.config import ConfigError, SiclipCfg, expand_shards
-from siclip.eval.shard import Shard
+from siclip.eval.ranks import Shard
 
 __all__ = ["evaluate_benchmarks_cfg", "evaluate_cfg", "evaluate_checkpoint", "evaluate_model"]
 

@@ -20,7 +20,7 @@ from torchvision.datasets import ImageFolder
 
 from siclip.data.demo_world import HELD_OUT_FILE
 from siclip.eval.metrics import eval_mode, topk_accuracy
-from siclip.eval.shard import Shard
+from siclip.eval.ranks import Shard
 
 __all__ = ["evaluate_zeroshot", "load_classnames", "load_held_out"]
 

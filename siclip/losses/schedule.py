@@ -6,20 +6,15 @@ weights depend only on the optimizer step, a resumed run picks up the stage its 
 
 from __future__ import annotations
 
-from siclip.config import LOSS_TERMS, LossCfg
+from siclip.config import LossCfg
+from siclip.losses.terms import TERMS
 
 __all__ = ["base_weights", "max_weights", "weights_at"]
 
 
 def base_weights(cfg: LossCfg) -> dict[str, float]:
     """The ``*_weight`` keys, by term name."""
-    return {
-        "clip": cfg.clip_weight,
-        "fd": cfg.fd_weight,
-        "crd": cfg.crd_weight,
-        "icl": cfg.icl_weight,
-        "pm": cfg.pm_weight,
-    }
+    return {t.name: getattr(cfg, t.weight_key) for t in TERMS}
 
 
 def weights_at(cfg: LossCfg, step: int) -> dict[str, float]:
@@ -36,4 +31,4 @@ def weights_at(cfg: LossCfg, step: int) -> dict[str, float]:
 def max_weights(cfg: LossCfg) -> dict[str, float]:
     """Each term's largest weight over the whole run: a term is built when this is above 0."""
     stages = [base_weights(cfg)] + [weights_at(cfg, s.from_step) for s in cfg.schedule]
-    return {name: max(w[name] for w in stages) for name in LOSS_TERMS}
+    return {name: max(w[name] for w in stages) for name in stages[0]}

@@ -6,6 +6,8 @@ projector), so the task can put it into DDP and the optimizer beside the student
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
@@ -17,9 +19,9 @@ from siclip.losses.gather import gather_features, local_rows, scale_grad
 from siclip.losses.icl import ICLLoss
 from siclip.losses.pm import PMLoss
 from siclip.losses.schedule import max_weights, weights_at
+from siclip.losses.terms import TERMS
 
-TERMS = ("clip", "fd", "crd", "icl", "pm")
-KD_TERMS = ("fd", "crd", "icl")
+__all__ = ["WIKDLoss", "build_loss"]
 
 
 class WIKDLoss(nn.Module):
@@ -28,15 +30,18 @@ class WIKDLoss(nn.Module):
     A term whose weight is 0 for the whole run (every ``loss.schedule`` stage included) is never built; a term
     whose weight is 0 at the current step (:meth:`set_step`) is not computed; both are absent from the output,
     and so are the KD terms (FD, CRD, ICL) when the loss was built without a teacher (``teacher_dim=None``)
-    or the call passes no teacher embeddings. With ``gather`` and ``world_size > 1``, CLIP, CRD, ICL and PM see the global batch
-    (every rank computes the same value as one worker would on the concatenated batch); FD stays local.
+    or the call passes no teacher embeddings. Which terms exist, what each needs and how each is built is the
+    table in :mod:`siclip.losses.terms`. With ``gather`` and ``world_size > 1``, the gathered terms (CLIP,
+    CRD, ICL, PM) see the global batch (every rank computes the same value as one worker would on the
+    concatenated batch); FD stays local.
 
     Gradients under DDP: the loss's own parameters (temperatures, PM head, projector) get the whole
     global-batch gradient on every rank, so DDP's average is the one-worker gradient. The student's
-    embeddings get, per rank, exactly their slice of the one-worker gradient with the default detached
-    gather, so after DDP's average the student's gradient from the gathered terms is ``1/world_size`` of the
-    one-worker gradient while FD's is exact; ``gather_with_grad=True`` sums over ranks in backward instead,
-    which makes every term exact after the average.
+    embeddings get, per rank, exactly their slice of the one-worker gradient with a detached gather
+    (``loss.gather_with_grad: false``), so after DDP's average the student's gradient from the gathered terms
+    is ``1/world_size`` of the one-worker gradient while FD's is exact; ``gather_with_grad: true`` (the
+    config's default, which the loss reads from ``cfg``) sums over ranks in backward instead, which makes every
+    term exact after the average.
 
     ``cfg.local`` computes only this rank's rows of each gathered matrix (their mean over ranks is the global
     value). Its columns must carry gradient back to their ranks (other ranks' rows score this rank's items),
@@ -51,53 +56,31 @@ class WIKDLoss(nn.Module):
         *,
         student_dim: int,
         teacher_dim: int | None,
-        gather_with_grad: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.gather_with_grad = gather_with_grad
+        self.gather_with_grad = cfg.gather_with_grad
         self.weights = weights_at(cfg, 0)
         built = max_weights(cfg)
         self.teacher_dim = teacher_dim
         has_teacher = teacher_dim is not None
-        learn = cfg.learn_temperatures
-        self.clip = ClipLoss(max_logit_scale=cfg.max_logit_scale) if built["clip"] > 0 else None
-        self.fd = FDLoss(cfg.fd_reference_dim) if has_teacher and built["fd"] > 0 else None
-        self.crd = (
-            CRDLoss(
-                student_temperature=cfg.crd_student_temperature,
-                teacher_temperature=cfg.crd_teacher_temperature,
-                # with the CLIP logit scale as the student's, CRD's own temperature would be an unused parameter
-                learnable=learn and cfg.crd_student_scale == "own",
-                max_logit_scale=cfg.max_logit_scale,
-            )
-            if has_teacher and built["crd"] > 0
-            else None
-        )
-        self.icl = (
-            ICLLoss(
-                temperature=cfg.icl_temperature,
-                learnable=learn,
-                max_logit_scale=cfg.max_logit_scale,
-                raw=cfg.icl_scale == "raw",
-            )
-            if has_teacher and built["icl"] > 0
-            else None
-        )
+        terms = {t.name: t for t in TERMS}
+
+        def build(name: str) -> nn.Module | None:
+            # built when its weight is above 0 at some step and, for a KD term, there is a teacher
+            t = terms[name]
+            on = built[name] > 0 and (has_teacher or not t.needs_teacher)
+            return t.build(cfg, student_dim) if on else None
+
+        # this order (clip, fd, crd, icl, projector, pm) is the order of the random initialisation (the same
+        # seed gives the same weights) and of the parameters, which optimizer state and checkpoints index by
+        self.clip = cast("ClipLoss | None", build("clip"))
+        self.fd = cast("FDLoss | None", build("fd"))
+        self.crd = cast("CRDLoss | None", build("crd"))
+        self.icl = cast("ICLLoss | None", build("icl"))
         needs_proj = (self.fd is not None or self.icl is not None) and teacher_dim != student_dim
         self.projector = EmbedProjector(student_dim, teacher_dim) if needs_proj and teacher_dim else None
-        self.pm = (
-            PMLoss(
-                student_dim,
-                head=cfg.pm_head,
-                fusion=cfg.pm_fusion,
-                negatives=cfg.pm_negatives,
-                per_anchor=cfg.pm_negatives_per_anchor,
-                hidden=cfg.pm_hidden,
-            )
-            if built["pm"] > 0
-            else None
-        )
+        self.pm = cast("PMLoss | None", build("pm"))
 
     def set_step(self, step: int) -> dict[str, float] | None:
         """Use the ``loss.schedule`` weights of optimizer step ``step``; returns them when they changed."""
@@ -256,8 +239,7 @@ class WIKDLoss(nn.Module):
         return out
 
 
-def build_loss(
-    cfg: LossCfg, *, student_dim: int, teacher_dim: int | None, gather_with_grad: bool = False
-) -> WIKDLoss:
-    """The configured WIKD + PM loss; ``teacher_dim=None`` builds no KD terms (no teacher)."""
-    return WIKDLoss(cfg, student_dim=student_dim, teacher_dim=teacher_dim, gather_with_grad=gather_with_grad)
+def build_loss(cfg: LossCfg, *, student_dim: int, teacher_dim: int | None) -> WIKDLoss:
+    """The configured WIKD + PM loss (``cfg.gather_with_grad`` included); ``teacher_dim=None`` builds no KD
+    terms (no teacher)."""
+    return WIKDLoss(cfg, student_dim=student_dim, teacher_dim=teacher_dim)

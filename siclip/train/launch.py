@@ -34,7 +34,8 @@ from siclip.config import (
     to_dict,
 )
 from siclip.ray_session import init_ray
-from siclip.train.worker import run_location, train_worker
+from siclip.train.run_log import run_location
+from siclip.train.worker import train_worker
 
 __all__ = [
     "TrainResult",

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from siclip.config import OptimCfg
+from siclip.config import OptimCfg, TrainCfg
+from siclip.losses.terms import metric_name
 from siclip.train.grad_share import GradShare, side_effects_undone, term_gradient_norms
 from siclip.train.memory_format import memory_format_for
 
@@ -197,14 +198,6 @@ def _any_rank(flag: Tensor, world_size: int) -> bool:
     return bool(t.item() > 0)
 
 
-def _metric_name(key: str) -> str:
-    if key == "loss":
-        return "loss/total"
-    if key.endswith("_loss"):
-        return "loss/" + key[: -len("_loss")]
-    return key
-
-
 def unused_parameters(
     task: nn.Module,
     batch: dict[str, Tensor],
@@ -280,7 +273,7 @@ def train_step(
         clamp()
     scheduler.step()
     metrics: dict[str, Tensor | float] = {
-        _metric_name(k): v.detach().float() for k, v in out.items() if v.numel() == 1
+        metric_name(k): v.detach().float() for k, v in out.items() if v.numel() == 1
     }
     metrics["optim/grad_norm"] = grad_norm.detach()
     metrics["optim/lr"] = float(optimizer.param_groups[0]["lr"])
@@ -298,17 +291,21 @@ def run_loop(
     max_steps: int,
     device: torch.device,
     precision: str = "fp32",
-    grad_clip: float = 1.0,
-    max_bad_steps: int = 20,
-    log_every: int = 10,
+    grad_clip: float = OptimCfg.grad_clip,
+    max_bad_steps: int = TrainCfg.max_bad_steps,
+    log_every: int = TrainCfg.log_every,
     ckpt_every: int = 0,
-    eval_every: int = 0,
+    eval_every: int = TrainCfg.eval_every,
     rank: int = 0,
     world_size: int = 1,
     hooks: LoopHooks | None = None,
     grad_share: GradShare | None = None,
 ) -> LoopState:
     """Train from ``state.step`` to ``max_steps``; every rank runs exactly the same number of steps.
+
+    ``grad_clip``, ``max_bad_steps``, ``log_every`` and ``eval_every`` default to the config's
+    (``optim.grad_clip``, ``train.*``); ``ckpt_every=0`` checkpoints only at the end and ``precision`` is
+    the resolved one (``fp32``, ``bf16`` or ``fp16``, never ``auto``).
 
     ``grad_share`` (rank 0 only): per-term gradient norms on the step's batch, merged into the next log.
     """

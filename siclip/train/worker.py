@@ -2,8 +2,10 @@
 
 It rebuilds the typed config from the dict Ray hands over, builds the task (the student inherits and
 freezes, the teacher is frozen), streams the shards, restores the latest checkpoint if Ray has one, and runs
-the Ray-free loop with hooks that log to TensorBoard (rank 0), evaluate (sharded over every rank), and report
-metrics with checkpoints to Ray Train every ``train.ckpt_every`` steps (every rank reports the same number of times).
+the Ray-free loop with hooks that log (rank 0, :class:`~siclip.train.run_log.RunLog`: TensorBoard, the metrics
+table, the progress line, storage sync), evaluate (sharded over every rank), and report metrics with
+checkpoints to Ray Train every ``train.ckpt_every`` steps (every rank reports the same number of times). The
+task comes from :func:`siclip.task.build_task`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +24,9 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from siclip import storage
-from siclip.config import SiclipCfg, config_yaml, expand_shards, from_dict
-from siclip.task import SiclipTask
-from siclip.train.checkpoint import load_checkpoint, save_checkpoint, save_student
+from siclip.config import SiclipCfg, expand_shards, from_dict
+from siclip.task import build_task
+from siclip.train.checkpoint import load_checkpoint, save_checkpoint
 from siclip.train.grad_share import GradShare
 from siclip.train.loop import (
     LoopHooks,
@@ -40,48 +39,15 @@ from siclip.train.loop import (
 )
 from siclip.train.memory_format import place
 
-# re-exported: the metrics table moved to a Ray-free module; callers may still import it from here
+# re-exported: these moved to Ray-free modules (the metrics table, the run's logs and folder, the task
+# builder); callers may still import them from here
 from siclip.train.metrics_table import METRICS_TABLE, last_grad_shares, read_metrics
+from siclip.train.run_log import RunLog, run_location
 
 __all__ = ["METRICS_TABLE", "build_task", "last_grad_shares", "read_metrics", "run_location", "train_worker"]
 
 # Ray Train V2 tees print() to stdout and its logger (each line twice); a logger prints once.
 LOG = logging.getLogger("siclip.train")
-KD_TERMS = ("fd_weight", "crd_weight", "icl_weight")
-
-
-def run_location(cfg: SiclipCfg) -> str:
-    """Where a run keeps everything: ``runs_dir/run_name``, a folder or a URI (Ray Train's run folder)."""
-    return storage.join(cfg.train.runs_dir, cfg.train.run_name)
-
-
-def _teacher_needed(cfg: SiclipCfg) -> bool:
-    from siclip.losses.schedule import max_weights
-
-    # a KD term that is on in any loss.schedule stage needs the teacher from the start
-    return cfg.teacher.enabled and any(max_weights(cfg.loss)[k.removesuffix("_weight")] > 0 for k in KD_TERMS)
-
-
-def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
-    """Student (+ inheritance report), frozen teacher when a KD term is on, and the loss."""
-    from siclip.losses.total import build_loss
-    from siclip.models.inherit import build_student, build_teacher
-    from siclip.models.presets import preset_info
-
-    student, report = build_student(cfg.model)
-    if not (cfg.model.inherit and cfg.model.source) or cfg.model.reset_logit_scale:
-        with torch.no_grad():
-            logit_scale: torch.Tensor = student.logit_scale  # type: ignore[assignment]
-            logit_scale.fill_(math.log(1.0 / cfg.loss.init_temperature))
-    teacher = build_teacher(cfg.teacher) if _teacher_needed(cfg) else None
-    loss = build_loss(
-        cfg.loss,
-        student_dim=preset_info(cfg.model.name).embed_dim,
-        teacher_dim=preset_info(cfg.teacher.name).embed_dim if teacher is not None else None,
-        gather_with_grad=cfg.loss.gather_with_grad,
-    )
-    info = {"inherit_report": report.summary() if report is not None else None}
-    return SiclipTask(student, loss, teacher, caption_sets=cfg.loss.caption_sets), info
 
 
 def _same_preprocessing(a: str, b: str) -> bool:
@@ -128,88 +94,6 @@ def build_batches(
 
 def _unwrap(model: nn.Module) -> Any:
     return model.module if hasattr(model, "module") else model
-
-
-SYNC_EVERY_S = 60.0
-"""With URI storage, logs are uploaded at every checkpoint, at the end, and at most this often in between."""
-
-
-class _RankZeroLog:
-    """TensorBoard events, a metrics.jsonl table and a progress line, written by rank 0 only.
-
-    With a URI ``runs_dir`` (``s3://...``) they are written to a local staging folder and uploaded to the
-    run folder by :meth:`sync`: TensorBoard's ``SummaryWriter`` writes local files only (remote paths need
-    tensorflow's filesystems, which siclip does not install), and object stores cannot append to the
-    table. On resume the table is downloaded first and cut back to the checkpoint's step, so a step
-    logged before a node was lost is not logged twice; TensorBoard's ``purge_step`` does the same for
-    events already uploaded.
-    """
-
-    def __init__(self, cfg: SiclipCfg, *, max_steps: int, start_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.location = run_location(cfg)
-        self.remote = storage.is_remote(self.location)
-        self.dir = Path(tempfile.mkdtemp(prefix="siclip-log-")) if self.remote else Path(self.location)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if self.remote and storage.exists(storage.join(self.location, METRICS_TABLE)):
-            storage.download(storage.join(self.location, METRICS_TABLE), self.dir / METRICS_TABLE)
-        self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=start_step or None)
-        self._truncate_table(start_step)
-        self.last_sync = time.monotonic()
-        self.writer.add_text("config", "```\n" + config_yaml(cfg) + "\n```", start_step)
-        self.max_steps = max_steps
-        self.started = time.perf_counter()
-        self.start_step = start_step
-
-    def _truncate_table(self, start_step: int) -> None:
-        """On resume, drop rows logged after the checkpoint (they are about to be logged again)."""
-        table = self.dir / METRICS_TABLE
-        if not table.is_file():
-            return
-        kept = [row for row in read_metrics(self.dir) if row["step"] <= start_step]
-        storage.write_text(table, "".join(json.dumps(row) + "\n" for row in kept))
-
-    def scalars(self, step: int, metrics: dict[str, float]) -> None:
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
-        self.writer.flush()
-        with open(self.dir / METRICS_TABLE, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.remote and time.monotonic() - self.last_sync >= SYNC_EVERY_S:
-            self.sync()
-
-    def sync(self) -> None:
-        """Upload the table and the event files to the run folder (nothing to do for a local folder)."""
-        if not self.remote:
-            return
-        self.writer.flush()
-        if (self.dir / METRICS_TABLE).is_file():
-            storage.upload(self.dir / METRICS_TABLE, storage.join(self.location, METRICS_TABLE))
-        storage.upload(self.dir / "tb", storage.join(self.location, "tb"))
-        self.last_sync = time.monotonic()
-
-    def save_final(self, student: nn.Module) -> None:
-        """The student export, ``final/`` in the run folder."""
-        save_student(student, self.dir / "final")
-        if self.remote:
-            storage.upload(self.dir / "final", storage.join(self.location, "final"))
-
-    def close(self) -> None:
-        self.writer.close()
-        self.sync()
-        if self.remote:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def progress(self, step: int, metrics: dict[str, float]) -> None:
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.started
-        eta = elapsed / max(done, 1) * (self.max_steps - step)
-        bar = "#" * int(20 * step / self.max_steps)
-        LOG.info(
-            f"[{bar:<20}] step {step}/{self.max_steps} loss {metrics.get('loss/total', float('nan')):.4f} "
-            f"{metrics.get('perf/samples_per_s', 0.0):.1f} samples/s eta {eta:.0f}s"
-        )
 
 
 def _replica_drift(task: nn.Module, world_size: int) -> float:
@@ -297,7 +181,7 @@ def train_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(
         task, parallel_strategy_kwargs={"find_unused_parameters": find_unused} if world_size > 1 else None
     )
-    log = _RankZeroLog(cfg, max_steps=max_steps, start_step=state.step) if rank == 0 else None
+    log = RunLog(cfg, max_steps=max_steps, start_step=state.step) if rank == 0 else None
     if log is not None and info["inherit_report"] and state.step == 0:
         LOG.info(f"siclip: weight inheritance: {info['inherit_report']}")
 
@@ -308,7 +192,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 log.progress(step, metrics)
 
     def on_eval(step: int) -> dict[str, float]:
-        from siclip.eval.shard import Shard
+        from siclip.eval.ranks import Shard
         from siclip.eval.suite import evaluate_cfg
 
         if not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards or cfg.eval.benchmarks):

@@ -19,8 +19,8 @@ from PIL import Image
 from torchvision.transforms.functional import to_tensor
 
 from siclip.data.shards import AtomicShardWriter
+from siclip.eval.ranks import Shard
 from siclip.eval.retrieval import evaluate_retrieval
-from siclip.eval.shard import Shard
 from siclip.eval.zeroshot import evaluate_zeroshot
 
 WORLD, N_CLASSES, N_IMAGES, N_SAMPLES, D = 2, 5, 37, 15, 6

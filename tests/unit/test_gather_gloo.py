@@ -66,7 +66,7 @@ def _run(
     spec = CASES[case]
     torch.manual_seed(1)  # the same loss parameters on every rank and in the reference
     loss = build_loss(
-        LossCfg(**spec["cfg"]), student_dim=DS, teacher_dim=DT, gather_with_grad=spec["with_grad"]
+        LossCfg(**spec["cfg"], gather_with_grad=spec["with_grad"]), student_dim=DS, teacher_dim=DT
     )
     s_img = data["s_img"][lo:hi].clone().requires_grad_()
     s_txt = data["s_txt"][lo:hi].clone().requires_grad_()

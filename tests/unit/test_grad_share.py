@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from siclip.config import LossCfg
-from siclip.losses.total import TERMS, build_loss
+from siclip.losses.terms import TERM_NAMES as TERMS
+from siclip.losses.total import build_loss
 from siclip.train.grad_share import GradShare, term_gradient_norms
 from tests.unit.test_loop import run
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from siclip.config import OptimCfg
+from siclip.config import OptimCfg, TrainCfg
 from siclip.train.grad_share import GradShare, term_gradient_norms
 from siclip.train.loop import (
     LoopHooks,
@@ -528,7 +528,7 @@ def test_hooks_fire_on_their_steps_and_checkpoints_see_the_step_and_the_latest_e
             assert value == pytest.approx(per_step[step][key], rel=1e-6), (step, key)
 
 
-def test_run_loop_defaults_log_every_10_and_evaluate_and_checkpoint_only_at_the_end() -> None:
+def test_run_loop_defaults_log_at_the_configs_interval_and_evaluate_and_checkpoint_only_at_the_end() -> None:
     task = Probe()
     calls: list[tuple[str, int]] = []
     hooks = LoopHooks(
@@ -536,26 +536,29 @@ def test_run_loop_defaults_log_every_10_and_evaluate_and_checkpoint_only_at_the_
         on_eval=lambda s: calls.append(("eval", s)) or {},  # type: ignore[func-returns-value]
         on_checkpoint=lambda s, m: calls.append(("ckpt", s)),
     )
-    state = train(task, 12, hooks=hooks)
-    assert calls == [("log", 10), ("log", 12), ("eval", 12), ("ckpt", 12)]
-    assert state.samples_seen == 12 * B
+    every = TrainCfg().log_every
+    assert TrainCfg().eval_every == 0  # the config's default: evaluate only at the end
+    state = train(task, every + 2, hooks=hooks)
+    assert calls == [("log", every), ("log", every + 2), ("eval", every + 2), ("ckpt", every + 2)]
+    assert state.samples_seen == (every + 2) * B
     assert all(
         (s["rank"], s["world_size"], s["autocast"], s["device"]) == (0, 1, False, "cpu") for s in task.seen
     )
 
 
-def test_twenty_bad_steps_are_tolerated_by_default_and_the_next_one_raises() -> None:
-    task = Probe(poison=set(range(1, 21)))
+def test_the_configs_max_bad_steps_are_tolerated_by_default_and_the_next_one_raises() -> None:
+    n = TrainCfg().max_bad_steps
+    task = Probe(poison=set(range(1, n + 1)))
     state = train(task, 1)
-    assert (state.step, state.bad_steps, len(task.seen)) == (1, 20, 21)
-    task = Probe(poison=set(range(2, 100)))
+    assert (state.step, state.bad_steps, len(task.seen)) == (1, n, n + 1)
+    task = Probe(poison=set(range(2, n + 100)))
     with pytest.raises(TooManyBadStepsError) as info:
         train(task, 3)
     assert str(info.value) == (
-        "21 steps had a NaN/inf loss or gradient (train.max_bad_steps = 20); last good step 1. "
+        f"{n + 1} steps had a NaN/inf loss or gradient (train.max_bad_steps = {n}); last good step 1. "
         "Lower optim.lr, raise optim.warmup_steps, or check the data."
     )
-    assert len(task.seen) == 22
+    assert len(task.seen) == n + 2
     with pytest.raises(TooManyBadStepsError, match=r"^1 steps .* = 0\); last good step 0\."):
         train(Probe(poison={1}), 3, max_bad_steps=0)
 

@@ -41,12 +41,9 @@ def test_total_loss_argument_errors_name_the_problem() -> None:
 
 
 @pytest.mark.parametrize("with_grad", [False, True])
-def test_build_loss_passes_gather_with_grad_through(with_grad: bool) -> None:
-    assert (
-        build_loss(LossCfg(), student_dim=D, teacher_dim=None, gather_with_grad=with_grad).gather_with_grad
-        is with_grad
-    )
-    assert build_loss(LossCfg(), student_dim=D, teacher_dim=None).gather_with_grad is False
+def test_build_loss_gathers_as_the_config_says(with_grad: bool) -> None:
+    cfg = LossCfg(gather_with_grad=with_grad)
+    assert build_loss(cfg, student_dim=D, teacher_dim=None).gather_with_grad is with_grad
 
 
 def test_fd_compares_the_last_dimension_of_any_rank() -> None:
@@ -152,7 +149,7 @@ def test_the_total_builds_what_the_config_says() -> None:
         pm_negatives_per_anchor=3,
     )
     loss = build_loss(cfg, student_dim=D, teacher_dim=DT)
-    assert loss.fd is None and loss.gather_with_grad is False
+    assert loss.fd is None and loss.gather_with_grad is cfg.gather_with_grad
     assert loss.clip is not None and loss.crd is not None and loss.icl is not None and loss.pm is not None
     assert loss.clip.max_logit_scale == loss.crd.max_logit_scale == loss.icl.max_logit_scale == 50.0
     assert (loss.pm.fusion, loss.pm.negatives, loss.pm.per_anchor) == ("concat", "random", 3)

@@ -81,7 +81,7 @@ def test_a_term_scheduled_off_is_not_computed_or_reported() -> None:
     assert float(out["loss"]) == pytest.approx(float(out["clip_loss"]))
 
 
-def test_a_new_loss_uses_the_step_0_weights_and_no_gather_gradient() -> None:
+def test_a_new_loss_uses_the_step_0_weights_and_the_configs_gather_mode() -> None:
     cfg = LossCfg(crd_weight=1.0, schedule=(LossStageCfg(from_step=1, weights={"crd": 3.0}),))
     loss = WIKDLoss(cfg, student_dim=4, teacher_dim=4)
-    assert loss.weights["crd"] == 1.0 and not loss.gather_with_grad
+    assert loss.weights["crd"] == 1.0 and loss.gather_with_grad is cfg.gather_with_grad

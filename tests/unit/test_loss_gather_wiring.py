@@ -97,7 +97,7 @@ def _on_rank(loss: WIKDLoss, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
 def test_global_terms_see_the_concatenated_batch_and_fd_the_local_one(case: str, calls: list) -> None:
     cfg = replace(BASE, **CASES[case])
     torch.manual_seed(0)
-    loss = WIKDLoss(cfg, student_dim=DS, teacher_dim=DT, gather_with_grad=cfg.gather_with_grad)
+    loss = WIKDLoss(cfg, student_dim=DS, teacher_dim=DT)
     s_img, s_txt, scale, t_img, t_txt = _inputs()
     got = _terms(_on_rank(loss, s_img, s_txt, scale, t_img, t_txt))
     assert calls and all(c[2] == cfg.gather_with_grad for c in calls if c[0] >= 0)

@@ -169,7 +169,7 @@ def test_local_student_gradient_is_the_naive_local_gradient(gathers: list, with_
     batch = _batch(1)
     cfg = replace(LOCAL, crd_weight=0.0, icl_weight=0.0, fd_weight=2.0)
     rank = 1
-    loss = WIKDLoss(cfg, student_dim=DS, teacher_dim=DS, gather_with_grad=with_grad)
+    loss = WIKDLoss(replace(cfg, gather_with_grad=with_grad), student_dim=DS, teacher_dim=DS)
     g = torch.Generator().manual_seed(7)
     batch["t_img"] = F.normalize(torch.randn(WS * B, DS, generator=g), dim=-1)
     batch["t_txt"] = F.normalize(torch.randn(WS * B, DS, generator=g), dim=-1)

@@ -12,11 +12,13 @@ PURE_MODULES = [
     "siclip.models.mct",
     "siclip.models.presets",
     "siclip.models.inherit",
+    "siclip.losses.terms",
     "siclip.losses.total",
     "siclip.task",
     "siclip.train.loop",
     "siclip.train.checkpoint",
     "siclip.train.metrics_table",
+    "siclip.train.run_log",
     "siclip.report",
     "siclip.eval.benchmarks",
 ]

@@ -338,7 +338,7 @@ def test_paper_blocks_survive_export_and_reload(tmp_path: Path) -> None:
 def test_paper_restarts_the_logit_scale_at_the_init_temperature(
     teacher_file: tuple[Path, dict[str, Tensor]], profile: str
 ) -> None:
-    from siclip.train.worker import build_task  # imports Ray's modules, starts nothing
+    from siclip.task import build_task
 
     path, sd = teacher_file
     cfg = from_dict(

@@ -1,4 +1,4 @@
-"""Benchmark and ablation tables: every script writes its Markdown the same way."""
+"""Benchmark and ablation Markdown tables written to a file or URI: every script writes its Markdown the same way."""
 
 from __future__ import annotations
 
