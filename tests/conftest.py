@@ -37,16 +37,10 @@ def ray_session() -> Iterator[None]:
     # they run oneDNN's AVX2 kernels, as on an AVX2-only CPU, so a kernel that crashes there fails the test
     # that trained through Ray. This process keeps its own kernels (the variable is restored before any
     # convolution runs here; oneDNN reads it once, at its first one).
-    saved = {k: os.environ.get(k) for k in AVX2_KERNELS}
-    os.environ.update({k: os.environ.get(k) or v for k, v in AVX2_KERNELS.items()})
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in AVX2_KERNELS.items():
+            env.setenv(key, os.environ.get(key) or value)
         init_ray(RayCfg(num_cpus=2, object_store_memory_mb=256))  # as `siclip train` starts it (no dashboard)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     yield
     # left running for other tests; pytest's exit shuts it down
 
