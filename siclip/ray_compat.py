@@ -183,7 +183,10 @@ def autoscaler() -> Autoscaler:
     if most:
         return Autoscaler(present=True, most=most)
     if is_autoscaler_v2(fetch_from_server=True):
-        names = _v2_node_types()
+        try:
+            names = _v2_node_types()
+        except Exception:  # the v2 autoscaler is on (the GCS says so) but its status cannot be read now
+            return Autoscaler(present=True, most=None)
     else:
         names = v1_status_node_types(_internal_kv_get(AUTOSCALING_STATUS_KEY))
     return Autoscaler(present=True, most=None) if _configured_node_types(names) else NO_AUTOSCALER

@@ -199,3 +199,43 @@ def test_the_v1_status_key_is_where_ray_keeps_it() -> None:
     from ray._private import ray_constants
 
     assert ray_compat.AUTOSCALING_STATUS_KEY == ray_constants.DEBUG_AUTOSCALING_STATUS
+
+
+def _v2_status(head_type: str, pending: list[str]) -> Any:
+    """A v2 autoscaler's cluster status, built from Ray's own schema classes."""
+    from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest, NodeInfo
+
+    head = NodeInfo(
+        instance_type_name="", ray_node_type_name=head_type, instance_id="h", ip_address="10.0.0.1"
+    )
+    launches = [
+        LaunchRequest(
+            instance_type_name="g5",
+            ray_node_type_name=t,
+            count=1,
+            state=LaunchRequest.Status.PENDING,
+            request_ts_s=0,
+        )
+        for t in pending
+    ]
+    return ClusterStatus(active_nodes=[head], pending_launches=launches)
+
+
+@pytest.mark.parametrize(
+    ("status", "present"),
+    [
+        (lambda: _v2_status("headgroup", ["gpu-group"]), True),  # KubeRay with an autoscaler: its groups
+        (lambda: _v2_status(_mirrored("ef56" * 14), []), False),  # v2 without a config mirrors its nodes
+        (lambda: (_ for _ in ()).throw(TimeoutError("GCS busy")), True),  # on, but unreadable now: assume one
+    ],
+)
+def test_a_v2_autoscaler_is_told_from_its_cluster_status(
+    monkeypatch: pytest.MonkeyPatch, status: Any, present: bool
+) -> None:
+    from ray._private import state as ray_state
+
+    monkeypatch.setattr(ray_state.state, "get_max_resources_from_cluster_config", lambda: None)
+    monkeypatch.setattr("ray.autoscaler.v2.utils.is_autoscaler_v2", lambda **_: True)
+    monkeypatch.setattr("ray.autoscaler.v2.sdk.get_cluster_status", lambda *a, **k: status())
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Ctx", (), {"gcs_address": "127.0.0.1:1"})())
+    assert ray_compat.autoscaler() == ray_compat.Autoscaler(present=present, most=None)
