@@ -297,7 +297,8 @@ class TrainCfg:
     """CPUs Ray reserves per worker; on CPU the worker also uses that many torch threads (at least 1)."""
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     """yes: every worker asks Ray for a GPU and waits (an autoscaler launches GPU nodes); auto: yes when the
-    cluster has GPUs or its autoscaler can launch GPU nodes, else no; no: CPU only."""
+    cluster has GPUs, no without an autoscaler, an error asking for yes/no where an autoscaler runs whose GPU
+    node types Ray does not publish (siclip/ray_compat.py); no: CPU only."""
     worker_start_timeout_s: int = field(default=900, metadata=_rng(1))
     """How long the workers may wait for their resources (a GPU node's boot and image pull) before the run
     fails; Ray Train's own default is 60 s."""

@@ -14,15 +14,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "AUTOSCALING_STATUS_KEY",
     "CHECKPOINT_SNAPSHOT_FILE",
+    "NO_AUTOSCALER",
     "PG_CLEANER_LOGGER",
     "TESTED_RAY_VERSIONS",
     "WORKER_START_TIMEOUT_ENV",
+    "Autoscaler",
     "RayVersionError",
+    "autoscaler",
     "check_ray_version",
     "is_worker_start_timeout",
     "job_working_dir",
@@ -30,6 +36,7 @@ __all__ = [
     "max_cluster_resources",
     "orphaned_train_placement_groups",
     "registered_checkpoint_names",
+    "v1_status_node_types",
 ]
 
 TESTED_RAY_VERSIONS = ("2.60.0",)
@@ -93,16 +100,101 @@ def registered_checkpoint_names(snapshot_text: str) -> set[str] | None:
 
 
 # ------------------------------------------------------------------------------------- cluster state
-def max_cluster_resources() -> dict[str, float]:
-    """The most of each resource the autoscaler may ever launch ({} without an autoscaler config).
+@dataclass(frozen=True)
+class Autoscaler:
+    """What Ray says about the connected cluster's autoscaler."""
 
-    Read from the cluster config the autoscaler publishes to the GCS (Ray Train checks its worker group
-    against the same numbers); a cluster started by hand has none.
+    present: bool
+    """An autoscaler with node types of its own runs (it may add nodes); False on a cluster started by hand."""
+    most: dict[str, float] | None
+    """The most of each resource it may ever launch; None where Ray does not publish it (Ray 2.60's v1 and v2
+    autoscalers publish node type names and counts, not the resources of a type)."""
+
+
+NO_AUTOSCALER = Autoscaler(present=False, most=None)
+
+# The v1 monitor's status JSON in the GCS internal KV (ray._private.ray_constants.DEBUG_AUTOSCALING_STATUS).
+AUTOSCALING_STATUS_KEY = "__autoscaling_status"
+# The node types a monitor *without* an autoscaling config makes up, one per node it mirrors:
+# "node_" + the node ID in hex (ray.autoscaler._private.util.format_readonly_node_type).
+_READONLY_NODE_TYPE = re.compile(r"node_[0-9a-f]{56}")
+
+
+def _configured_node_types(names: Iterable[str]) -> bool:
+    """Whether any node type name is one of an autoscaling config (not a mirrored node's made-up name)."""
+    return any(name and not _READONLY_NODE_TYPE.fullmatch(name) for name in names)
+
+
+def v1_status_node_types(status_text: str | bytes | None) -> list[str]:
+    """The node type names in the v1 monitor's ``__autoscaling_status`` JSON ([] without an autoscaler report).
+
+    Its ``autoscaler_report`` (an ``AutoscalerSummary``) names types in ``active_nodes``, ``idle_nodes`` and
+    ``pending_launches`` (type -> count), ``pending_nodes`` ([ip, type, status]), ``failed_nodes`` ([ip, type])
+    and ``node_type_mapping`` (ip -> type).
+    """
+    try:
+        status = json.loads(status_text or "null")
+    except ValueError:
+        return []
+    report = status.get("autoscaler_report") if isinstance(status, dict) else None
+    if not isinstance(report, dict):
+        return []
+    names: list[str] = []
+    for key in ("active_nodes", "idle_nodes", "pending_launches"):
+        value = report.get(key)
+        if isinstance(value, dict):
+            names += [str(k) for k in value]
+    for key, at in (("pending_nodes", 1), ("failed_nodes", 1)):
+        for entry in report.get(key) or []:
+            if isinstance(entry, list | tuple) and len(entry) > at:
+                names.append(str(entry[at]))
+    mapping = report.get("node_type_mapping")
+    if isinstance(mapping, dict):
+        names += [str(v) for v in mapping.values()]
+    return names
+
+
+def _v2_node_types() -> list[str]:
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    nodes = [*status.active_nodes, *status.idle_nodes, *status.pending_nodes, *status.failed_nodes]
+    launches = [*status.pending_launches, *status.failed_launches]
+    return [n.ray_node_type_name for n in nodes] + [r.ray_node_type_name for r in launches]
+
+
+def autoscaler() -> Autoscaler:
+    """The connected cluster's autoscaler (Ray must be initialised).
+
+    In order: the cluster config in the GCS (``ReportClusterConfig``: max resources known; Ray 2.60 itself
+    never writes it, a platform may), then the node types the running autoscaler reports: the v1 monitor's
+    ``__autoscaling_status`` in the GCS internal KV, or the v2 autoscaler's cluster status. A monitor runs on
+    every head node; one without an autoscaling config only mirrors the nodes there are, under made-up type
+    names, and counts as no autoscaler. A v1 monitor that has not reported yet (its first seconds) reads as
+    none.
     """
     check_ray_version()
     from ray._private import state as ray_state
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    from ray.experimental.internal_kv import _internal_kv_get
 
-    return {k: float(v) for k, v in (ray_state.state.get_max_resources_from_cluster_config() or {}).items()}
+    most = {k: float(v) for k, v in (ray_state.state.get_max_resources_from_cluster_config() or {}).items()}
+    if most:
+        return Autoscaler(present=True, most=most)
+    if is_autoscaler_v2(fetch_from_server=True):
+        try:
+            names = _v2_node_types()
+        except Exception:  # the v2 autoscaler is on (the GCS says so) but its status cannot be read now
+            return Autoscaler(present=True, most=None)
+    else:
+        names = v1_status_node_types(_internal_kv_get(AUTOSCALING_STATUS_KEY))
+    return Autoscaler(present=True, most=None) if _configured_node_types(names) else NO_AUTOSCALER
+
+
+def max_cluster_resources() -> dict[str, float]:
+    """The most of each resource the autoscaler may ever launch; {} when there is none or Ray does not say."""
+    return autoscaler().most or {}
 
 
 def orphaned_train_placement_groups() -> list[Any]:

@@ -49,6 +49,7 @@ __all__ = [
     "resolve_tune",
     "run_sweep",
     "trial_config",
+    "val_metrics",
 ]
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -304,14 +305,43 @@ def _expected_reports(cfg: SiclipCfg) -> int:
     return math.ceil(resolve_max_steps(cfg) / cfg.train.ckpt_every)
 
 
+def val_metrics(cfg: SiclipCfg) -> list[str]:
+    """The ``val/...`` metrics a run of ``cfg`` reports at each evaluation: zero-shot on ``eval.zeroshot_dir``
+    (seen/unseen splits where the folder holds out classes), recall@K on ``eval.retrieval_shards``, and
+    ``val/<benchmark>/<metric>`` for each of ``eval.benchmarks`` (reported when its dataset is found there)."""
+    from siclip.eval.benchmarks import BENCHMARKS
+
+    e = cfg.eval
+    names: list[str] = []
+    if e.zeroshot_dir:
+        names += [f"zeroshot_top{k}{split}" for split in ("", "_seen", "_unseen") for k in (1, 5)]
+    retrieval = [f"{way}_r@{k}" for k in e.recall_at for way in ("i2t", "t2i")]
+    if e.retrieval_shards:
+        names += retrieval
+    for bench in e.benchmarks:
+        if BENCHMARKS[bench].task == "classification":
+            names += [f"{bench}/{m}" for m in ("top1", "top5", "mean_per_class_recall")]
+        else:
+            names += [f"{bench}/{m}" for m in retrieval]
+    return [f"val/{n}" for n in names]
+
+
 def _prepare(cfg: SiclipCfg) -> SiclipCfg:
     """Resolve the space file, make paths absolute, and make every report carry a fresh metric."""
     cfg = absolutize(resolve_tune(cfg))
-    if cfg.tune.metric.startswith("val/") and not (cfg.eval.zeroshot_dir or cfg.eval.retrieval_shards):
-        raise ConfigError(
-            f"tune.metric: got {cfg.tune.metric!r}, but no held-out data is set; allowed: set "
-            "eval.zeroshot_dir / eval.retrieval_shards, or a training metric such as 'loss/total'"
-        )
+    if cfg.tune.metric.startswith("val/"):
+        allowed = val_metrics(cfg)
+        if not allowed:
+            raise ConfigError(
+                f"tune.metric: got {cfg.tune.metric!r}, but no held-out data is set; allowed: set "
+                "eval.zeroshot_dir / eval.retrieval_shards / eval.benchmarks, or a training metric such as "
+                "'loss/total'"
+            )
+        if cfg.tune.metric not in allowed:
+            raise ConfigError(
+                f"tune.metric: got {cfg.tune.metric!r}, which this config's evaluation never reports; "
+                f"allowed: {', '.join(allowed)}, or a training metric such as 'loss/total'"
+            )
     ev, ck = cfg.train.eval_every, cfg.train.ckpt_every
     if cfg.tune.metric.startswith("val/") and (ev == 0 or ck % ev):
         # The scheduler compares trials at every report; a report without a new evaluation would carry a

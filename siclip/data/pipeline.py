@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from siclip import ray_compat
 from siclip.config import ConfigError, SiclipCfg, expand_shards, from_dict, is_uri, to_dict
 from siclip.data.shards import (
     IMAGE_EXTENSIONS,
@@ -652,7 +653,8 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
             "caption.num_cpus_per_actor or caption.min_actors."
         )
     full = c.num_actors * per_pair
-    if full > gpus + 1e-9 and full > _autoscaler_max().get("GPU", 0.0) + 1e-9:
+    most = _autoscaler().most  # unknown (None): the autoscaler may grow the pools, no warning
+    if full > gpus + 1e-9 and most is not None and full > most.get("GPU", 0.0) + 1e-9:
         log.warning(
             "the %s would need %g GPUs at caption.num_actors=%d but the cluster has %g: %s smaller",
             what,
@@ -666,10 +668,9 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
 _WAIT_POLL_S = 5.0
 
 
-def _autoscaler_max() -> dict[str, float]:
-    from siclip import ray_compat
-
-    return ray_compat.max_cluster_resources()
+def _autoscaler() -> ray_compat.Autoscaler:
+    """The cluster's autoscaler, read as ``train.use_gpu: auto`` reads it (siclip/ray_compat.py)."""
+    return ray_compat.autoscaler()
 
 
 def _wait_for_autoscaler(
@@ -678,14 +679,20 @@ def _wait_for_autoscaler(
     """Ask the autoscaler for the pools' minimum and wait for it; returns the cluster's (GPUs, CPUs) then.
 
     Returns at once (with what the cluster has) when there is no autoscaler or it can never launch that
-    much: the caller's checks then fail with their own message.
+    much: the caller's checks then fail with their own message. An autoscaler whose limits Ray does not
+    publish is asked and waited for (the timeout bounds the wait).
     """
     import ray
 
     res = ray.cluster_resources()
     have = (float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0)))
-    most = _autoscaler_max()
-    if not most or need_gpus > most.get("GPU", 0.0) + 1e-9 or need_cpus > most.get("CPU", 0.0) + 1e-9:
+    scaler = _autoscaler()
+    most = scaler.most
+    if not scaler.present:
+        return have
+    if most is not None and (
+        need_gpus > most.get("GPU", 0.0) + 1e-9 or need_cpus > most.get("CPU", 0.0) + 1e-9
+    ):
         return have
     from ray.autoscaler.sdk import request_resources
 
@@ -736,11 +743,10 @@ def _check_cluster_storage(out_dir: str) -> None:
     """
     import ray
 
-    from siclip import ray_compat
     from siclip.preflight import check_shared_folder
 
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    can_grow = bool(ray_compat.max_cluster_resources())
+    can_grow = _autoscaler().present
     check_shared_folder("caption.output_dir", out_dir, nodes=nodes, can_add_nodes=can_grow)
 
 

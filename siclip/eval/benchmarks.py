@@ -14,6 +14,11 @@ Class names and the 80 OpenAI prompt templates come from open_clip's zero-shot m
 model. Its ``accuracy`` calls ``float()`` on a one-element array, which raises ``TypeError`` under numpy 2,
 so top-k is taken on its logits by :func:`siclip.eval.metrics.topk_accuracy` (the same ``torch.topk``).
 Its captioning metrics (the only users of ``pycocoevalcap``) are never imported.
+
+During training the suite is sharded over the ranks like the other evaluations (siclip/eval/ranks.py): each
+rank builds the classifier columns of its slice of the classes and encodes its slice of the images (and their
+captions); the columns, the per-image (label, prediction) pairs, the hit counts and the retrieval embeddings
+are combined, and the recall is CLIP_benchmark's ``recall_at_k`` on the gathered whole set.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 
 from siclip.config import BenchmarkName, EvalCfg
 from siclip.eval.metrics import eval_mode, topk_accuracy
+from siclip.eval.ranks import Shard
 
 __all__ = [
     "BENCHMARKS",
@@ -269,42 +275,63 @@ def _classifier(
     device: str,
     amp: bool,
     cache: dict[tuple[str, str], torch.Tensor],
+    shard: Shard,
 ) -> torch.Tensor:
     """CLIP_benchmark's zero-shot classifier [D, C]; each class's column depends on its name alone, so
-    columns are cached by (template set, name) and reused by datasets sharing classes (IN-1k, V2, R, ...)."""
+    columns are cached by (template set, name) and reused by datasets sharing classes (IN-1k, V2, R, ...).
+    Sharded: each rank builds the columns of its slice of the missing classes, then all are gathered."""
     from clip_benchmark.metrics.zeroshot_classification import zero_shot_classifier
 
     key = repr([t if isinstance(t, str) else t("{c}") for t in templates])
     missing = sorted({c for c in classnames if (key, c) not in cache})
     if missing:
+        # fewer classes than ranks: every rank builds them all instead of an empty slice
+        split = shard.distributed and len(missing) >= shard.world_size
+        span = shard.span(len(missing)) if split else range(len(missing))
+        mine = missing[span.start : span.stop]
         # CLIP_benchmark formats str templates with {c}; open_clip's are callables: give it per-class prompts
         prompts: dict[str, list[str]] | list[str] = (
             [str(t) for t in templates]
             if all(isinstance(t, str) for t in templates)
-            else {c: [t(c) for t in templates] for c in missing}  # type: ignore[operator]
+            else {c: [t(c) for t in templates] for c in mine}  # type: ignore[operator]
         )
-        weights = zero_shot_classifier(model, tokenizer, missing, prompts, device, amp=amp)
+        weights = zero_shot_classifier(model, tokenizer, mine, prompts, device, amp=amp).float()
+        if split:  # columns in rank order = the sorted order of ``missing``
+            weights = shard.gather_rows(weights.T.contiguous()).T
         for i, c in enumerate(missing):
-            cache[(key, c)] = weights[:, i].float()
+            cache[(key, c)] = weights[:, i]
     return torch.stack([cache[(key, c)] for c in classnames], dim=1)
 
 
 def _classification(
-    model: Any, built: _Built, loader: Any, classifier: torch.Tensor, *, device: str, amp: bool
+    model: Any, loader: Any, classifier: torch.Tensor, *, device: str, amp: bool, shard: Shard
 ) -> dict[str, float]:
     from clip_benchmark.metrics.zeroshot_classification import run_classification
 
-    logits, target = run_classification(model, classifier, loader, device, amp=amp)
-    n = int(target.shape[0])
+    counted = _Counted(loader)
+    try:
+        logits, target = run_classification(model, classifier, counted, device, amp=amp)
+    except RuntimeError:
+        if counted.images:  # CLIP_benchmark cannot concatenate zero batches: a rank without images
+            raise
+        logits, target = torch.zeros(0, classifier.shape[1]), torch.zeros(0, dtype=torch.long)
+    hits = topk_accuracy(logits, target, (1, 5)) if target.shape[0] else {1: 0, 5: 0}
+    # every image's (label, top-1 prediction): the mean per-class recall needs them all
+    pairs = torch.stack([target.long(), logits.argmax(dim=1).long()], dim=1)
+    if shard.distributed:
+        on = torch.device(device)
+        n1, n5 = shard.sum([hits[1], hits[5]], device=on)
+        hits = {1: int(n1), 5: int(n5)}
+        pairs = shard.gather_rows(pairs.to(on)).cpu()
+    n = int(pairs.shape[0])
     if n == 0:
         raise ValueError("no images")
-    hits = topk_accuracy(logits, target, (1, 5))
     n_classes = classifier.shape[1]
     return {
         "top1": hits[1] / n,
         # like CLIP_benchmark: no top-5 with fewer than 5 classes
         "top5": hits[5] / n if n_classes >= 5 else float("nan"),
-        "mean_per_class_recall": _balanced_accuracy(target, logits.argmax(dim=1)),
+        "mean_per_class_recall": _balanced_accuracy(pairs[:, 0], pairs[:, 1]),
         "images": float(n),
     }
 
@@ -321,6 +348,25 @@ def _balanced_accuracy(target: torch.Tensor, pred: torch.Tensor) -> float:
         return float(balanced_accuracy_score(target, pred))
 
 
+class _RoundRobin(torch.utils.data.IterableDataset[Any]):
+    """Every ``world_size``-th sample of an iterable dataset, from the ``rank``-th (its length is unknown)."""
+
+    def __init__(self, dataset: Any, shard: Shard) -> None:
+        self.dataset, self.shard = dataset, shard
+
+    def __iter__(self) -> Any:
+        return (s for i, s in enumerate(self.dataset) if self.shard.owns(i))
+
+
+def _slice(dataset: Any, shard: Shard) -> Any:
+    """This rank's part of ``dataset``: a contiguous span when its length is known, else round robin."""
+    if not shard.distributed:
+        return dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return _RoundRobin(dataset, shard)
+    return torch.utils.data.Subset(dataset, shard.span(len(dataset)))
+
+
 class _Counted:
     """Iterates a loader and counts the images it yields (a WebDataset export's size is not known ahead)."""
 
@@ -332,6 +378,54 @@ class _Counted:
         for images, targets in self.loader:
             self.images += len(images)
             yield images, targets
+
+
+def _retrieval_sharded(
+    model: Any,
+    loader: Any,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    *,
+    recall_at: Sequence[int],
+    batch_size: int,
+    device: str,
+    amp: bool,
+    shard: Shard,
+) -> dict[str, float]:
+    """CLIP_benchmark's retrieval ``evaluate`` with this rank's images and captions encoded here (the same
+    normalised, autocast encodings), the embeddings gathered, and its ``recall_at_k`` on the whole set."""
+    import torch.nn.functional as F
+    from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+
+    on = torch.device(device)
+    image_embs: list[torch.Tensor] = []
+    text_embs: list[torch.Tensor] = []
+    owner: list[int] = []
+    n_images = 0
+    for images, texts in loader:
+        tokens = tokenizer([t for caps in texts for t in caps]).to(device)
+        owner += [n_images + i for i, caps in enumerate(texts) for _ in caps]
+        n_images += len(images)
+        with torch.no_grad(), torch.autocast(device, enabled=amp):
+            image_embs.append(F.normalize(model.encode_image(images.to(device)), dim=-1).float())
+            text_embs.append(F.normalize(model.encode_text(tokens), dim=-1).float())
+    # this rank's caption -> image indices become global ones: the gathered images come in rank order
+    n_before = int(shard.gather_rows(torch.tensor([n_images], device=on))[: shard.rank].sum())
+    img = shard.gather_rows(torch.cat(image_embs) if image_embs else torch.zeros(0, 0, device=on)).cpu()
+    txt = shard.gather_rows(torch.cat(text_embs) if text_embs else torch.zeros(0, 0, device=on)).cpu()
+    index = shard.gather_rows(torch.tensor(owner, dtype=torch.long, device=on) + n_before).cpu()
+    if img.shape[0] == 0:
+        raise ValueError("no images")
+    scores = txt @ img.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), index] = True
+    out: dict[str, float] = {}
+    for k in (k for k in recall_at if k <= img.shape[0]):
+        t2i = batchify(recall_at_k, scores, positive, batch_size, "cpu", k=k)
+        i2t = batchify(recall_at_k, scores.T, positive.T, batch_size, "cpu", k=k)
+        out[f"i2t_r@{k}"] = float((i2t > 0).float().mean())
+        out[f"t2i_r@{k}"] = float((t2i > 0).float().mean())
+    out["images"] = float(img.shape[0])
+    return out
 
 
 def _retrieval(
@@ -372,6 +466,7 @@ def evaluate_benchmarks(
     eval_cfg: EvalCfg,
     device: torch.device | str = "cpu",
     log: Callable[[str], None] | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``model`` on each named dataset; per name ``{"status": "ok", "layout", "root", metrics...}``
     or ``{"status": "absent", "reason": ...}``. Metrics are fractions: ``top1``, ``top5``,
@@ -379,12 +474,16 @@ def evaluate_benchmarks(
 
     ``model`` offers ``encode_image`` and ``encode_text`` (CLIP_benchmark normalises); it runs in eval mode,
     under autocast only on CUDA, and its train/eval mode is restored afterwards. Progress lines go to
-    ``log`` (default: stderr, so a command's stdout keeps only its result).
+    ``log`` (default: stderr, so a command's stdout keeps only its result; with a ``shard``, rank 0 only).
+
+    ``shard``: this rank's part of an evaluation split across ranks (every rank must call with the same
+    names; all get the same results, equal to the single-process ones).
     """
     from torch.utils.data import DataLoader
 
+    shard = shard or Shard()
     if log is None:
-        log = _log_to_stderr
+        log = _log_to_stderr if shard.rank == 0 else (lambda line: None)
 
     device_type = torch.device(device).type  # CLIP_benchmark passes it to torch.autocast
     amp = device_type == "cuda"
@@ -403,7 +502,7 @@ def evaluate_benchmarks(
                 continue
             assert isinstance(loc, Located)
             loader = DataLoader(
-                built.dataset,
+                _slice(built.dataset, shard),
                 batch_size=eval_cfg.batch_size,
                 shuffle=False,
                 num_workers=eval_cfg.loader_workers,
@@ -419,8 +518,20 @@ def evaluate_benchmarks(
                     device=device_type,
                     amp=amp,
                     cache=cache,
+                    shard=shard,
                 )
-                metrics = _classification(model, built, loader, classifier, device=device_type, amp=amp)
+                metrics = _classification(model, loader, classifier, device=device_type, amp=amp, shard=shard)
+            elif shard.distributed:
+                metrics = _retrieval_sharded(
+                    model,
+                    loader,
+                    tokenizer,
+                    recall_at=eval_cfg.recall_at,
+                    batch_size=eval_cfg.batch_size,
+                    device=device_type,
+                    amp=amp,
+                    shard=shard,
+                )
             else:
                 metrics = _retrieval(
                     model,

@@ -75,9 +75,15 @@ def evaluate_model(
 
 
 def evaluate_benchmarks_cfg(
-    model: nn.Module, cfg: SiclipCfg, names: tuple[str, ...], *, device: torch.device | str = "cpu"
+    model: nn.Module,
+    cfg: SiclipCfg,
+    names: tuple[str, ...],
+    *,
+    device: torch.device | str = "cpu",
+    shard: Shard | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`siclip.eval.benchmarks.evaluate_benchmarks` on ``names`` with the config's roots and preset."""
+    """:func:`siclip.eval.benchmarks.evaluate_benchmarks` on ``names`` with the config's roots and preset
+    (``shard``: this rank's part of an evaluation split across ranks)."""
     from siclip.eval.benchmarks import evaluate_benchmarks
     from siclip.models.presets import build_tokenizer, build_transform
 
@@ -88,6 +94,7 @@ def evaluate_benchmarks_cfg(
         transform=build_transform(cfg.model.name, train=False, image_size=cfg.model.image_size),
         eval_cfg=cfg.eval,
         device=device,
+        shard=shard,
     )
 
 
@@ -105,7 +112,9 @@ def evaluate_cfg(
     if cfg.eval.benchmarks:
         from siclip.eval.benchmarks import flatten
 
-        metrics = flatten(evaluate_benchmarks_cfg(model, cfg, cfg.eval.benchmarks, device=device))
+        metrics = flatten(
+            evaluate_benchmarks_cfg(model, cfg, cfg.eval.benchmarks, device=device, shard=shard)
+        )
     return metrics | _evaluate_configured(model, cfg, device=device, recall_at=recall_at, shard=shard)
 
 

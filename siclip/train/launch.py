@@ -154,13 +154,24 @@ def _tidy_checkpoints(run_dir: str) -> None:
 def resolve_use_gpu(cfg: SiclipCfg) -> bool:
     """``train.use_gpu`` for the connected cluster: auto is yes when it has GPUs or can launch GPU nodes.
 
+    Where an autoscaler runs but Ray does not say what its node types hold (Ray 2.60's autoscalers name
+    their types, not their resources), ``auto`` cannot know: a ``ConfigError`` asks for yes or no.
     Call once per run (a sweep: once for all its trials), after Ray is up.
     """
     if cfg.train.use_gpu != "auto":
         return cfg.train.use_gpu == "yes"
     if ray.cluster_resources().get("GPU", 0):
         return True
-    return ray_compat.max_cluster_resources().get("GPU", 0) > 0
+    scaler = ray_compat.autoscaler()
+    if scaler.most is not None:
+        return scaler.most.get("GPU", 0) > 0
+    if scaler.present:
+        raise ConfigError(
+            "train.use_gpu: got auto on a cluster with no GPU now whose autoscaler may launch GPU nodes, and "
+            "Ray does not say whether it can; allowed: train.use_gpu=yes (wait for GPU nodes) or "
+            "train.use_gpu=no (train on CPUs)"
+        )
+    return False
 
 
 def check_cluster_storage(cfg: SiclipCfg) -> None:
@@ -168,7 +179,7 @@ def check_cluster_storage(cfg: SiclipCfg) -> None:
     from siclip.preflight import check_shared_run_folder
 
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    check_shared_run_folder(cfg, nodes=nodes, can_add_nodes=bool(ray_compat.max_cluster_resources()))
+    check_shared_run_folder(cfg, nodes=nodes, can_add_nodes=ray_compat.autoscaler().present)
 
 
 def _worker_resources(cfg: SiclipCfg, use_gpu: bool) -> dict[str, float]:

@@ -10,6 +10,7 @@ import ray.autoscaler.sdk as autoscaler_sdk
 import siclip.data.pipeline as pipeline
 from siclip.config import ConfigError, from_dict
 from siclip.data.pipeline import _check_resources
+from siclip.ray_compat import NO_AUTOSCALER, Autoscaler
 
 
 def _cfg(**caption: object) -> object:
@@ -20,7 +21,7 @@ def _cfg(**caption: object) -> object:
 def cluster(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     resources = {"CPU": 16.0, "GPU": 1.0}
     monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
-    monkeypatch.setattr(pipeline, "_autoscaler_max", dict)  # no autoscaler: what is there is all there is
+    monkeypatch.setattr(pipeline, "_autoscaler", lambda: NO_AUTOSCALER)  # what is there is all there is
     return resources
 
 
@@ -91,11 +92,11 @@ class _Autoscaler:
     """A fake autoscaling cluster: GPU nodes come up after ``boot_polls`` looks, if ever; time is simulated."""
 
     def __init__(
-        self, monkeypatch: pytest.MonkeyPatch, *, most: dict[str, float], boot_polls: int | None
+        self, monkeypatch: pytest.MonkeyPatch, *, most: dict[str, float] | None, boot_polls: int | None
     ) -> None:
         self.now, self.looks, self.requests = 0.0, 0, []
         self.boot_polls, self.sleeps = boot_polls, []
-        monkeypatch.setattr(pipeline, "_autoscaler_max", lambda: most)
+        monkeypatch.setattr(pipeline, "_autoscaler", lambda: Autoscaler(present=True, most=most))
         monkeypatch.setattr(ray, "cluster_resources", self.resources)
         monkeypatch.setattr(pipeline.time, "monotonic", lambda: self.now)
         monkeypatch.setattr(pipeline.time, "sleep", self.sleep)
@@ -127,6 +128,15 @@ def test_the_autoscaler_is_asked_for_each_pools_own_gpu_share(monkeypatch: pytes
     _check_resources(cfg, 1.0)  # type: ignore[arg-type]
     asked = scaler.requests[0]["bundles"]
     assert sorted(b.get("GPU", 0) for b in asked if "GPU" in b) == [0.25, 1.0]
+
+
+def test_an_autoscaler_whose_limits_ray_does_not_publish_is_asked_and_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scaler = _Autoscaler(monkeypatch, most=None, boot_polls=3)  # Ray 2.60: node types named, sizes not
+    _check_resources(_cfg(min_actors=2, num_actors=8, worker_start_timeout_s=600), 1.0)  # type: ignore[arg-type]
+    assert sum(b.get("GPU", 0) for b in scaler.requests[0]["bundles"]) == 2
+    assert scaler.requests[-1] == {"bundles": []} and 0 < scaler.now < 600
 
 
 def test_gpu_workers_that_never_come_fail_naming_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:

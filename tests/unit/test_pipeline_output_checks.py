@@ -44,7 +44,11 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     state: dict[str, Any] = {"nodes": 1, "max": {}, "fs": "ext4"}
     monkeypatch.setattr("siclip.ray_session.init_ray", lambda *_: None)
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}] * state["nodes"] + [{"Alive": False}])
-    monkeypatch.setattr(ray_compat, "max_cluster_resources", lambda: state["max"])
+    monkeypatch.setattr(
+        ray_compat,
+        "autoscaler",
+        lambda: ray_compat.Autoscaler(present=bool(state["max"]), most=state["max"] or None),
+    )
     monkeypatch.setattr(preflight, "filesystem_type", lambda path, mounts=None: state["fs"])
 
     def reached() -> dict[str, float]:

@@ -12,6 +12,7 @@ import logging
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -41,6 +42,7 @@ def test_an_unknown_ray_fails_loudly_before_any_internal_is_read(monkeypatch: py
     for call in (
         lambda: ray_compat.registered_checkpoint_names("{}"),
         ray_compat.max_cluster_resources,
+        ray_compat.autoscaler,
         ray_compat.orphaned_train_placement_groups,
         ray_compat.job_working_dir,
         lambda: ray_compat.is_worker_start_timeout(RuntimeError()),
@@ -129,3 +131,111 @@ def test_the_session_mutes_the_logger_ray_compat_names() -> None:
     logger.setLevel(logging.NOTSET)
     quiet_without_dashboard()
     assert not logger.isEnabledFor(logging.WARNING)
+
+
+def _mirrored(node_id_hex: str) -> str:
+    """The type name a monitor without an autoscaling config gives a node it mirrors (Ray's own function)."""
+    from ray.autoscaler._private.util import format_readonly_node_type
+
+    return str(format_readonly_node_type(node_id_hex))
+
+
+def _v1_status(node_types: dict[str, str], *, report: bool = True) -> str:
+    """``__autoscaling_status`` as Ray 2.60's v1 monitor writes it: its own ``AutoscalerSummary``, as JSON."""
+    from dataclasses import asdict
+
+    from ray.autoscaler._private.autoscaler import AutoscalerSummary
+
+    summary = AutoscalerSummary(
+        active_nodes={},
+        idle_nodes=None,
+        pending_nodes=[],
+        pending_launches={},
+        failed_nodes=[],
+        node_type_mapping=node_types,
+        legacy=True,
+    )
+    status: dict[str, Any] = {"time": 0.0, "load_metrics_report": {"usage": {}}}
+    if report:
+        status["autoscaler_report"] = asdict(summary)
+    return json.dumps(status)
+
+
+@pytest.mark.parametrize(
+    ("status", "present"),
+    [
+        # a head started with an autoscaling config: its own type, GPU workers at zero
+        (_v1_status({"ffff00000": "ray.head.default"}), True),
+        # a head started by hand: the monitor mirrors each node under "node_" + its ID
+        (_v1_status({"10.0.0.1": _mirrored("ab12" * 14), "10.0.0.2": _mirrored("cd34" * 14)}), False),
+        (_v1_status({}, report=False), False),  # no autoscaler report (yet)
+        (None, False),  # no monitor at all
+        ("not json", False),
+    ],
+)
+def test_an_autoscaler_is_told_from_the_node_types_its_monitor_reports(
+    monkeypatch: pytest.MonkeyPatch, status: str | None, present: bool
+) -> None:
+    from ray._private import state as ray_state
+
+    monkeypatch.setattr(ray_state.state, "get_max_resources_from_cluster_config", lambda: None)
+    monkeypatch.setattr("ray.autoscaler.v2.utils.is_autoscaler_v2", lambda **_: False)
+    monkeypatch.setattr("ray.experimental.internal_kv._internal_kv_get", lambda key, **_: status)
+    found = ray_compat.autoscaler()
+    assert found.present is present and found.most is None  # Ray 2.60 never says what a type holds
+    assert ray_compat.max_cluster_resources() == {}
+
+
+def test_a_published_cluster_config_gives_the_autoscaler_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private import state as ray_state
+
+    monkeypatch.setattr(
+        ray_state.state, "get_max_resources_from_cluster_config", lambda: {"CPU": 64, "GPU": 8}
+    )
+    assert ray_compat.autoscaler() == ray_compat.Autoscaler(present=True, most={"CPU": 64.0, "GPU": 8.0})
+
+
+def test_the_v1_status_key_is_where_ray_keeps_it() -> None:
+    from ray._private import ray_constants
+
+    assert ray_compat.AUTOSCALING_STATUS_KEY == ray_constants.DEBUG_AUTOSCALING_STATUS
+
+
+def _v2_status(head_type: str, pending: list[str]) -> Any:
+    """A v2 autoscaler's cluster status, built from Ray's own schema classes."""
+    from ray.autoscaler.v2.schema import ClusterStatus, LaunchRequest, NodeInfo
+
+    head = NodeInfo(
+        instance_type_name="", ray_node_type_name=head_type, instance_id="h", ip_address="10.0.0.1"
+    )
+    launches = [
+        LaunchRequest(
+            instance_type_name="g5",
+            ray_node_type_name=t,
+            count=1,
+            state=LaunchRequest.Status.PENDING,
+            request_ts_s=0,
+        )
+        for t in pending
+    ]
+    return ClusterStatus(active_nodes=[head], pending_launches=launches)
+
+
+@pytest.mark.parametrize(
+    ("status", "present"),
+    [
+        (lambda: _v2_status("headgroup", ["gpu-group"]), True),  # KubeRay with an autoscaler: its groups
+        (lambda: _v2_status(_mirrored("ef56" * 14), []), False),  # v2 without a config mirrors its nodes
+        (lambda: (_ for _ in ()).throw(TimeoutError("GCS busy")), True),  # on, but unreadable now: assume one
+    ],
+)
+def test_a_v2_autoscaler_is_told_from_its_cluster_status(
+    monkeypatch: pytest.MonkeyPatch, status: Any, present: bool
+) -> None:
+    from ray._private import state as ray_state
+
+    monkeypatch.setattr(ray_state.state, "get_max_resources_from_cluster_config", lambda: None)
+    monkeypatch.setattr("ray.autoscaler.v2.utils.is_autoscaler_v2", lambda **_: True)
+    monkeypatch.setattr("ray.autoscaler.v2.sdk.get_cluster_status", lambda *a, **k: status())
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: type("Ctx", (), {"gcs_address": "127.0.0.1:1"})())
+    assert ray_compat.autoscaler() == ray_compat.Autoscaler(present=present, most=None)

@@ -16,6 +16,11 @@ def _cfg(*overrides: str) -> SiclipCfg:
     return from_dict(apply_overrides(to_dict(SiclipCfg()), list(overrides)))
 
 
+def _scaler(most: dict[str, float] | None, *, present: bool | None = None) -> ray_compat.Autoscaler:
+    """An autoscaler that may launch ``most`` ({}: none runs; None: one runs and Ray does not say what)."""
+    return ray_compat.Autoscaler(present=bool(most) if present is None else present, most=most or None)
+
+
 @pytest.mark.parametrize(
     ("use_gpu", "gpus_now", "gpus_launchable", "expected"),
     [
@@ -31,17 +36,35 @@ def test_use_gpu_counts_gpus_the_autoscaler_can_launch(
     monkeypatch: pytest.MonkeyPatch, use_gpu: str, gpus_now: int, gpus_launchable: dict, expected: bool
 ) -> None:
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": float(gpus_now)})
-    monkeypatch.setattr(ray_compat, "max_cluster_resources", lambda: dict(gpus_launchable))
+    monkeypatch.setattr(ray_compat, "autoscaler", lambda: _scaler(dict(gpus_launchable)))
     assert launch.resolve_use_gpu(_cfg(f"train.use_gpu={use_gpu}")) is expected
+
+
+def test_auto_refuses_where_an_autoscaler_runs_but_its_gpus_cannot_be_known(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from siclip.config import ConfigError
+
+    monkeypatch.setattr(ray_compat, "autoscaler", lambda: _scaler(None, present=True))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    with pytest.raises(
+        ConfigError, match=r"^train\.use_gpu: .*train\.use_gpu=yes.*train\.use_gpu=no"
+    ) as info:
+        launch.resolve_use_gpu(_cfg("train.use_gpu=auto"))
+    assert "\n" not in str(info.value)
+    for choice, expected in (("yes", True), ("no", False)):  # the choices it asks for are answered as asked
+        assert launch.resolve_use_gpu(_cfg(f"train.use_gpu={choice}")) is expected
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
+    assert launch.resolve_use_gpu(_cfg("train.use_gpu=auto"))  # GPUs already up: nothing to guess
 
 
 def test_a_sweep_fixes_the_device_once_for_every_trial(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
-    monkeypatch.setattr(ray_compat, "max_cluster_resources", lambda: {"GPU": 4})
+    monkeypatch.setattr(ray_compat, "autoscaler", lambda: _scaler({"GPU": 4}))
     fixed = sweep._fix_device(_cfg("train.use_gpu=auto"))
     assert fixed.train.use_gpu == "yes"
     # later, with GPU nodes gone, a trial built from the sweep's base config still says yes
-    monkeypatch.setattr(ray_compat, "max_cluster_resources", dict)
+    monkeypatch.setattr(ray_compat, "autoscaler", lambda: _scaler({}))
     trial = sweep.trial_config(to_dict(fixed), {"loss.pm_weight": 0.5}, run_name="t-1")
     assert trial.train.use_gpu == "yes" and launch.resolve_use_gpu(trial)
     assert sweep._fix_device(_cfg("train.use_gpu=auto")).train.use_gpu == "no"
