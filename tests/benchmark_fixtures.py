@@ -2,7 +2,7 @@
 
 Every class folder a layout requires exists (empty ones allowed), so labels line up with the standard class
 names; only a few classes hold images. Each image is a flat colour that depends on its class, so a model
-can tell classes apart and metrics are not all zero.
+can tell classes apart and metrics are not all zero. ``BagModel`` is a tiny CLIP-like model to evaluate on them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ import io
 import json
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 N_IMAGES = 12  # images per dataset (retrieval: 12 images x 2 captions)
 
@@ -132,3 +135,22 @@ def make_paper_suite(root: Path) -> dict[str, str]:
         "flickr30k": make_flickr30k,
     }
     return {name: str(make(root / name)) for name, make in makers.items()}
+
+
+class BagModel(nn.Module):
+    """encode_text: mean of token embeddings; encode_image: a linear map of 4x4-pooled pixels."""
+
+    def __init__(self, dim: int = 16, vocab: int = 49408) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.tok = nn.Parameter(torch.randn(vocab, dim, generator=g))
+        self.img = nn.Parameter(torch.randn(3 * 16, dim, generator=g))
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        mask = (tokens > 0).float()[..., None]
+        x = (self.tok[tokens] * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(images, 4).flatten(1) @ self.img
+        return F.normalize(x, dim=-1) if normalize else x

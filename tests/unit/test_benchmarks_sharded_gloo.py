@@ -14,8 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmark_fixtures as fx
@@ -27,23 +25,7 @@ WORLD = 2
 WDS_CLASSES = ["red thing", "green thing", "blue thing", "grey thing", "pink thing", "dark thing"]
 
 
-class BagModel(nn.Module):
-    """encode_text: mean of token embeddings; encode_image: a linear map of 4x4-pooled pixels."""
-
-    def __init__(self, dim: int = 16, vocab: int = 49408) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.tok = nn.Parameter(torch.randn(vocab, dim, generator=g))
-        self.img = nn.Parameter(torch.randn(3 * 16, dim, generator=g))
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        mask = (tokens > 0).float()[..., None]
-        x = (self.tok[tokens] * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(images, 4).flatten(1) @ self.img
-        return F.normalize(x, dim=-1) if normalize else x
+BagModel = fx.BagModel
 
 
 def _eval_cfg(roots: dict[str, str]) -> Any:

@@ -7,9 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmark_fixtures as fx
@@ -67,21 +64,7 @@ def test_no_held_out_data_at_all_is_refused() -> None:
         sweep.run_sweep(_cfg("tune.metric=val/imagenet1k/top1"))
 
 
-class _BagModel(nn.Module):
-    def __init__(self, dim: int = 16, vocab: int = 49408) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.tok = nn.Parameter(torch.randn(vocab, dim, generator=g))
-        self.img = nn.Parameter(torch.randn(3 * 16, dim, generator=g))
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        mask = (tokens > 0).float()[..., None]
-        x = (self.tok[tokens] * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(images, 4).flatten(1) @ self.img
-        return F.normalize(x, dim=-1) if normalize else x
+_BagModel = fx.BagModel
 
 
 def test_the_accepted_metrics_are_exactly_what_training_time_evaluation_reports(tmp_path: Path) -> None:
