@@ -42,14 +42,16 @@ ENV_FORCE = "SICLIP_CPU_CHANNELS_LAST"
 """``1``/``0``: use (or not) channels-last on CPU without probing; unset or ``auto``: probe."""
 
 PROBE_TIMEOUT_S = 60.0
-"""A probe that crashes usually dies in 2 s; heap corruption can also hang it, which counts as a no."""
+"""A probe that crashes dies in about 2 s; one that hangs anyway counts as a no."""
 
 # The convolutions a FastViT/MCi step runs, channels-last, forward and backward, a few times: the stem's 1x1
 # stride-2 branch on 3 channels (the kernel that crashes on AVX2), a 3x3 stride-2 stem conv, a depthwise 7x7
-# (RepMixer/ConvFFN) and a pointwise conv.
+# (RepMixer/ConvFFN) and a pointwise conv. One thread: with two, the crashing kernel's heap corruption hung
+# the probe in 2 of 8 runs here (spinning OpenMP threads) instead of killing it; with one, 0 of 8.
 _PROBE = """
 import torch
 from torch import nn
+torch.set_num_threads(1)
 torch.manual_seed(0)
 cl = torch.channels_last
 net = nn.Sequential(
@@ -95,7 +97,7 @@ def _probe() -> tuple[bool, str]:
             capture_output=True,
             text=True,
             timeout=PROBE_TIMEOUT_S,
-            env=os.environ.copy(),
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
             check=False,
         )
     except subprocess.TimeoutExpired:
