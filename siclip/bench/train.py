@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import torch
 
 from siclip.config import SiclipCfg, replace
 from siclip.eval.markdown_tables import save_table
+from siclip.train.memory_format import exit_description
 
 __all__ = ["format_formats_table", "format_table", "run_bench_formats", "run_bench_train"]
 
@@ -174,9 +174,7 @@ def _format_cell(isa: str | None, force: str, *, batch: int, steps: int, threads
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, check=False)
     if done.returncode == 0:
         return {"ok": True, **json.loads(done.stdout.strip().splitlines()[-1])}
-    code = done.returncode
-    how = f"crashed ({signal.Signals(-code).name})" if code < 0 else f"failed (exit {code})"
-    return {"ok": False, "error": how}
+    return {"ok": False, "error": f"failed ({exit_description(done.returncode)})"}
 
 
 def run_bench_formats(

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["ENV_FORCE", "cpu_channels_last_ok", "memory_format_for", "place"]
+__all__ = ["ENV_FORCE", "cpu_channels_last_ok", "exit_description", "memory_format_for", "place"]
 
 LOG = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ print("channels-last ok")
 """
 
 
-def _outcome(returncode: int) -> str:
+def exit_description(returncode: int) -> str:
+    """How a child process ended: ``killed by SIGSEGV`` (the signal named) or ``exit status N``."""
     if returncode < 0:
         try:
             return f"killed by {signal.Signals(-returncode).name}"
@@ -106,7 +107,7 @@ def _probe() -> tuple[bool, str]:
         return False, f"could not start: {exc}"
     if done.returncode == 0 and "channels-last ok" in done.stdout:
         return True, "ok"
-    return False, _outcome(done.returncode)
+    return False, exit_description(done.returncode)
 
 
 @functools.cache
