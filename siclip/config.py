@@ -799,7 +799,7 @@ def expand_shards(patterns: tuple[str, ...] | list[str]) -> list[str]:
         for item in braceexpand(pattern):
             if not any(c in item for c in "*?[") or item.startswith(("pipe:", "local-dir:")):
                 urls.append(item)
-            elif "://" in item:
+            elif is_uri(item):
                 urls.extend(_glob_uri(item))
             else:
                 urls.extend(sorted(glob.glob(item)))

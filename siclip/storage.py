@@ -33,10 +33,8 @@ __all__ = [
 
 
 def is_remote(location: str | os.PathLike[str]) -> bool:
-    """A URI (``s3://``, ``gs://``, ...) rather than a path on this machine's filesystem.
-
-    (Defined here, not taken from ``siclip.config``: config saves through this module, and the two must not
-    import each other.)"""
+    """A URI (``s3://``, ``gs://``, ...) rather than a path on this machine's filesystem: the one place that
+    decides it (``siclip.config.is_uri`` adds WebDataset's ``pipe:`` and open_clip's ``local-dir:`` sources)."""
     return "://" in str(location)
 
 

@@ -37,6 +37,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from siclip.storage import is_remote
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MANIFEST_NAME",
@@ -178,7 +180,7 @@ def write_manifest(out_dir: str | os.PathLike[str], manifest: Manifest) -> str:
     """Write ``out_dir/manifest.json`` atomically (temp file + rename); returns its path."""
     path = _manifest_path(out_dir)
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-    if "://" in path:
+    if is_remote(path):
         import fsspec
 
         fs, fs_path = fsspec.core.url_to_fs(path)
@@ -348,7 +350,7 @@ class AtomicShardWriter:
 
         self.path = os.fspath(path)
         self.tmp_path = self.path + ".tmp"
-        self._remote = "://" in self.path
+        self._remote = is_remote(self.path)
         self._direct = False
         if self._remote:
             import fsspec
@@ -478,7 +480,7 @@ def open_url(url: str, mode: str = "rb") -> IO[bytes]:
         from webdataset.gopen import gopen
 
         return gopen(url, mode)  # type: ignore[no-any-return]
-    if "://" in url and not url.startswith("file://"):
+    if is_remote(url) and not url.startswith("file://"):
         return _fsspec_gopen(url, mode)
     return open(url.removeprefix("file://"), mode)
 
@@ -772,7 +774,7 @@ def list_sizes(folder: str | os.PathLike[str]) -> dict[str, int]:
     An absent folder lists as empty. Other processes (the actors) wrote it: no cached listing is used.
     """
     base = os.fspath(folder).rstrip("/")
-    if "://" in base:
+    if is_remote(base):
         import fsspec
 
         fs, fs_path = fsspec.core.url_to_fs(base)
@@ -796,7 +798,7 @@ def list_sizes(folder: str | os.PathLike[str]) -> dict[str, int]:
 def finished(path: str | os.PathLike[str]) -> bool:
     """True if a final (renamed, hence complete) shard exists at ``path``."""
     p = os.fspath(path)
-    if "://" in p:
+    if is_remote(p):
         import fsspec
 
         fs, fs_path = fsspec.core.url_to_fs(p)

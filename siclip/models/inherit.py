@@ -25,6 +25,7 @@ from torch import nn
 
 from siclip.config import ModelCfg, TeacherCfg
 from siclip.models.sasp import is_sasp
+from siclip.storage import is_remote
 
 __all__ = [
     "InheritError",
@@ -126,7 +127,7 @@ def load_source_state_dict(source: str) -> dict[str, torch.Tensor]:
             return _load_file(folder / found[0])
         raise FileNotFoundError(f"{source}: no (single) weights file in {folder}; found {found}")
     path = Path(source)
-    if "://" in source and path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+    if is_remote(source) and path.suffix in (".pt", ".pth", ".bin", ".safetensors"):
         # a weights file in object storage (s3://...): every node reads it from there, none from its disk
         import tempfile
 
