@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from siclip.config import ConfigError, SiclipCfg, _walk, expand_shards, is_uri
+from siclip.config import ConfigError, SiclipCfg, expand_shards, is_uri, is_weights_file, walk_fields
 
 __all__ = [
     "LOCAL_FS_TYPES",
@@ -36,14 +36,14 @@ _SHARED_HINT = "a path every node mounts (e.g. /data/... on KubeRay, /mnt/efs/..
 def _local_paths(cfg: SiclipCfg, sections: tuple[str, ...] | None) -> list[tuple[str, str]]:
     """(key, value) of every configured local path (inputs and outputs), shard patterns one by one."""
     found = []
-    for key, value, f in _walk(cfg):
+    for key, value, f in walk_fields(cfg):
         if sections and key.split(".")[0] not in sections:
             continue
         kind = f.metadata.get("path")
         values = value if kind == "shards" else [value]
         is_path = kind in ("file", "dir", "shards") or key in OUTPUT_KEYS
         if kind == "source":
-            is_path = str(value).endswith((".pt", ".pth", ".bin", ".safetensors"))
+            is_path = is_weights_file(str(value))
         for v in values if is_path else []:
             if v and not is_uri(str(v)):
                 found.append((key, str(v)))
