@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from siclip.config import BenchmarkName, ConfigError, SiclipCfg, load_config
+from siclip.config import BenchmarkName, ConfigError, SiclipCfg, check_paths, load_config, resolve_switches
 
 __all__ = ["main"]
 
@@ -28,7 +28,6 @@ def _config_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
 
 
 def _load(args: argparse.Namespace, sections: tuple[str, ...] | None = None) -> SiclipCfg:
-    from siclip.config import check_paths
     from siclip.preflight import check_job_paths
     from siclip.ray_compat import job_working_dir
 
@@ -41,8 +40,6 @@ def _load(args: argparse.Namespace, sections: tuple[str, ...] | None = None) -> 
 
 def _print_switches(args: argparse.Namespace, *, searched: tuple[str, ...] = ()) -> str:
     """Print (and return) the resolved profile switches and where each came from, before a run starts."""
-    from siclip.config import resolve_switches
-
     report = resolve_switches(args.config, args.overrides, searched=searched)
     print("siclip: " + "\n".join(report.lines()), flush=True)
     return report.markdown()

@@ -34,7 +34,9 @@ from siclip.config import (
     SiclipCfg,
     apply_overrides,
     check_paths,
+    expand_shards,
     from_dict,
+    load_config,
     resolve_switches,
 )
 from siclip.train.grad_share import format_shares
@@ -134,7 +136,6 @@ def demo_config(
 
 def _eval(cfg_file: Path, checkpoint: Path) -> dict[str, float]:
     """What ``siclip eval`` does and prints, in-process (the same function, not the command: no import cycle)."""
-    from siclip.config import load_config
     from siclip.eval.suite import evaluate_checkpoint
 
     result = evaluate_checkpoint(load_config(cfg_file, check_files=("eval", "model")), checkpoint)
@@ -185,7 +186,6 @@ def _drop_stale_captions(cfg: SiclipCfg) -> None:
     import os
     import shutil
 
-    from siclip.config import expand_shards
     from siclip.data.shards import ManifestError, read_manifest
 
     out = cfg.caption.output_dir
