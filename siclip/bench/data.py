@@ -22,7 +22,7 @@ DEFAULT_OUT = "benchmarks/data.md"
 
 
 def _loop(urls: Sequence[str], image_size: int) -> int:
-    from siclip.data.pipeline import prepare_shard
+    from siclip.data.prepare import prepare_shard
 
     return sum(len(prepare_shard(u, image_size=image_size).keys) for u in urls)
 
@@ -30,12 +30,12 @@ def _loop(urls: Sequence[str], image_size: int) -> int:
 def _ray_prepare(urls: Sequence[str], image_size: int) -> int:
     import ray.data
 
-    from siclip.data.pipeline import _PREPARE_MEMORY, _prepare_row
+    from siclip.data.prepare import PREPARE_MEMORY, prepare_row
 
     ds = ray.data.from_items(
         [{"url": u, "name": os.path.basename(u)} for u in urls], override_num_blocks=len(urls)
     ).map(
-        _prepare_row,  # type: ignore[arg-type]
+        prepare_row,  # type: ignore[arg-type]
         fn_kwargs={
             "image_size": image_size,
             "center_crop": False,
@@ -44,7 +44,7 @@ def _ray_prepare(urls: Sequence[str], image_size: int) -> int:
             "retry_delay_s": 0.0,
         },
         num_cpus=1,
-        memory=_PREPARE_MEMORY,
+        memory=PREPARE_MEMORY,
     )
     return sum(len(row["keys"]) for row in ds.iter_rows())
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -10,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from siclip.config import ConfigError, from_dict
 from siclip.data.shards import read_manifest
+from tests.data_fixtures import BAD_SAMPLES, good_sample, noise_jpeg, write_tar
 
 pytestmark = pytest.mark.ray
 
@@ -21,50 +20,21 @@ K = 2
 IMAGE_SIZE = 16
 
 
-def _jpeg(seed: int, size: tuple[int, int] = (40, 28)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
-def _good(key: str, seed: int) -> list[tuple[str, bytes]]:
-    meta = json.dumps({"url": f"http://x/{key}.jpg"}).encode()
-    return [(f"{key}.jpg", _jpeg(seed)), (f"{key}.txt", f"photo {key}".encode()), (f"{key}.json", meta)]
-
-
-# Each bad sample of shard 0 and the reason it must be skipped for.
-BAD = {
-    "empty_image": [("b0.jpg", b""), ("b0.txt", b"x")],
-    "not_image": [("b1.jpg", b"certainly not a jpeg"), ("b1.txt", b"x")],
-    "truncated_image": [("b2.jpg", _jpeg(99, (64, 64))[:1500]), ("b2.txt", b"x")],
-    "missing_caption": [("b3.jpg", _jpeg(3))],
-    "empty_caption": [("b4.jpg", _jpeg(4)), ("b4.txt", b"  \n ")],
-    "undecodable_text": [("b5.jpg", _jpeg(5)), ("b5.txt", b"\xff\xfe\xfa caption")],
-    "missing_image": [("b6.txt", b"a caption without an image")],
-    "bad_json": [("b7.jpg", _jpeg(7)), ("b7.txt", b"x"), ("b7.json", b"{not json")],
-}
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cc12m")
-    shard0 = _good("a0", 0) + _good("a1", 1)
-    for members in BAD.values():
+    shard0 = good_sample("a0", 0) + good_sample("a1", 1)
+    for members in BAD_SAMPLES.values():
         shard0 += members
-    shard0 += [*_good("a2", 2), ("a1.jpg", _jpeg(11)), ("a1.txt", b"same key again")]  # duplicate key
-    _tar(root / "in-000000.tar", shard0)
-    _tar(root / "in-000001.tar", [m for i in range(7) for m in _good(f"c{i}", 100 + i)])
+    shard0 += [
+        *good_sample("a2", 2),
+        ("a1.jpg", noise_jpeg(11)),
+        ("a1.txt", b"same key again"),
+    ]  # duplicate key
+    write_tar(root / "in-000000.tar", shard0)
+    write_tar(root / "in-000001.tar", [m for i in range(7) for m in good_sample(f"c{i}", 100 + i)])
     whole = root / "whole.tar"
-    _tar(whole, [m for i in range(4) for m in _good(f"d{i}", 200 + i)])
+    write_tar(whole, [m for i in range(4) for m in good_sample(f"d{i}", 200 + i)])
     with tarfile.open(whole) as tar:
         at = tar.getmember("d2.jpg").offset  # the 3rd sample's header: damaged bytes, not a cut
     data = bytearray(whole.read_bytes())
@@ -121,7 +91,7 @@ def test_build_counts_readback_and_resume(ray_session: None, inputs: Path, tmp_p
     out = tmp_path / "syn"
     manifest = run_pipeline(_cfg(inputs, out, teacher_embeddings=True), progress=False)  # type: ignore[arg-type]
 
-    expected_skips = dict.fromkeys(BAD, 1)
+    expected_skips = dict.fromkeys(BAD_SAMPLES, 1)
     expected_skips["duplicate_key"] = 1
     expected_skips["unreadable_tar"] = 2  # the damaged tar and the garbage file
     assert manifest.skipped == dict(sorted(expected_skips.items()))

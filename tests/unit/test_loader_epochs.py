@@ -13,7 +13,7 @@ import itertools
 
 import pytest
 
-from tests.unit.test_loader import _ids, _loader, _write
+from tests.data_fixtures import batch_ids, make_loader, write_id_shard
 
 SHARDS, PER_SHARD = 6, 2
 
@@ -21,13 +21,13 @@ SHARDS, PER_SHARD = 6, 2
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[str]:
     d = tmp_path_factory.mktemp("epochs")
-    return [_write(d / f"e-{s:06d}.tar", range(10 * s, 10 * s + PER_SHARD)) for s in range(SHARDS)]
+    return [write_id_shard(d / f"e-{s:06d}.tar", range(10 * s, 10 * s + PER_SHARD)) for s in range(SHARDS)]
 
 
 def shard_orders(urls: list[str], epochs: int, **kw) -> list[tuple[int, ...]]:
     """The shard (by its first sample id // 10) of each batch, one tuple per epoch."""
-    it = _loader(urls, batch_size=PER_SHARD, shuffle_buffer=0, **kw)
-    firsts = [_ids(b)[0] // 10 for b in itertools.islice(it, epochs * SHARDS)]
+    it = make_loader(urls, batch_size=PER_SHARD, shuffle_buffer=0, **kw)
+    firsts = [batch_ids(b)[0] // 10 for b in itertools.islice(it, epochs * SHARDS)]
     return [tuple(firsts[e * SHARDS : (e + 1) * SHARDS]) for e in range(epochs)]
 
 
@@ -47,18 +47,20 @@ def test_epoch_offset_starts_at_that_epoch_of_the_same_sequence(shards) -> None:
 
 def test_resume_skips_the_rest_of_the_epoch_and_replays_a_full_one(shards) -> None:
     seen_before_kill = 3  # batches (= shards) trained on in epoch 0 before the run stopped at step 3
-    uninterrupted = [_ids(b) for b in itertools.islice(_loader(shards, batch_size=2, shuffle_buffer=0), 12)]
+    uninterrupted = [
+        batch_ids(b) for b in itertools.islice(make_loader(shards, batch_size=2, shuffle_buffer=0), 12)
+    ]
     resumed = [
-        _ids(b)
+        batch_ids(b)
         for b in itertools.islice(
-            _loader(shards, batch_size=2, shuffle_buffer=0, epoch_offset=seen_before_kill), 6
+            make_loader(shards, batch_size=2, shuffle_buffer=0, epoch_offset=seen_before_kill), 6
         )
     ]
     # what a resumed run reads is decided by the step alone
     again = [
-        _ids(b)
+        batch_ids(b)
         for b in itertools.islice(
-            _loader(shards, batch_size=2, shuffle_buffer=0, epoch_offset=seen_before_kill), 6
+            make_loader(shards, batch_size=2, shuffle_buffer=0, epoch_offset=seen_before_kill), 6
         )
     ]
     assert resumed == again

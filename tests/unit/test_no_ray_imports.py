@@ -1,4 +1,5 @@
-"""Models, losses, task and the loop must import (and run) without Ray: a fresh interpreter proves it."""
+"""Models, losses, task, the loop and the data build's Ray-free parts must import (and run) without Ray: a fresh
+interpreter proves it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ PURE_MODULES = [
     "siclip.train.run_log",
     "siclip.report",
     "siclip.eval.benchmarks",
+    "siclip.data.prepare",
+    "siclip.data.commit",
 ]
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from siclip.data.pipeline import prepare_shard, validate_sample
-from tests.integration.test_pipeline import _good, _tar
+from siclip.data.prepare import prepare_shard, validate_sample
+from tests.data_fixtures import good_sample, write_tar
 
 
 def _png(image: Image.Image, **save: object) -> bytes:
@@ -77,7 +77,7 @@ def test_captions_lose_byte_order_marks_and_control_characters(raw: str, want: s
 
 def test_a_caption_of_only_control_characters_is_counted_as_empty(tmp_path: Path) -> None:
     url = tmp_path / "00000.tar"
-    junk = [("j.jpg", _good("x", 0)[0][1]), ("j.txt", "\ufeff\x00\x01\r\n\t".encode())]
-    _tar(url, _good("a", 1) + junk + _good("b", 2))
+    junk = [("j.jpg", good_sample("x", 0)[0][1]), ("j.txt", "\ufeff\x00\x01\r\n\t".encode())]
+    write_tar(url, good_sample("a", 1) + junk + good_sample("b", 2))
     out = prepare_shard(str(url), image_size=8)
     assert out.keys == ["a", "b"] and out.skipped == {"empty_caption": 1} and out.samples_in == 3

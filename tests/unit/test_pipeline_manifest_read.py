@@ -24,13 +24,13 @@ from siclip.data.shards import (
     read_manifest,
     write_manifest,
 )
-from tests.integration.test_pipeline import _good, _tar
+from tests.data_fixtures import good_sample, write_tar
 
 
 def _setup(tmp_path: Path, **caption: Any) -> tuple[Any, Path]:
     src = tmp_path / "src"
     src.mkdir()
-    _tar(src / "00000.tar", _good("a", 0))
+    write_tar(src / "00000.tar", good_sample("a", 0))
     out = tmp_path / "out"
     cfg = from_dict(
         {
@@ -141,7 +141,7 @@ def test_other_input_shards_into_the_same_folder_are_refused(
 ) -> None:
     cfg, out = _setup(tmp_path)
     src = tmp_path / "src"
-    _tar(src / "00001.tar", _good("b", 1))
+    write_tar(src / "00001.tar", good_sample("b", 1))
     _built_with(out, cfg, center_crop=False, inputs=[str(src / "00000.tar")])
     before = (out / "manifest.json").read_bytes()
     _no_ray(monkeypatch)
@@ -212,7 +212,7 @@ def test_the_demo_drops_captions_made_from_another_demo_world(tmp_path: Path) ->
     _built_with(out, cfg, center_crop=False, inputs=[str(src / "00000.tar")])
     _drop_stale_captions(cfg)  # the same inputs: kept
     assert (out / "manifest.json").is_file()
-    _tar(src / "00001.tar", _good("b", 1))
+    write_tar(src / "00001.tar", good_sample("b", 1))
     bigger = from_dict({"caption": {**to_dict(cfg.caption), "input_shards": [str(src / "*.tar")]}})
     _drop_stale_captions(bigger)
     assert not out.exists()

@@ -16,7 +16,8 @@ import ray
 import siclip.data.pipeline as pipeline
 from siclip import preflight, ray_compat
 from siclip.config import ConfigError, from_dict
-from tests.integration.test_pipeline import _good, _tar
+from siclip.data.commit import probe_output
+from tests.data_fixtures import good_sample, write_tar
 from tests.s3_server import S3Server, s3_server  # noqa: F401  (the fixture)
 
 
@@ -25,7 +26,7 @@ class _Reached(Exception):
 
 
 def _cfg(tmp_path: Path, out: str) -> Any:
-    _tar(tmp_path / "00000.tar", _good("a", 0))
+    write_tar(tmp_path / "00000.tar", good_sample("a", 0))
     return from_dict(
         {
             "caption": {
@@ -102,6 +103,6 @@ def test_an_output_nobody_can_write_stops_the_build_before_ray(
 def test_the_probe_leaves_nothing_and_names_an_s3_failure(s3_server: S3Server) -> None:  # noqa: F811
     fs = s3_server.filesystem()
     fs.mkdir("outputs")
-    assert pipeline._probe_output("s3://outputs/cc12m_syn") == ""
+    assert probe_output("s3://outputs/cc12m_syn") == ""
     assert fs.ls("outputs", refresh=True) == []  # written and deleted
-    assert "bucket does not exist" in pipeline._probe_output("s3://no-such-bucket/cc12m_syn")
+    assert "bucket does not exist" in probe_output("s3://no-such-bucket/cc12m_syn")

@@ -1,4 +1,5 @@
-"""The data build's Ray-free parts that ``run_pipeline`` and its actors are made of, called directly.
+"""The data build's Ray-free parts that ``run_pipeline`` and its actors are made of (``siclip/data/commit.py``,
+``siclip/data/prepare.py``), called directly.
 
 The integration test runs them inside Ray Data; here each one is pinned on its own: naming and joining shard
 paths, a shard row as the read stage hands it on, writing and committing a shard
@@ -17,17 +18,19 @@ from typing import Any
 import pytest
 from PIL import Image
 
+import siclip.data.commit as commit
 import siclip.data.pipeline as pipeline
+import siclip.data.prepare as prepare
 from siclip.config import ConfigError, from_dict, to_dict
 from siclip.data.shards import Manifest, ShardIOError, iter_raw_samples, read_manifest, write_manifest
-from tests.integration.test_pipeline import _good, _jpeg, _tar
+from tests.data_fixtures import good_sample, noise_jpeg, write_tar
 
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """``time.sleep`` in the pipeline records its waits instead of waiting."""
+    """``time.sleep`` records its waits instead of waiting."""
     waited: list[float] = []
-    monkeypatch.setattr(pipeline.time, "sleep", waited.append)
+    monkeypatch.setattr(commit.time, "sleep", waited.append)
     return waited
 
 
@@ -50,19 +53,19 @@ def _cfg(**caption: Any) -> Any:
     ],
 )
 def test_output_name_is_the_inputs_base_name(url: str, name: str) -> None:
-    assert pipeline._output_name(url) == name
+    assert commit.output_name(url) == name
 
 
 def test_a_pipe_that_names_no_tar_is_refused() -> None:
     with pytest.raises(
         ConfigError, match=r"^caption\.input_shards: got 'pipe:cat -'; a pipe: command must name"
     ):
-        pipeline._output_name("pipe:cat -")
+        commit.output_name("pipe:cat -")
 
 
 @pytest.mark.parametrize(("out_dir", "want"), [("s3://b/out/", "s3://b/out/a.tar"), ("out", "out/a.tar")])
 def test_join_puts_one_slash_between(out_dir: str, want: str) -> None:
-    assert pipeline._join(out_dir, "a.tar") == want
+    assert commit.shard_path(out_dir, "a.tar") == want
 
 
 def test_decode_images_gives_rgb_of_the_same_size() -> None:
@@ -77,21 +80,21 @@ def test_decode_images_gives_rgb_of_the_same_size() -> None:
 
 
 def _shard(tmp_path: Path, keys: list[str], name: str = "00000.tar") -> str:
-    members = [m for i, k in enumerate(keys) for m in _good(k, i)]
+    members = [m for i, k in enumerate(keys) for m in good_sample(k, i)]
     odd = [
-        ("small.jpg", _jpeg(7, (40, 11))),
+        ("small.jpg", noise_jpeg(7, (40, 11))),
         ("small.txt", b"x"),
-        ("wide.jpg", _jpeg(8, (120, 30))),
+        ("wide.jpg", noise_jpeg(8, (120, 30))),
         ("wide.txt", b"x"),
     ]
     path = tmp_path / name
-    _tar(path, [*members, ("bad.txt", b"a caption without an image"), *odd])
+    write_tar(path, [*members, ("bad.txt", b"a caption without an image"), *odd])
     return str(path)
 
 
 def test_prepare_row_hands_on_the_shard_as_one_row(tmp_path: Path) -> None:
     url = _shard(tmp_path, ["a", "b"])  # a, b: 40x28
-    row = pipeline._prepare_row(
+    row = prepare.prepare_row(
         {"url": url, "name": "00000.tar"},
         image_size=16,
         center_crop=True,
@@ -109,7 +112,7 @@ def test_prepare_row_hands_on_the_shard_as_one_row(tmp_path: Path) -> None:
 def test_prepare_row_waits_then_raises_on_an_unreadable_shard(tmp_path: Path, sleeps: list[float]) -> None:
     missing = str(tmp_path / "gone.tar")
     with pytest.raises(ShardIOError, match=r"gone\.tar"):
-        pipeline._prepare_row(
+        prepare.prepare_row(
             {"url": missing, "name": "gone.tar"},
             image_size=16,
             center_crop=False,
@@ -143,7 +146,7 @@ def _row(
 @pytest.mark.parametrize("with_npz", [False, True])
 def test_write_shard_writes_every_sample_and_returns_its_entry(tmp_path: Path, with_npz: bool) -> None:
     path = str(tmp_path / "00003.tar")
-    entry = pipeline._write_shard(path, _row(), with_npz=with_npz)
+    entry = commit.write_shard(path, _row(), with_npz=with_npz)
     data = Path(path).read_bytes()
     assert entry == {
         "name": "00003.tar",
@@ -167,7 +170,7 @@ def test_write_shard_writes_every_sample_and_returns_its_entry(tmp_path: Path, w
 def test_write_shard_refuses_counts_that_do_not_add_up_and_leaves_no_file(tmp_path: Path) -> None:
     path = str(tmp_path / "00003.tar")
     with pytest.raises(RuntimeError, match=r"^.*00003\.tar: samples_in 9 != samples_out 2 \+ skipped 3$"):
-        pipeline._write_shard(path, _row(samples_in=9), with_npz=False)
+        commit.write_shard(path, _row(samples_in=9), with_npz=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -175,7 +178,7 @@ def test_commit_shard_retries_a_failing_store_with_doubling_waits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]
 ) -> None:
     calls: list[str] = []
-    real = pipeline._write_shard
+    real = commit.write_shard
 
     def flaky(path: str, row: dict[str, Any], *, with_npz: bool) -> dict[str, Any]:
         calls.append(path)
@@ -183,8 +186,8 @@ def test_commit_shard_retries_a_failing_store_with_doubling_waits(
             raise ConnectionError("dropped")
         return real(path, row, with_npz=with_npz)
 
-    monkeypatch.setattr(pipeline, "_write_shard", flaky)
-    out = pipeline._commit_shard(str(tmp_path) + "/", _row(), with_npz=True, max_retries=2, retry_delay_s=1.5)
+    monkeypatch.setattr(commit, "write_shard", flaky)
+    out = commit.commit_shard(str(tmp_path) + "/", _row(), with_npz=True, max_retries=2, retry_delay_s=1.5)
     assert calls == [f"{tmp_path}/00003.tar"] * 3
     assert sleeps == [1.5, 3.0]
     assert json.loads(out["entry"])["samples"] == 2 and out["error"] == "" and out["name"] == "00003.tar"
@@ -199,8 +202,8 @@ def test_commit_shard_gives_up_with_an_error_row_naming_the_path(
     def broken(path: str, row: dict[str, Any], *, with_npz: bool) -> dict[str, Any]:
         raise PermissionError("no credentials")
 
-    monkeypatch.setattr(pipeline, "_write_shard", broken)
-    out = pipeline._commit_shard("s3://b/out", _row(), with_npz=False, max_retries=1, retry_delay_s=2.0)
+    monkeypatch.setattr(commit, "write_shard", broken)
+    out = commit.commit_shard("s3://b/out", _row(), with_npz=False, max_retries=1, retry_delay_s=2.0)
     assert out == {
         "name": "00003.tar",
         "entry": "",
@@ -211,7 +214,7 @@ def test_commit_shard_gives_up_with_an_error_row_naming_the_path(
 
 def test_commit_shard_does_not_retry_a_counts_bug(tmp_path: Path, sleeps: list[float]) -> None:
     with pytest.raises(RuntimeError, match="samples_in 9"):
-        pipeline._commit_shard(
+        commit.commit_shard(
             str(tmp_path), _row(samples_in=9), with_npz=False, max_retries=3, retry_delay_s=1.0
         )
     assert sleeps == []
@@ -226,7 +229,7 @@ def test_resolve_inputs_pairs_each_url_with_its_output_name(tmp_path: Path) -> N
     cfg = _cfg(
         input_shards=[str(tmp_path / "0000{0..1}.tar"), str(tmp_path / "*2.tar"), "s3://b/x/00009.tar"]
     )
-    assert pipeline._resolve_inputs(cfg) == [
+    assert commit.resolve_inputs(cfg) == [
         (str(tmp_path / "00000.tar"), "00000.tar"),
         (str(tmp_path / "00001.tar"), "00001.tar"),
         (str(tmp_path / "00002.tar"), "00002.tar"),
@@ -238,7 +241,7 @@ def test_resolve_inputs_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"^caption\.input_shards: got \[.*\*\.tar'\]; no input shards matched$"
     ):
-        pipeline._resolve_inputs(_cfg(input_shards=[str(tmp_path / "*.tar")]))
+        commit.resolve_inputs(_cfg(input_shards=[str(tmp_path / "*.tar")]))
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     for d in "ab":
@@ -247,12 +250,12 @@ def test_resolve_inputs_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError, match=r"^caption\.input_shards: no such shard file '.*/x\.tar' \(2 missing\)$"
     ):
-        pipeline._resolve_inputs(_cfg(input_shards=missing))
+        commit.resolve_inputs(_cfg(input_shards=missing))
     with pytest.raises(
         ConfigError,
         match=r"^caption\.input_shards: two inputs share the shard name '00000\.tar'; output shards keep the input's base name, so names must be unique$",
     ):
-        pipeline._resolve_inputs(_cfg(input_shards=[str(tmp_path / "[ab]" / "00000.tar")]))
+        commit.resolve_inputs(_cfg(input_shards=[str(tmp_path / "[ab]" / "00000.tar")]))
 
 
 def _previous(out_dir: Path, cfg: Any, shards: list[dict[str, Any]]) -> None:
@@ -262,18 +265,16 @@ def _previous(out_dir: Path, cfg: Any, shards: list[dict[str, Any]]) -> None:
 
 def test_load_previous_reads_an_earlier_run_by_shard_name(tmp_path: Path) -> None:
     cfg = _cfg(seed=3)
-    assert pipeline._load_previous(str(tmp_path), cfg) == {}  # no manifest yet
+    assert commit.load_previous(str(tmp_path), cfg) == {}  # no manifest yet
     shards = [{"name": "00000.tar", "samples": 1}, {"name": "00001.tar", "samples": 2}]
     _previous(tmp_path, cfg, shards)
-    assert pipeline._load_previous(str(tmp_path), _cfg(seed=3, num_actors=4)) == {
-        s["name"]: s for s in shards
-    }
+    assert commit.load_previous(str(tmp_path), _cfg(seed=3, num_actors=4)) == {s["name"]: s for s in shards}
 
 
 def test_load_previous_takes_a_manifest_without_caption_settings(tmp_path: Path) -> None:
     """A folder whose manifest records no caption settings (hand-made, older) has nothing to contradict."""
     write_manifest(str(tmp_path), Manifest(kind="cc12m-syn", shards=[{"name": "a.tar", "samples": 1}]))
-    assert pipeline._load_previous(str(tmp_path), _cfg(seed=9)) == {"a.tar": {"name": "a.tar", "samples": 1}}
+    assert commit.load_previous(str(tmp_path), _cfg(seed=9)) == {"a.tar": {"name": "a.tar", "samples": 1}}
 
 
 @pytest.mark.parametrize(
@@ -293,7 +294,7 @@ def test_load_previous_refuses_a_folder_built_differently(
 ) -> None:
     _previous(tmp_path, _cfg(**before), [])
     with pytest.raises(ConfigError) as info:
-        pipeline._load_previous(str(tmp_path), _cfg(**now))
+        commit.load_previous(str(tmp_path), _cfg(**now))
     assert str(info.value).startswith(message.format(dir=tmp_path))
     assert str(info.value).endswith("rather than mixing two datasets")
 
@@ -305,10 +306,10 @@ def test_load_previous_checks_the_teacher_only_when_embeddings_are_stored(tmp_pa
         {"caption": {"teacher_embeddings": True}, "teacher": {"name": "tiny-teacher", "source": "u.pt"}}
     )
     with pytest.raises(ConfigError, match=r"^teacher\.source: got 'u\.pt' but .* was built with 't\.pt'; "):
-        pipeline._load_previous(str(tmp_path), other)
+        commit.load_previous(str(tmp_path), other)
     _previous(tmp_path, _cfg(), [])  # no embeddings stored: the teacher does not matter
     plain_other = from_dict({"caption": {}, "teacher": {"name": "tiny-teacher", "source": "u.pt"}})
-    assert pipeline._load_previous(str(tmp_path), plain_other) == {}
+    assert commit.load_previous(str(tmp_path), plain_other) == {}
 
 
 # ---- the manifest -------------------------------------------------------------------------------------------
@@ -321,14 +322,14 @@ def test_build_manifest_keeps_the_input_order_and_adds_up(tmp_path: Path) -> Non
         "c.tar": {"name": "c.tar", "samples": 2},  # an older record without samples_in: nothing skipped
     }
     cfg = _cfg()
-    m = pipeline._build_manifest(cfg, ["a.tar", "missing.tar", "b.tar", "c.tar"], records, {"who": "test"})
+    m = commit.build_manifest(cfg, ["a.tar", "missing.tar", "b.tar", "c.tar"], records, {"who": "test"})
     assert [s["name"] for s in m.shards] == ["a.tar", "b.tar", "c.tar"]
     assert (m.samples_in, m.samples_out, m.samples_skipped) == (12, 9, 3)
     assert m.skipped == {"bad_json": 0, "not_image": 3} and list(m.skipped) == ["bad_json", "not_image"]
     assert m.kind == "cc12m-syn" and m.producer == {"who": "test"}
     assert m.config == {"caption": to_dict(cfg.caption)}  # no teacher without stored embeddings
     with_teacher = _cfg(teacher_embeddings=True)
-    assert pipeline._build_manifest(with_teacher, [], records, {}).config["teacher"] == to_dict(
+    assert commit.build_manifest(with_teacher, [], records, {}).config["teacher"] == to_dict(
         with_teacher.teacher
     )
 
@@ -336,7 +337,7 @@ def test_build_manifest_keeps_the_input_order_and_adds_up(tmp_path: Path) -> Non
 def test_build_manifest_refuses_totals_that_do_not_add_up() -> None:
     records = {"a.tar": {"name": "a.tar", "samples": 4, "samples_in": 6, "skipped": {"not_image": 1}}}
     with pytest.raises(RuntimeError, match=r"^manifest totals do not add up: in 6 != out 4 \+ skipped 1$"):
-        pipeline._build_manifest(_cfg(), ["a.tar"], records, {})
+        commit.build_manifest(_cfg(), ["a.tar"], records, {})
 
 
 def test_try_write_manifest_retries_then_reports_failure(
@@ -345,43 +346,43 @@ def test_try_write_manifest_retries_then_reports_failure(
     manifest = Manifest(
         kind="cc12m-syn", shards=[{"name": "a.tar", "samples": 1}], samples_in=1, samples_out=1
     )
-    assert pipeline._try_write_manifest(str(tmp_path), manifest, attempts=3, delay_s=1.0)
+    assert commit.try_write_manifest(str(tmp_path), manifest, attempts=3, delay_s=1.0)
     assert read_manifest(str(tmp_path)) == manifest and sleeps == []
     failures = [OSError("throttled")] * 2
-    real = pipeline.write_manifest
+    real = commit.write_manifest
 
     def flaky(out_dir: str, m: Manifest) -> str:
         if failures:
             raise failures.pop()
         return real(out_dir, m)
 
-    monkeypatch.setattr(pipeline, "write_manifest", flaky)
-    assert pipeline._try_write_manifest(str(tmp_path), manifest, attempts=3, delay_s=0.5)
+    monkeypatch.setattr(commit, "write_manifest", flaky)
+    assert commit.try_write_manifest(str(tmp_path), manifest, attempts=3, delay_s=0.5)
     assert sleeps == [0.5, 1.0]
     sleeps.clear()
     failures.extend([OSError("down")] * 5)
-    assert not pipeline._try_write_manifest(str(tmp_path), manifest, attempts=3, delay_s=0.5)
+    assert not commit.try_write_manifest(str(tmp_path), manifest, attempts=3, delay_s=0.5)
     assert sleeps == [0.5, 1.0]  # no wait after the last attempt
 
 
 def test_unfinished_error_names_up_to_five_shards_of_each_kind() -> None:
     failed = [f"{i:05d}.tar" for i in range(7)]
-    got = str(pipeline._unfinished_error("s3://b/out", failed, ["x.tar"]))
+    got = str(commit.unfinished_error("s3://b/out", failed, ["x.tar"]))
     assert got == (
         "siclip data: 7 shards could not be built (00000.tar, 00001.tar, 00002.tar, 00003.tar, 00004.tar, ...); "
         "1 built shards could not be recorded in s3://b/out/manifest.json (x.tar); "
         "see the errors above, then run the same command again to finish them"
     )
-    only = str(pipeline._unfinished_error("out", failed[:5], []))
+    only = str(commit.unfinished_error("out", failed[:5], []))
     assert only.startswith(
         "siclip data: 5 shards could not be built (00000.tar, 00001.tar, 00002.tar, 00003.tar, 00004.tar); see"
     )
-    recorded = str(pipeline._unfinished_error("out", [], failed[:6]))  # one past five: the list is cut
+    recorded = str(commit.unfinished_error("out", [], failed[:6]))  # one past five: the list is cut
     assert recorded == (
         "siclip data: 6 built shards could not be recorded in out/manifest.json (00000.tar, 00001.tar, "
         "00002.tar, 00003.tar, 00004.tar, ...); see the errors above, then run the same command again to finish them"
     )
-    assert isinstance(pipeline._unfinished_error("o", ["a"], []), pipeline.ShardBuildError)
+    assert isinstance(commit.unfinished_error("o", ["a"], []), commit.ShardBuildError)
 
 
 # ---- one sample: validation and resizing ------------------------------------------------------------------------
@@ -408,30 +409,30 @@ def _image_bytes(size: tuple[int, int], mode: str = "RGB", fmt: str = "PNG") -> 
     ],
 )
 def test_a_skipped_sample_returns_its_reason_and_nothing_else(members: dict[str, bytes], reason: str) -> None:
-    assert pipeline.validate_sample(members, min_image_size=4) == (reason, None, "", {})
+    assert prepare.validate_sample(members, min_image_size=4) == (reason, None, "", {})
 
 
 def test_size_limits_are_inclusive() -> None:
     """A shorter side equal to ``min_image_size`` and an aspect ratio equal to the maximum are kept."""
     members = {"png": _image_bytes((12, 4)), "txt": b" a caption ", "json": b'{"k": 1}'}
-    reason, image, caption, meta = pipeline.validate_sample(members, min_image_size=4, max_aspect_ratio=3.0)
+    reason, image, caption, meta = prepare.validate_sample(members, min_image_size=4, max_aspect_ratio=3.0)
     assert (reason, caption, meta, image.size) == (None, "a caption", {"k": 1}, (12, 4))
-    assert pipeline.validate_sample(members, min_image_size=5)[0] == "too_small"
-    assert pipeline.validate_sample(members, max_aspect_ratio=2.99)[0] == "bad_aspect"
-    assert pipeline.validate_sample(members)[0] is None  # defaults: no size limits
+    assert prepare.validate_sample(members, min_image_size=5)[0] == "too_small"
+    assert prepare.validate_sample(members, max_aspect_ratio=2.99)[0] == "bad_aspect"
+    assert prepare.validate_sample(members)[0] is None  # defaults: no size limits
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
 def test_every_usable_image_comes_out_rgb(mode: str) -> None:
     ext, fmt = ("jpg", "JPEG") if mode in ("L", "CMYK") else ("png", "PNG")
-    _, image, _, _ = pipeline.validate_sample({ext: _image_bytes((5, 6), mode, fmt), "txt": b"c"})
+    _, image, _, _ = prepare.validate_sample({ext: _image_bytes((5, 6), mode, fmt), "txt": b"c"})
     assert image.mode == "RGB" and image.size == (5, 6)
 
 
 @pytest.mark.parametrize("size", [1, 3, 8])
 def test_resize_makes_the_shorter_side_size_keeping_the_aspect(size: int) -> None:
     for w, h in [(30, 20), (20, 30), (16, 16)]:
-        got = pipeline.resize_image(Image.new("RGB", (w, h)), size).size
+        got = prepare.resize_image(Image.new("RGB", (w, h)), size).size
         short, long = (0, 1) if w <= h else (1, 0)
         assert got[short] == size
         assert got[long] == round(max(w, h) * size / min(w, h))
@@ -444,11 +445,11 @@ def test_center_crop_cuts_the_middle_square_of_the_resized_image(wh: tuple[int, 
     source = Image.new("RGB", wh)
     source.putdata([(x * 255 // w, y * 255 // h, 0) for y in range(h) for x in range(w)])
     size = 10
-    resized = pipeline.resize_image(source, size)
+    resized = prepare.resize_image(source, size)
     rw, rh = resized.size
     left, top = (rw - size) // 2, (rh - size) // 2
     want = resized.crop((left, top, left + size, top + size))
-    got = pipeline.resize_image(source, size, center_crop=True)
+    got = prepare.resize_image(source, size, center_crop=True)
     assert got.size == (size, size)
     assert list(got.getdata()) == list(want.getdata())
     if wh[0] != wh[1]:

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from siclip.data.pipeline import SKIP_REASONS, prepare_shard, read_tar_groups
-from tests.integration.test_pipeline import BAD, _good, _tar
+from siclip.data.prepare import SKIP_REASONS, prepare_shard, read_tar_groups
+from tests.data_fixtures import BAD_SAMPLES, good_sample, write_tar
 
-KINDS = ["good", *BAD]
+KINDS = ["good", *BAD_SAMPLES]
 
 
 def _as(key: str, members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
@@ -26,17 +26,17 @@ def _as(key: str, members: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
 
 
 def _sample(kind: str, key: str) -> list[tuple[str, bytes]]:
-    return _as(key, _good("x", 0) if kind == "good" else BAD[kind])
+    return _as(key, good_sample("x", 0) if kind == "good" else BAD_SAMPLES[kind])
 
 
 def test_every_bad_kind_has_a_reason() -> None:
-    assert set(BAD) <= set(SKIP_REASONS)
+    assert set(BAD_SAMPLES) <= set(SKIP_REASONS)
 
 
-@pytest.mark.parametrize("kind", sorted(BAD))
+@pytest.mark.parametrize("kind", sorted(BAD_SAMPLES))
 def test_each_bad_kind_is_skipped_and_counted_under_its_reason(kind: str, tmp_path: Path) -> None:
     url = tmp_path / "one.tar"
-    _tar(url, _sample("good", "g0") + _sample(kind, "bad") + _sample("good", "g1"))
+    write_tar(url, _sample("good", "g0") + _sample(kind, "bad") + _sample("good", "g1"))
     out = prepare_shard(str(url), image_size=8)
     assert out.keys == ["g0", "g1"]
     assert out.skipped == {kind: 1} and out.samples_in == 3
@@ -44,11 +44,11 @@ def test_each_bad_kind_is_skipped_and_counted_under_its_reason(kind: str, tmp_pa
 
 def test_duplicates_and_a_damaged_tar_are_counted(tmp_path: Path) -> None:
     url = tmp_path / "dup.tar"
-    _tar(url, _sample("good", "a") + _sample("good", "b") + _sample("good", "a"))
+    write_tar(url, _sample("good", "a") + _sample("good", "b") + _sample("good", "a"))
     out = prepare_shard(str(url), image_size=8)
     assert out.keys == ["a", "b"] and out.skipped == {"duplicate_key": 1} and out.samples_in == 3
     whole = tmp_path / "whole.tar"
-    _tar(whole, [m for i in range(4) for m in _sample("good", f"d{i}")])
+    write_tar(whole, [m for i in range(4) for m in _sample("good", f"d{i}")])
     with tarfile.open(whole) as tar:
         at = tar.getmember("d2.jpg").offset  # the 3rd sample's first header: bytes, but no header
     data = bytearray(whole.read_bytes())
@@ -65,7 +65,7 @@ def test_duplicates_and_a_damaged_tar_are_counted(tmp_path: Path) -> None:
 @given(kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=12))
 def test_any_mixture_is_fully_accounted_for(kinds: list[str], tmp_path: Path) -> None:
     url = tmp_path / "mix.tar"
-    _tar(url, [m for i, kind in enumerate(kinds) for m in _sample(kind, f"s{i:03d}")])
+    write_tar(url, [m for i, kind in enumerate(kinds) for m in _sample(kind, f"s{i:03d}")])
     out = prepare_shard(str(url), image_size=8)
     want = Counter(k for k in kinds if k != "good")
     assert out.skipped == dict(want)

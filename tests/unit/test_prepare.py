@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from siclip.data import shards
-from siclip.data.pipeline import SKIP_REASONS, prepare_shard
+from siclip.data.prepare import SKIP_REASONS, prepare_shard
 from siclip.data.shards import ShardIOError, img2dataset_count
 
 IMAGE_SIZE = 32

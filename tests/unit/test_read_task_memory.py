@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from siclip.data.pipeline import read_task_memory
+from siclip.data.prepare import read_task_memory
 from tests.s3_server import S3Server, s3_server  # noqa: F401  (the fixture)
 
 MB = 2**20

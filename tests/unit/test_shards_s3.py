@@ -91,7 +91,7 @@ def test_aborted_upload_stays_aborted(s3_server: S3Server, monkeypatch: pytest.M
 def test_uri_globs_expand_on_s3(s3_server: S3Server) -> None:  # noqa: F811
     """``s3://bucket/cc12m/*.tar`` lists the bucket (it used to stay one literal shard that never opens)."""
     from siclip.config import expand_shards, from_dict
-    from siclip.data.pipeline import _resolve_inputs
+    from siclip.data.commit import resolve_inputs
     from siclip.data.shards import list_sizes
 
     fs = s3_server.filesystem()
@@ -110,7 +110,7 @@ def test_uri_globs_expand_on_s3(s3_server: S3Server) -> None:  # noqa: F811
     ]
     assert expand_shards(["s3://inputs/nothing/*.tar"]) == []
     cfg = from_dict({"caption": {"input_shards": ["s3://inputs/cc12m/*.tar"]}})
-    assert _resolve_inputs(cfg) == [(u, u.rsplit("/", 1)[1]) for u in want]
+    assert resolve_inputs(cfg) == [(u, u.rsplit("/", 1)[1]) for u in want]
     assert list_sizes("s3://inputs/cc12m") == {
         "00000.tar": 10,
         "00001.tar": 10,

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 
-import siclip.data.pipeline as pipeline
+import siclip.data.prepare as prepare
 from siclip.data import shards
-from siclip.data.pipeline import prepare_shard
+from siclip.data.prepare import prepare_shard
 from siclip.data.shards import ShardIOError, iter_tar_members
-from tests.integration.test_pipeline import _good, _tar
+from tests.data_fixtures import good_sample, write_tar
 
 N = 6
 
 
 def _whole(tmp_path: Path) -> tuple[bytes, list[tarfile.TarInfo]]:
     path = tmp_path / "whole.tar"
-    _tar(path, [m for i in range(N) for m in _good(f"s{i}", i)])
+    write_tar(path, [m for i in range(N) for m in good_sample(f"s{i}", i)])
     with tarfile.open(path) as tar:
         return path.read_bytes(), tar.getmembers()
 
@@ -114,7 +114,7 @@ def test_a_cut_tar_with_img2dataset_stats_is_a_failed_read(tmp_path: Path, where
 def test_fewer_samples_than_img2dataset_wrote_is_a_failed_read(tmp_path: Path) -> None:
     """A whole, well-formed tar holding fewer samples than its _stats.json says is not the tar it wrote."""
     url = tmp_path / "in-000000.tar"
-    _tar(url, [m for i in range(N - 2) for m in _good(f"s{i}", i)])
+    write_tar(url, [m for i in range(N - 2) for m in good_sample(f"s{i}", i)])
     (tmp_path / "in-000000_stats.json").write_text(json.dumps({"count": N + 3, "successes": N}))
     with pytest.raises(ShardIOError, match=rf"{N - 2} samples where img2dataset's stats say it wrote {N}"):
         prepare_shard(str(url), image_size=8)
@@ -129,12 +129,12 @@ def test_the_read_stage_retries_a_cut_tar_and_hands_on_nothing(
 ) -> None:
     """The read task raises ShardIOError (Ray retries exactly that type) after its wait: no row, no counts."""
     waited: list[float] = []
-    monkeypatch.setattr(pipeline.time, "sleep", waited.append)
+    monkeypatch.setattr(prepare.time, "sleep", waited.append)
     data, at = _cut_at(tmp_path, where)
     url = tmp_path / "in-000000.tar"
     url.write_bytes(data[:at])
     with pytest.raises(ShardIOError):
-        pipeline._prepare_row(
+        prepare.prepare_row(
             {"url": str(url), "name": "in-000000.tar"},
             image_size=8,
             center_crop=False,
