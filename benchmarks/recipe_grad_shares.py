@@ -12,8 +12,7 @@ import torch
 torch.set_num_threads(1)
 from siclip.demo import DEMO_SIZES, demo_config
 from siclip.data.demo_world import generate_demo_world
-from siclip.task import build_task
-from siclip.train.worker import build_batches
+from siclip.task import build_batches, build_task
 from siclip.train.loop import build_optimizer, build_scheduler, run_loop, LoopState, LoopHooks
 from siclip.train.grad_share import term_gradient_norms, format_shares
 from siclip.train.checkpoint import save_student

@@ -14,7 +14,7 @@ from siclip import storage
 from siclip.config import SiclipCfg, load_config, save_config
 from siclip.train.checkpoint import load_student_weights, save_student
 from siclip.train.launch import check_resume_compatible, drop_unregistered_checkpoints
-from siclip.train.worker import read_metrics
+from siclip.train.metrics_table import read_metrics
 from tests.s3_server import BUCKET, s3_env  # noqa: F401  (the fixture)
 
 
