@@ -1,7 +1,7 @@
 """Which terms of ``WIKDLoss`` see the global batch, in one process (no process group).
 
 ``gather_features`` is replaced by a stand-in for rank ``RANK`` of 2 whose other rank holds fixed embeddings
-(the negated local ones); the real collectives are tested with gloo in test_gather_gloo. Then CLIP, CRD, ICL
+(the negated local ones); the real collectives are tested with gloo in test_gather. Then CLIP, CRD, ICL
 and PM must equal the one-worker loss on the concatenated batch, FD the one-worker loss on the local batch,
 and with ``loss.gather=false`` everything stays local. Each term-weight combination below switches the
 gather on through a different term, so a wrong condition for "does this step need the global batch" fails.
