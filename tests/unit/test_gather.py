@@ -1,6 +1,6 @@
 """Gathering across workers: two real gloo workers on CPU compute the same WIKD + PM loss (and input gradients)
 as one process does on the concatenated batch; and ``gather_features`` / ``broadcast_from_rank0`` in this
-process, as rank 1 of 2 of torch's ``fake`` process group.
+process, as rank 1 of 2 of torch's ``fake`` process group, and ``scale_grad``.
 
 The gloo workers are spawned with torch.multiprocessing and rendezvous through a file:// init method in a temp
 folder, so no port is needed. Everything they compare is saved by each rank and checked here in the parent.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from siclip.config import LossCfg
-from siclip.losses.gather import broadcast_from_rank0, gather_features
+from siclip.losses.gather import broadcast_from_rank0, gather_features, scale_grad
 from siclip.losses.total import build_loss
 
 WORLD = 2
@@ -284,3 +284,14 @@ def test_broadcast_takes_a_non_contiguous_tensor_and_returns_a_contiguous_one_of
     idx = torch.arange(12).reshape(3, 4).T  # not contiguous; the collective needs a contiguous buffer
     out = broadcast_from_rank0(idx, world_size=WORLD)
     assert out.is_contiguous() and torch.equal(out, idx)
+
+
+def test_scale_grad_scales_only_the_backward() -> None:
+    """What ``loss.local`` uses to give each rank its share of a detached gather's gradient."""
+    x = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    for factor in (0.25, 1.0, 2.0, 3.0):
+        y = scale_grad(x, factor)
+        assert torch.equal(y, x) and y.dtype == x.dtype and y.shape == x.shape
+        (grad,) = torch.autograd.grad((y * w).sum(), x)
+        torch.testing.assert_close(grad, factor * w, rtol=0, atol=0)
