@@ -1,4 +1,4 @@
-"""Gradient shares per loss term on the demo student, before/after issue 23's changes (in-process, no Ray).
+"""Gradient shares per loss term on the demo student, with the old and the current recipe (in-process, no Ray).
 
     PYTHONPATH=. python benchmarks/recipe_grad_shares.py [OUT_DIR [VARIANT ...]]   (docs/RECIPE.md's table)
 

@@ -121,7 +121,7 @@ def test_key_is_checked_against_the_base_config() -> None:
 @pytest.mark.parametrize(
     ("space", "keys"),
     [
-        # the sweep: 3 workers would split a global batch of 8 into 2 per rank (6 in all)
+        # 3 workers would split a global batch of 8 into 2 per rank (6 in all)
         ({"train.num_workers": {"choice": [1, 3]}}, ["train.num_workers=3"]),
         ({"train.num_workers": {"randint": [1, 4]}}, ["train.num_workers=3"]),  # 3 lies between the ends
         (
@@ -344,7 +344,7 @@ def _sweep_on(monkeypatch: pytest.MonkeyPatch, now: dict, most: dict, **sections
 
 
 def test_concurrent_trials_are_capped_at_what_the_cluster_holds(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the case: 2 CPUs, two trials of 0.01 + 1.5 CPUs each: only one fits at a time
+    # 2 CPUs, two trials of 0.01 + 1.5 CPUs each: only one fits at a time
     two_cpus = {"CPU": 2.0}
     tune = {"max_concurrent_trials": 2, "cpus_per_trial": 0.01}
     cfg = _sweep_on(monkeypatch, two_cpus, {}, train={"cpus_per_worker": 1.5}, tune=tune)
