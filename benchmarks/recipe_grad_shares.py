@@ -1,4 +1,4 @@
-"""Gradient shares per loss term on the demo student, before/after issue 23's changes (in-process, no Ray).
+"""Gradient shares per loss term on the demo student, with the old and the current recipe (in-process, no Ray).
 
     PYTHONPATH=. python benchmarks/recipe_grad_shares.py [OUT_DIR [VARIANT ...]]   (docs/RECIPE.md's table)
 
@@ -12,8 +12,7 @@ import torch
 torch.set_num_threads(1)
 from siclip.demo import DEMO_SIZES, demo_config
 from siclip.data.demo_world import generate_demo_world
-from siclip.task import build_task
-from siclip.train.worker import build_batches
+from siclip.task import build_batches, build_task
 from siclip.train.loop import build_optimizer, build_scheduler, run_loop, LoopState, LoopHooks
 from siclip.train.grad_share import term_gradient_norms, format_shares
 from siclip.train.checkpoint import save_student

@@ -161,7 +161,7 @@ def run_ablation(
     from siclip.models.presets import build_preset
     from siclip.train.checkpoint import load_student_weights
     from siclip.train.launch import launch
-    from siclip.train.worker import last_grad_shares, read_metrics
+    from siclip.train.metrics_table import last_grad_shares, read_metrics
 
     switches = resolve_switches(config if config is not None else CONFIGS / "demo.yaml", overrides)
     print("siclip ablate: " + "\n".join(switches.lines()), flush=True)

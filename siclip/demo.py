@@ -347,7 +347,7 @@ def run_demo(
     from siclip.models.info import param_counts
     from siclip.models.presets import build_preset
     from siclip.train.launch import launch
-    from siclip.train.worker import last_grad_shares
+    from siclip.train.metrics_table import last_grad_shares
 
     started = time.perf_counter()
     print("siclip demo, student: " + "\n".join(resolve_switches(CONFIGS / "demo.yaml", overrides).lines()))

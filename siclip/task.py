@@ -3,7 +3,8 @@
 The task is the one module that goes into DDP, so the student *and* the loss's own parameters (ICL
 temperature, PM head, FD projector) are synchronised across workers. The teacher is held outside the
 module tree (not a submodule) so DDP never sees it, and it runs in eval mode under ``torch.no_grad()``.
-:func:`build_task` builds it from a config (Ray-free: the Ray Train worker calls it on every rank).
+:func:`build_task` builds it from a config and :func:`build_batches` the batches it trains on (Ray-free: the
+Ray Train worker calls both on every rank).
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from siclip.config import SiclipCfg
+from siclip.config import SiclipCfg, expand_shards
 from siclip.losses.schedule import max_weights
 from siclip.losses.terms import SYN_KEY, TERMS, TOTAL_KEY, is_summed_over_caption_sets
 from siclip.losses.total import build_loss
 from siclip.models.inherit import build_student, build_teacher
 from siclip.models.presets import preset_info
 
-__all__ = ["SiclipTask", "build_task"]
+__all__ = ["SiclipTask", "build_batches", "build_task"]
 
 
 class SiclipTask(nn.Module):
@@ -179,3 +180,44 @@ def build_task(cfg: SiclipCfg) -> tuple[SiclipTask, dict[str, Any]]:
     )
     info = {"inherit_report": report.summary() if report is not None else None}
     return SiclipTask(student, loss, teacher, caption_sets=cfg.loss.caption_sets), info
+
+
+def _same_preprocessing(a: str, b: str) -> bool:
+    ia, ib = preset_info(a), preset_info(b)
+    return (ia.image_size, ia.mean, ia.std, ia.interpolation, ia.context_length) == (
+        ib.image_size,
+        ib.mean,
+        ib.std,
+        ib.interpolation,
+        ib.context_length,
+    )
+
+
+def build_batches(
+    cfg: SiclipCfg, *, rank: int, world_size: int, epoch_offset: int, with_teacher: bool
+) -> Any:
+    """The batches the task trains on: this rank's infinite iterator over ``data.train_shards`` (student
+    inputs, plus teacher inputs where the teacher's preprocessing differs), resumed at ``epoch_offset``."""
+    from siclip.data.loader import build_train_loader, shard_embeddings_usable
+    from siclip.models.presets import build_tokenizer, build_transform
+
+    teacher_inputs = with_teacher and not _same_preprocessing(cfg.model.name, cfg.teacher.name)
+    urls = expand_shards(cfg.data.train_shards)
+    return build_train_loader(
+        urls=urls,
+        batch_size=cfg.data.batch_size // world_size,
+        rank=rank,
+        world_size=world_size,
+        transform=build_transform(cfg.model.name, train=cfg.data.augment, image_size=cfg.model.image_size),
+        tokenizer=build_tokenizer(cfg.model.name),
+        teacher_transform=build_transform(cfg.teacher.name, train=False) if teacher_inputs else None,
+        teacher_tokenizer=build_tokenizer(cfg.teacher.name) if teacher_inputs else None,
+        synthetic=cfg.data.synthetic,
+        synthetic_p=cfg.data.synthetic_p,
+        loader_workers=cfg.data.loader_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.train.seed,
+        epoch_offset=epoch_offset,
+        # Stored embeddings stand in for the teacher only when they are this teacher's (logged otherwise).
+        shard_embeddings=with_teacher and shard_embeddings_usable(urls, cfg.teacher),
+    )

@@ -56,11 +56,10 @@ def _steps_per_s(rows: list[dict[str, float]], *, log_every: int) -> float:
 
 
 def _plain_loop(cfg: SiclipCfg, max_steps: int) -> tuple[float, float]:
-    from siclip.task import build_task
+    from siclip.task import build_batches, build_task
     from siclip.train.checkpoint import save_checkpoint
     from siclip.train.loop import LoopHooks, LoopState, build_optimizer, build_scheduler, run_loop
     from siclip.train.memory_format import place
-    from siclip.train.worker import build_batches
 
     started = time.perf_counter()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
@@ -102,7 +101,7 @@ def _plain_loop(cfg: SiclipCfg, max_steps: int) -> tuple[float, float]:
 
 def _ray_run(cfg: SiclipCfg) -> tuple[float, float]:
     from siclip.train.launch import launch
-    from siclip.train.worker import read_metrics
+    from siclip.train.metrics_table import read_metrics
 
     started = time.perf_counter()
     result = launch(cfg)

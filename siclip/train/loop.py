@@ -30,6 +30,7 @@ __all__ = [
     "autocast_context",
     "build_optimizer",
     "build_scheduler",
+    "replica_drift",
     "resolve_precision",
     "run_loop",
     "to_host",
@@ -196,6 +197,18 @@ def _any_rank(flag: Tensor, world_size: int) -> bool:
     if world_size > 1 and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def replica_drift(task: nn.Module, world_size: int) -> float:
+    """Largest difference between any rank's trainable parameters and rank 0's (0.0 when DDP is in sync)."""
+    if world_size == 1:
+        return 0.0
+    flat = torch.cat([p.detach().float().flatten() for p in task.parameters() if p.requires_grad])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    drift = (flat - reference).abs().max()
+    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
+    return float(drift.item())
 
 
 def unused_parameters(

@@ -1,11 +1,11 @@
-"""The Ray Train side of training: one function every worker runs.
+"""The Ray Train side of training: one function every worker runs, glue between Ray Train and Ray-free parts.
 
-It rebuilds the typed config from the dict Ray hands over, builds the task (the student inherits and
-freezes, the teacher is frozen), streams the shards, restores the latest checkpoint if Ray has one, and runs
-the Ray-free loop with hooks that log (rank 0, :class:`~siclip.train.run_log.RunLog`: TensorBoard, the metrics
-table, the progress line, storage sync), evaluate (sharded over every rank), and report metrics with
-checkpoints to Ray Train every ``train.ckpt_every`` steps (every rank reports the same number of times). The
-task comes from :func:`siclip.task.build_task`.
+It rebuilds the typed config from the dict Ray hands over, builds the task and its batches
+(:func:`siclip.task.build_task`, :func:`siclip.task.build_batches`), restores the latest checkpoint if Ray
+has one, wraps the task with Ray's DDP, and runs the Ray-free loop with hooks that log (rank 0,
+:class:`~siclip.train.run_log.RunLog`: TensorBoard, the metrics table, the progress line, storage sync),
+evaluate (sharded over every rank), and report metrics with checkpoints to Ray Train every
+``train.ckpt_every`` steps (every rank reports the same number of times).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from siclip.config import SiclipCfg, expand_shards, from_dict
-from siclip.task import build_task
+from siclip.config import from_dict
+from siclip.task import build_batches, build_task
 from siclip.train.checkpoint import load_checkpoint, save_checkpoint
 from siclip.train.grad_share import GradShare
 from siclip.train.loop import (
@@ -33,81 +33,22 @@ from siclip.train.loop import (
     LoopState,
     build_optimizer,
     build_scheduler,
+    replica_drift,
     resolve_precision,
     run_loop,
     unused_parameters,
 )
 from siclip.train.memory_format import place
+from siclip.train.run_log import RunLog
 
-# re-exported: these moved to Ray-free modules (the metrics table, the run's logs and folder, the task
-# builder); callers may still import them from here
-from siclip.train.metrics_table import METRICS_TABLE, last_grad_shares, read_metrics
-from siclip.train.run_log import RunLog, run_location
-
-__all__ = ["METRICS_TABLE", "build_task", "last_grad_shares", "read_metrics", "run_location", "train_worker"]
+__all__ = ["PAUSE_FILE_ENV", "PAUSE_STEP_ENV", "train_worker"]
 
 # Ray Train V2 tees print() to stdout and its logger (each line twice); a logger prints once.
 LOG = logging.getLogger("siclip.train")
 
 
-def _same_preprocessing(a: str, b: str) -> bool:
-    from siclip.models.presets import preset_info
-
-    ia, ib = preset_info(a), preset_info(b)
-    return (ia.image_size, ia.mean, ia.std, ia.interpolation, ia.context_length) == (
-        ib.image_size,
-        ib.mean,
-        ib.std,
-        ib.interpolation,
-        ib.context_length,
-    )
-
-
-def build_batches(
-    cfg: SiclipCfg, *, rank: int, world_size: int, epoch_offset: int, with_teacher: bool
-) -> Any:
-    """The per-rank infinite batch iterator (student inputs, plus teacher inputs if they differ)."""
-    from siclip.data.loader import build_train_loader, shard_embeddings_usable
-    from siclip.models.presets import build_tokenizer, build_transform
-
-    teacher_inputs = with_teacher and not _same_preprocessing(cfg.model.name, cfg.teacher.name)
-    urls = expand_shards(cfg.data.train_shards)
-    return build_train_loader(
-        urls=urls,
-        batch_size=cfg.data.batch_size // world_size,
-        rank=rank,
-        world_size=world_size,
-        transform=build_transform(cfg.model.name, train=cfg.data.augment, image_size=cfg.model.image_size),
-        tokenizer=build_tokenizer(cfg.model.name),
-        teacher_transform=build_transform(cfg.teacher.name, train=False) if teacher_inputs else None,
-        teacher_tokenizer=build_tokenizer(cfg.teacher.name) if teacher_inputs else None,
-        synthetic=cfg.data.synthetic,
-        synthetic_p=cfg.data.synthetic_p,
-        loader_workers=cfg.data.loader_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.train.seed,
-        epoch_offset=epoch_offset,
-        # Stored embeddings stand in for the teacher only when they are this teacher's (logged otherwise).
-        shard_embeddings=with_teacher and shard_embeddings_usable(urls, cfg.teacher),
-    )
-
-
 def _unwrap(model: nn.Module) -> Any:
     return model.module if hasattr(model, "module") else model
-
-
-def _replica_drift(task: nn.Module, world_size: int) -> float:
-    """Largest difference between any rank's trainable parameters and rank 0's (0.0 when DDP is in sync)."""
-    if world_size == 1:
-        return 0.0
-    import torch.distributed as dist
-
-    flat = torch.cat([p.detach().float().flatten() for p in task.parameters() if p.requires_grad])
-    reference = flat.clone()
-    dist.broadcast(reference, src=0)
-    drift = (flat - reference).abs().max()
-    dist.all_reduce(drift, op=dist.ReduceOp.MAX)
-    return float(drift.item())
 
 
 PAUSE_STEP_ENV = "SICLIP_TEST_PAUSE_AFTER_CHECKPOINT"
@@ -265,7 +206,7 @@ def train_worker(config: dict[str, Any]) -> None:
         hooks=hooks,
         grad_share=grad_share,
     )
-    drift = _replica_drift(_unwrap(model), world_size)
+    drift = replica_drift(_unwrap(model), world_size)
     if log is not None:
         if world_size > 1:
             log.scalars(state.step, {"dist/param_max_abs_diff": drift})

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from siclip.cli import main
-from siclip.train.worker import last_grad_shares
+from siclip.train.metrics_table import last_grad_shares
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

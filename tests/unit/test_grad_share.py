@@ -14,7 +14,7 @@ from siclip.config import LossCfg
 from siclip.losses.terms import TERM_NAMES as TERMS
 from siclip.losses.total import build_loss
 from siclip.train.grad_share import GradShare, term_gradient_norms
-from tests.unit.test_loop import run
+from tests.loop_fixtures import TwoTermTask, run
 
 D_IN, D = 6, 8
 
@@ -97,27 +97,6 @@ def test_a_model_without_terms_is_an_error() -> None:
 
     with pytest.raises(ValueError, match="term/<name>"):
         term_gradient_norms(Plain(), {"x": torch.ones(3, 2)}, list(lin.parameters()))
-
-
-class TwoTermTask(nn.Module):
-    """The loop's toy regression, split into two weighted terms; draws from the RNG like PM does."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(4, 1)
-        self.bn = nn.BatchNorm1d(4)
-
-    def forward(
-        self, batch: dict[str, Tensor], *, rank: int = 0, world_size: int = 1, keep_terms: bool = False
-    ) -> dict[str, Tensor]:
-        pred = self.lin(self.bn(batch["x"])).squeeze(-1)
-        noise = 0.01 * torch.randn_like(pred)
-        fit = ((pred + noise - batch["y"]) ** 2).mean()
-        small = 1e-3 * (self.lin.weight**2).sum()
-        out = {"loss": fit + small, "fit_loss": fit.detach(), "small_loss": small.detach()}
-        if keep_terms:
-            out.update({"term/fit": fit, "term/small": small})
-        return out
 
 
 def _train(share_every: int) -> tuple[TwoTermTask, list[dict[str, float]]]:

@@ -1,8 +1,9 @@
 """The loop's collectives on two real gloo ranks (CPU): logged and checkpointed metrics are the means over
 ranks, a NaN on one rank skips the step on every rank, a parameter unused on any rank is reported by every
-rank, and ``world_size=1`` stays a rank-local call with no collective.
+rank, the replicas' drift is measured against rank 0 on every rank, and ``world_size=1`` stays a rank-local
+call with no collective.
 
-Each rank runs the Probe fit of test_loop_contracts on its own data (no DDP: the ranks' trajectories are
+Each rank runs the Probe fit of tests/loop_fixtures.py on its own data (no DDP: the ranks' trajectories are
 independent), so the references are single-process runs of each rank's part, computed here in the parent.
 The workers are spawned with torch.multiprocessing and meet through a file:// init method in a temp folder.
 """
@@ -24,12 +25,13 @@ from siclip.train.loop import (
     LoopHooks,
     LoopState,
     build_scheduler,
+    replica_drift,
     run_loop,
     to_host,
     train_step,
     unused_parameters,
 )
-from tests.unit.test_loop_contracts import CPU, B, Probe, data
+from tests.loop_fixtures import CPU, B, Probe, data
 
 WORLD = 2
 CFG = OptimCfg(lr=0.05, warmup_steps=1, weight_decay=0.0)
@@ -101,6 +103,14 @@ def _results(rank: int, world_size: int) -> dict[str, Any]:
         ),
     )
     out.update(logs=logs, saved=saved, samples_seen=state.samples_seen)
+    # replicas that drifted apart: rank 1's trainable bias is off by 0.25, its frozen weight by far more
+    drifting = nn.Linear(2, 2)
+    with torch.no_grad():
+        drifting.weight.fill_(1.0 + 5.0 * rank)
+        drifting.bias.fill_(1.0)
+        drifting.bias[0] += 0.25 * rank
+    drifting.weight.requires_grad_(False)
+    out["drift"] = replica_drift(drifting, world_size)
     return out
 
 
@@ -150,6 +160,13 @@ def test_a_parameter_unused_on_any_rank_is_reported_by_every_rank(ranks: list[di
     for rank, got in enumerate(ranks):
         assert got["unused"] == ["p", "r"]
         assert got["unused_local"] == local[rank]
+
+
+def test_replica_drift_is_the_largest_trainable_difference_from_rank_0_on_every_rank(
+    ranks: list[dict[str, Any]],
+) -> None:
+    assert [got["drift"] for got in ranks] == [pytest.approx(0.25)] * WORLD
+    assert _results(1, 1)["drift"] == 0.0  # one worker: nothing to drift from
 
 
 def test_logged_and_checkpointed_metrics_are_means_over_ranks(ranks: list[dict[str, Any]]) -> None:

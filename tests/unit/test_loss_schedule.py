@@ -1,4 +1,5 @@
-"""``loss.schedule``: weights as a pure function of the step, validation, resume, and zero-weight terms."""
+"""``loss.schedule``: weights as a pure function of the step, each term's largest weight (which terms are
+built), validation, resume, and zero-weight terms."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from siclip.config import ConfigError, LossCfg, LossStageCfg, OptimCfg, from_dict, load_config
-from siclip.losses.schedule import weights_at
+from siclip.losses.schedule import max_weights, weights_at
 from siclip.losses.total import WIKDLoss, build_loss
 from siclip.train.loop import LoopHooks, LoopState, build_optimizer, build_scheduler, run_loop
 
@@ -38,6 +39,32 @@ def test_weights_are_a_pure_function_of_the_step() -> None:
     assert weights_at(STAGED, 200) == weights_at(STAGED, 10**9) == {**base, "crd": 2.0}
     stage1 = {**base, "fd": 0.0, "icl": 0.0}
     assert [weights_at(STAGED, s) for s in (150, 50, 150)] == [stage1, base, stage1]  # no hidden state
+    plain = LossCfg(clip_weight=0.5, fd_weight=2.0, crd_weight=0.0, icl_weight=3.0, pm_weight=0.25)
+    assert weights_at(plain, 10**6) == {
+        "clip": 0.5,
+        "fd": 2.0,
+        "crd": 0.0,
+        "icl": 3.0,
+        "pm": 0.25,
+    }  # no stages
+
+
+def test_max_weights_takes_every_stage_and_the_base() -> None:
+    """What decides which terms the loss builds: a term on in any stage (or before the first) counts."""
+    cfg = LossCfg(
+        clip_weight=1.0,
+        fd_weight=0.0,
+        crd_weight=3.0,
+        icl_weight=0.5,
+        pm_weight=0.0,
+        schedule=(
+            LossStageCfg(from_step=10, weights={"fd": 2, "crd": 0.0}),
+            LossStageCfg(from_step=20, weights={"pm": 0.25, "clip": 0.0}),
+        ),
+    )
+    # fd and pm only come on in a stage, crd and clip only before one: all count
+    assert max_weights(cfg) == {"clip": 1.0, "fd": 2.0, "crd": 3.0, "icl": 0.5, "pm": 0.25}
+    assert max_weights(STAGED) == {"clip": 1.0, "fd": 4000.0, "crd": 2.0, "icl": 1.0, "pm": 0.0}
 
 
 def test_schedule_loads_from_yaml_and_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
-"""WIKD + PM losses against naive per-sample references written here with Python loops, plus their behaviour.
+"""WIKD + PM losses against naive per-sample references written here with Python loops, plus their behaviour
+and the errors a caller sees for bad arguments.
 
 The references never call the code under test (PM reuses only the sampled indices, which are checked on
 their own below).
@@ -15,11 +16,10 @@ import torch.nn.functional as F
 from siclip.config import LossCfg
 from siclip.losses.clip import ClipLoss
 from siclip.losses.crd import CRDLoss
-from siclip.losses.fd import FDLoss
-from siclip.losses.gather import gather_features
+from siclip.losses.fd import EmbedProjector, FDLoss
 from siclip.losses.icl import ICLLoss
-from siclip.losses.pm import PMLoss, sample_negatives
-from siclip.losses.total import WIKDLoss, build_loss
+from siclip.losses.pm import PMLoss, fuse_pairs, sample_negatives
+from siclip.losses.total import build_loss
 
 torch.set_num_threads(1)
 B, DS, DT = 6, 8, 12
@@ -123,6 +123,14 @@ def test_fd_matches_reference_and_is_zero_for_equal_embeddings() -> None:
     assert abs(float(FDLoss()(t_img, t_txt, t_img, t_txt))) < 1e-6
     with pytest.raises(ValueError, match="equal dims"):
         FDLoss()(unit(B, DS, seed=5), s_txt, t_img, t_txt)
+
+
+def test_fd_compares_the_last_dimension_of_any_rank() -> None:
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)  # per-token embeddings: dim 1 is not the width
+    torch.testing.assert_close(FDLoss()(s, s, t, t), 2 * ((s - t) ** 2).mean())
+    with pytest.raises(ValueError, match="equal dims") as info:
+        FDLoss()(s, s, torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+    assert "5" in str(info.value) and "4" in str(info.value)  # both widths
 
 
 def test_crd_matches_reference_with_separate_temperatures() -> None:
@@ -250,6 +258,43 @@ def test_sampling_is_reproducible_from_a_generator_or_the_global_seed() -> None:
     torch.manual_seed(11)
     d = sample_negatives(sim, k=2, mode="random")
     assert torch.equal(c, d)
+
+
+def test_all_but_the_positive_can_be_drawn_even_when_the_softmax_underflows() -> None:
+    n = 6
+    peaked = torch.eye(n) + 0.9 * torch.roll(torch.eye(n), 2, dims=1)  # one hard negative per row
+    idx = sample_negatives(
+        peaked, k=n - 1, mode="hard", scale=1000.0, generator=torch.Generator().manual_seed(0)
+    )
+    for i, row in enumerate(idx.tolist()):
+        assert row[0] == (i + 2) % n and sorted(row) == [j for j in range(n) if j != i]
+
+
+def test_pm_asked_for_more_negatives_than_the_batch_has_uses_every_other_item() -> None:
+    torch.manual_seed(0)
+    big = PMLoss(DS, negatives="random", per_anchor=5, hidden=0)
+    small = PMLoss(DS, negatives="random", per_anchor=2, hidden=0)
+    small.load_state_dict(big.state_dict())
+    img, txt = unit(3, DS, seed=0).float(), unit(3, DS, seed=1).float()
+    # a batch of 3 has 2 negatives per anchor: asking for 5 is the same as asking for 2
+    got = big(img, txt, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, small(img, txt, generator=torch.Generator().manual_seed(1)))
+
+
+def test_pm_and_sampling_errors_name_the_problem() -> None:
+    def raises(call: object, *names: str) -> None:
+        with pytest.raises(ValueError) as info:
+            call()  # type: ignore[operator]
+        assert all(name in str(info.value) for name in names) and "\n" not in str(info.value), info.value
+
+    raises(lambda: sample_negatives(torch.zeros(3, 4), k=1, mode="hard", offset=2), "(3, 4)", "offset 2")
+    for shape in ((4,), (2, 4, 4)):  # not a matrix: the same one-line error, not an IndexError
+        raises(lambda shape=shape: sample_negatives(torch.zeros(shape), k=1, mode="hard"), str(shape))
+    for k in (0, 4):
+        raises(lambda k=k: sample_negatives(torch.zeros(4, 4), k=k, mode="hard"), f"k={k}", "m=4")
+    raises(lambda: sample_negatives(torch.zeros(4, 4), k=1, mode="soft"), "'soft'", "hard", "random")
+    raises(lambda: PMLoss(4, negatives="soft"), "'soft'", "hard", "random")
+    raises(lambda: fuse_pairs(torch.zeros(1, 2), torch.zeros(1, 2), "sum"), "'sum'", "prod_absdiff", "concat")
 
 
 def test_pm_learns_to_separate_matching_pairs() -> None:
@@ -381,12 +426,50 @@ def test_zero_weights_and_missing_teacher_skip_terms() -> None:
         )
 
 
-def test_one_worker_gather_is_identity_and_many_need_a_process_group() -> None:
-    x = torch.randn(3, 4)
-    assert gather_features(x, rank=0, world_size=1) is x
-    with pytest.raises(RuntimeError, match="not initialised"):
-        gather_features(x, rank=0, world_size=2)
-    assert isinstance(build_loss(LossCfg(), student_dim=4, teacher_dim=4), WIKDLoss)
+def test_total_loss_argument_errors_name_the_problem() -> None:
+    loss = build_loss(LossCfg(), student_dim=DS, teacher_dim=DT)
+    s_img, s_txt, t_img, t_txt = batch(DS, DT)
+    scale = torch.tensor(math.log(10.0))
+    for one in ((t_img, None), (None, t_txt)):
+        with pytest.raises(ValueError, match="both teacher embeddings or neither"):
+            loss(s_img, s_txt, scale, *one)
+    wrong = unit(B, 7, seed=3).float()
+    with pytest.raises(ValueError, match="teacher dim") as info:
+        loss(s_img, s_txt, scale, wrong, wrong)
+    assert "7" in str(info.value) and str(DT) in str(info.value)
+
+
+def test_the_total_builds_the_terms_and_projector_the_config_asks_for() -> None:
+    def params(cfg: LossCfg) -> set[str]:
+        return {
+            n.split(".")[0] for n, _ in build_loss(cfg, student_dim=DS, teacher_dim=DT).named_parameters()
+        }
+
+    # the student is projected into the teacher's dimension for FD and ICL, and only for them
+    assert "projector" in params(LossCfg(fd_weight=0.0)) and "projector" in params(LossCfg(icl_weight=0.0))
+    assert "projector" not in params(LossCfg(icl_weight=0.0, fd_weight=0.0))
+    assert build_loss(LossCfg(fd_weight=0.5), student_dim=DS, teacher_dim=DT).fd is not None  # any weight > 0
+
+
+def test_the_terms_respect_max_logit_scale() -> None:
+    s_img, s_txt, t_img, t_txt = batch()
+    hot = LossCfg(max_logit_scale=50.0, crd_student_temperature=1e-3, icl_temperature=1e-3)
+    out = build_loss(hot, student_dim=DS, teacher_dim=DS)(
+        s_img, s_txt, torch.tensor(math.log(20.0)), t_img, t_txt
+    )
+    assert float(out["temp/icl"]) == pytest.approx(1 / 50) and float(
+        out["temp/crd_student"]
+    ) == pytest.approx(1 / 50)
+
+
+def test_projector_normalises_the_last_dimension_of_any_rank() -> None:
+    proj = EmbedProjector(DS, DT)
+    x = torch.randn(2, 3, DS)
+    img, txt = proj(x, x)
+    for out in (img, txt):
+        torch.testing.assert_close(out.norm(dim=-1), torch.ones(2, 3))
+    neg_img, _ = proj(-x, -x)  # a linear map (no bias): the opposite input points the opposite way
+    torch.testing.assert_close(neg_img, -img)
 
 
 def test_loss_runs_in_fp32_inside_autocast() -> None:

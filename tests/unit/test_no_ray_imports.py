@@ -21,6 +21,7 @@ PURE_MODULES = [
     "siclip.train.metrics_table",
     "siclip.train.run_log",
     "siclip.report",
+    "siclip.sweep",
     "siclip.eval.benchmarks",
     "siclip.data.prepare",
     "siclip.data.commit",

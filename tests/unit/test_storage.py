@@ -14,7 +14,7 @@ from siclip import storage
 from siclip.config import SiclipCfg, load_config, save_config
 from siclip.train.checkpoint import load_student_weights, save_student
 from siclip.train.launch import check_resume_compatible, drop_unregistered_checkpoints
-from siclip.train.worker import read_metrics
+from siclip.train.metrics_table import read_metrics
 from tests.s3_server import BUCKET, s3_env  # noqa: F401  (the fixture)
 
 
@@ -91,12 +91,13 @@ def test_sweep_tables_go_to_the_location(root: str) -> None:
     import csv
     import io
 
-    from siclip.sweep import SweepResult, TrialRow, _write_tables, format_table
+    from siclip.sweep import SweepResult, TrialRow, format_table
+    from siclip.sweep.results import write_tables
 
     row = TrialRow("t_00000", {"loss.fd_weight": 800.0}, 0.61, "TERMINATED", 4, 40, "exp-t_00000")
     folder = storage.join(root, "exp")
     result = SweepResult(folder, "val/zeroshot_top1", "max", (row,), row, None, ("loss.fd_weight",))
-    _write_tables(result)
+    write_tables(result)
     rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(folder, "trials.csv")))))
     assert [(r["trial_id"], float(r["loss.fd_weight"])) for r in rows] == [("t_00000", 800.0)]
     assert storage.read_text(storage.join(folder, "trials.md")) == format_table(result) + "\n"

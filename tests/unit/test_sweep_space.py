@@ -15,13 +15,14 @@ from siclip.config import ConfigError, SiclipCfg, from_dict, load_config, to_dic
 from siclip.sweep import (
     SweepResult,
     TrialRow,
-    _write_tables,
     format_table,
     load_space,
     parse_space,
     resolve_tune,
     trial_config,
 )
+from siclip.sweep.results import write_tables
+from siclip.sweep.run import fit_resources
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,7 +121,7 @@ def test_key_is_checked_against_the_base_config() -> None:
 @pytest.mark.parametrize(
     ("space", "keys"),
     [
-        # the sweep: 3 workers would split a global batch of 8 into 2 per rank (6 in all)
+        # 3 workers would split a global batch of 8 into 2 per rank (6 in all)
         ({"train.num_workers": {"choice": [1, 3]}}, ["train.num_workers=3"]),
         ({"train.num_workers": {"randint": [1, 4]}}, ["train.num_workers=3"]),  # 3 lies between the ends
         (
@@ -297,7 +298,7 @@ def _result(tmp_path: Path) -> SweepResult:
 
 def test_tables_are_written_and_parse(tmp_path: Path) -> None:
     result = _result(tmp_path)
-    _write_tables(result)
+    write_tables(result)
     with open(tmp_path / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["trial_id"] for r in rows] == ["t_00001", "t_00000", "t_00002"]
@@ -323,31 +324,27 @@ def test_tables_are_written_and_parse(tmp_path: Path) -> None:
 def test_driver_sliver_is_taken_from_the_workers_or_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from siclip.sweep import _fit_resources
-
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.setattr("siclip.ray_compat.max_cluster_resources", dict)  # no autoscaler
     demo = from_dict({"train": {"cpus_per_worker": 2.0}, "tune": {"cpus_per_trial": 0.01}})
-    assert _fit_resources(demo).train.cpus_per_worker == pytest.approx(1.99)
+    assert fit_resources(demo).train.cpus_per_worker == pytest.approx(1.99)
     fits = from_dict({"train": {"cpus_per_worker": 0.99}, "tune": {"cpus_per_trial": 0.01}})
-    assert _fit_resources(fits) == fits
+    assert fit_resources(fits) == fits
     greedy = from_dict({"train": {"cpus_per_worker": 2.0}, "tune": {"cpus_per_trial": 1.0}})
     with pytest.raises(ConfigError, match=r"^tune\.cpus_per_trial: got 1; .*cluster has 2"):
-        _fit_resources(greedy)
+        fit_resources(greedy)
 
 
 def _sweep_on(monkeypatch: pytest.MonkeyPatch, now: dict, most: dict, **sections: dict) -> SiclipCfg:
     import ray
 
-    from siclip.sweep import _fit_resources
-
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(now))
     monkeypatch.setattr("siclip.ray_compat.max_cluster_resources", lambda: dict(most))
-    return _fit_resources(from_dict(sections))
+    return fit_resources(from_dict(sections))
 
 
 def test_concurrent_trials_are_capped_at_what_the_cluster_holds(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the case: 2 CPUs, two trials of 0.01 + 1.5 CPUs each: only one fits at a time
+    # 2 CPUs, two trials of 0.01 + 1.5 CPUs each: only one fits at a time
     two_cpus = {"CPU": 2.0}
     tune = {"max_concurrent_trials": 2, "cpus_per_trial": 0.01}
     cfg = _sweep_on(monkeypatch, two_cpus, {}, train={"cpus_per_worker": 1.5}, tune=tune)

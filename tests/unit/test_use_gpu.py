@@ -9,6 +9,7 @@ import ray
 
 from siclip import ray_compat, sweep
 from siclip.config import SiclipCfg, apply_overrides, from_dict, to_dict
+from siclip.sweep.run import fix_device
 from siclip.train import launch
 
 
@@ -61,13 +62,13 @@ def test_auto_refuses_where_an_autoscaler_runs_but_its_gpus_cannot_be_known(
 def test_a_sweep_fixes_the_device_once_for_every_trial(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     monkeypatch.setattr(ray_compat, "autoscaler", lambda: _scaler({"GPU": 4}))
-    fixed = sweep._fix_device(_cfg("train.use_gpu=auto"))
+    fixed = fix_device(_cfg("train.use_gpu=auto"))
     assert fixed.train.use_gpu == "yes"
     # later, with GPU nodes gone, a trial built from the sweep's base config still says yes
     monkeypatch.setattr(ray_compat, "autoscaler", lambda: _scaler({}))
     trial = sweep.trial_config(to_dict(fixed), {"loss.pm_weight": 0.5}, run_name="t-1")
     assert trial.train.use_gpu == "yes" and launch.resolve_use_gpu(trial)
-    assert sweep._fix_device(_cfg("train.use_gpu=auto")).train.use_gpu == "no"
+    assert fix_device(_cfg("train.use_gpu=auto")).train.use_gpu == "no"
 
 
 def test_worker_start_timeout_is_validated() -> None:

@@ -1,13 +1,18 @@
-"""Two real gloo workers on CPU compute the same WIKD + PM loss (and input gradients) as one process does on
-the concatenated batch.
+"""Gathering across workers: two real gloo workers on CPU compute the same WIKD + PM loss (and input gradients)
+as one process does on the concatenated batch; and ``gather_features`` / ``broadcast_from_rank0`` in this
+process, as rank 1 of 2 of torch's ``fake`` process group, and ``scale_grad``.
 
-The workers are spawned with torch.multiprocessing and rendezvous through a file:// init method in a temp
+The gloo workers are spawned with torch.multiprocessing and rendezvous through a file:// init method in a temp
 folder, so no port is needed. Everything they compare is saved by each rank and checked here in the parent.
+The fake group runs no communication (the other rank's gathered rows are whatever it leaves there), so the
+in-process tests check only what one rank decides (the checks, the global shape, this rank's live slice at its
+offset and the gradient reaching it), which mutation testing can see, unlike the spawned workers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from siclip.config import LossCfg
+from siclip.losses.gather import broadcast_from_rank0, gather_features, scale_grad
 from siclip.losses.total import build_loss
 
 WORLD = 2
@@ -201,3 +208,90 @@ def test_local_loss_matches_the_global_form(ranks: list[dict[str, Any]], term: s
             assert averaged[name] is None, name
             continue
         torch.testing.assert_close(averaged[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------ one rank, in this process
+RANK, B, D = 1, 3, 4
+
+
+@pytest.fixture
+def fake_group() -> Iterator[None]:
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", rank=RANK, world_size=WORLD, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _x() -> torch.Tensor:
+    return torch.arange(B * D, dtype=torch.float32).reshape(B, D).requires_grad_(True)
+
+
+def test_one_worker_is_the_identity_without_a_process_group() -> None:
+    x = _x()
+    for with_grad in (False, True):
+        out = gather_features(x, rank=0, world_size=1, with_grad=with_grad)
+        assert torch.equal(out, x)
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert torch.equal(grad, torch.ones_like(x))
+    idx = torch.arange(4)
+    assert torch.equal(broadcast_from_rank0(idx, world_size=1), idx)
+
+
+def test_several_workers_need_an_initialised_group() -> None:
+    for call in (
+        lambda: gather_features(_x(), rank=0, world_size=2),
+        lambda: broadcast_from_rank0(torch.arange(4), world_size=2),
+    ):
+        with pytest.raises(RuntimeError, match="not initialised") as info:
+            call()
+        assert "world_size=2" in str(info.value)
+
+
+@pytest.mark.usefixtures("fake_group")
+def test_rank_and_world_size_must_match_the_group() -> None:
+    for rank, ws in ((0, WORLD), (RANK, 3)):
+        with pytest.raises(ValueError, match="disagree with the process group") as info:
+            gather_features(_x(), rank=rank, world_size=ws)
+        assert f"({rank}/{ws})" in str(info.value) and f"({RANK}/{WORLD})" in str(info.value)
+
+
+@pytest.mark.usefixtures("fake_group")
+def test_detached_gather_puts_the_live_slice_at_this_ranks_rows() -> None:
+    x = _x()
+    out = gather_features(x, rank=RANK, world_size=WORLD)
+    assert out.shape == (WORLD * B, D)
+    assert torch.equal(out[RANK * B :], x)
+    (grad,) = torch.autograd.grad((out * 2.0).sum(), x)
+    assert torch.equal(grad, torch.full_like(x, 2.0))  # only the local slice carries gradient, once
+
+
+@pytest.mark.usefixtures("fake_group")
+@pytest.mark.filterwarnings("ignore:torch.distributed.nn.functional.all_gather is deprecated:FutureWarning")
+def test_gather_with_grad_concatenates_along_the_batch() -> None:
+    x = _x()
+    out = gather_features(x, rank=RANK, world_size=WORLD, with_grad=True)
+    assert out.shape == (WORLD * B, D)
+    assert torch.equal(out[RANK * B :].detach(), x.detach())
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    # backward sums the gradient of every rank's copy of x (each rank's loss reads all of them)
+    assert torch.equal(grad, torch.full_like(x, float(WORLD)))
+
+
+@pytest.mark.usefixtures("fake_group")
+def test_broadcast_takes_a_non_contiguous_tensor_and_returns_a_contiguous_one_of_the_same_values() -> None:
+    idx = torch.arange(12).reshape(3, 4).T  # not contiguous; the collective needs a contiguous buffer
+    out = broadcast_from_rank0(idx, world_size=WORLD)
+    assert out.is_contiguous() and torch.equal(out, idx)
+
+
+def test_scale_grad_scales_only_the_backward() -> None:
+    """What ``loss.local`` uses to give each rank its share of a detached gather's gradient."""
+    x = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    for factor in (0.25, 1.0, 2.0, 3.0):
+        y = scale_grad(x, factor)
+        assert torch.equal(y, x) and y.dtype == x.dtype and y.shape == x.shape
+        (grad,) = torch.autograd.grad((y * w).sum(), x)
+        torch.testing.assert_close(grad, factor * w, rtol=0, atol=0)
