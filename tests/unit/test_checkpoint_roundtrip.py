@@ -20,7 +20,7 @@ from torch import Tensor
 
 from siclip.config import LossCfg, ModelCfg, OptimCfg
 from siclip.losses.total import build_loss
-from siclip.models.inherit import build_student
+from siclip.models.build import build_student
 from siclip.task import SiclipTask
 from siclip.train.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
 from siclip.train.loop import LoopState, build_optimizer, build_scheduler, run_loop
