@@ -458,9 +458,7 @@ def _commit_shard(
 
 
 # ------------------------------------------------------------------------------------------- actors
-# Not mutated (issue 13 scopes the pipeline's Ray-free parts): the model-loading actors and the teacher
-# builder run inside Ray Data; tests/integration covers them.
-# pragma: no mutate start
+# The model-loading actors and the teacher builder run inside Ray Data; tests/integration covers them.
 class CaptionerActor:
     """Ray Data callable class: adds ``syn`` (a ``{"syn_text": [...]}`` JSON string per sample) to a shard
     row, and writes the shard when it is the last stage (``out_dir`` given), returning its manifest entry."""
@@ -603,9 +601,6 @@ def _build_teacher_parts(cfg: SiclipCfg) -> tuple[Any, Any, Any]:
 
     preprocess = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
     return model, image_transform_v2(preprocess, is_train=False), open_clip.get_tokenizer(name)
-
-
-# pragma: no mutate end
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -979,8 +974,7 @@ def _unfinished_error(out_dir: str, failed: list[str], unrecorded: list[str]) ->
     )
 
 
-# Not mutated: the Ray driver and its log line (tests/integration runs them).
-# pragma: no mutate start
+# The Ray driver and its log line: tests/integration runs them.
 def run_pipeline(
     cfg: SiclipCfg,
     *,
@@ -1169,9 +1163,6 @@ def _summary(
         f"out {manifest.samples_out}, skipped {manifest.samples_skipped} {manifest.skipped}",
         flush=True,
     )
-
-
-# pragma: no mutate end
 
 
 def iter_output(out_dir: str) -> Iterator[dict[str, Any]]:
