@@ -19,7 +19,7 @@ from siclip.config import SiclipCfg, expand_shards
 from siclip.losses.schedule import max_weights
 from siclip.losses.terms import SYN_KEY, TERMS, TOTAL_KEY, is_summed_over_caption_sets
 from siclip.losses.total import build_loss
-from siclip.models.inherit import build_student, build_teacher
+from siclip.models.build import build_student, build_teacher
 from siclip.models.presets import preset_info
 
 __all__ = ["SiclipTask", "build_batches", "build_task"]

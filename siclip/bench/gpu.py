@@ -77,7 +77,8 @@ def _build_task(model: str, *, frozen: bool, teacher: str, teacher_mode: Teacher
     """Student (frozen inherited backbone, or every parameter trainable), loss and optional teacher."""
     from siclip.config import LossCfg, ModelCfg, TeacherCfg
     from siclip.losses.total import build_loss
-    from siclip.models.inherit import build_student, build_teacher, freeze_inherited
+    from siclip.models.build import build_student, build_teacher
+    from siclip.models.inherit import freeze_inherited
     from siclip.models.presets import preset_info
     from siclip.task import SiclipTask
 

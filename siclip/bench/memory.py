@@ -176,7 +176,8 @@ def run_bench_memory(
 ) -> tuple[dict[str, Any], str]:
     """Weight inheritance (frozen, only SAS-P + logit scale train) vs full fine-tuning of the same model; then
     the loss's global vs local form for one of ``loss_world_size`` ranks at global batch ``loss_global_batch``."""
-    from siclip.models.inherit import build_student, set_train_mode
+    from siclip.models.build import build_student
+    from siclip.models.inherit import set_train_mode
     from siclip.models.presets import preset_info
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -147,7 +147,9 @@ class CachedCoCaDecoder:
     # ------------------------------------------------------------------------------------- image side
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """The decoder's image tokens ``[B, N, D]``, one forward pass of the image tower per image."""
-        _, embs = self.net._encode_image(pixels.to(self.device, self.dtype))
+        _, embs = self.net.visual(
+            pixels.to(self.device, self.dtype)
+        )  # (pooled, tokens), as CoCa.encode_image
         self.stats.images_encoded += int(pixels.shape[0])
         return embs
 

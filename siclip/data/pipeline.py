@@ -204,17 +204,11 @@ def _check_teacher(cfg: SiclipCfg) -> None:
             f"teacher.source: got ''; caption.teacher_embeddings=true needs {cfg.teacher.name!r}'s trained "
             "weights (a .pt/.safetensors file, local-dir:PATH or an open_clip pretrained tag), not random ones"
         )
-    try:
-        from siclip.models.inherit import build_teacher  # noqa: F401
-    except ImportError as exc:
-        raise RuntimeError(
-            f"caption.teacher_embeddings=true needs siclip.models.inherit.build_teacher ({exc})"
-        ) from exc
 
 
 def _build_teacher_parts(cfg: SiclipCfg) -> tuple[Any, Any, Any]:
     """The frozen teacher, its own eval transform and tokenizer (a siclip preset's, else open_clip's)."""
-    from siclip.models.inherit import build_teacher
+    from siclip.models.build import build_teacher
     from siclip.models.presets import build_tokenizer, build_transform, list_presets
 
     name = cfg.teacher.name

@@ -5,7 +5,7 @@
   shaped attention without its ``N x N`` identity and centring matrices. Train and checkpoint in the
   unfused form; fuse only the copy you run.
 - :func:`export_open_clip`: write ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``) and
-  ``open_clip_model.safetensors`` so that, after :func:`siclip.models.hooks.register`,
+  ``open_clip_model.safetensors`` so that, after :func:`siclip.models.registry.register`,
   ``open_clip.create_model_and_transforms("local-dir:" + out_dir)`` rebuilds the model with the same
   weights and preprocessing. SAS-P towers are recorded as ``vision_cfg.siclip_sasp`` /
   ``text_cfg.siclip_sasp`` and MCt as ``text_cfg.siclip_tower``; plain open_clip (without ``register()``)
@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -50,15 +49,16 @@ def is_reparameterized(model: nn.Module) -> bool:
 def export_model_cfg(model: nn.Module, preset_name: str) -> dict[str, Any]:
     """The open_clip ``model_cfg`` that rebuilds ``model`` (a ``preset_name`` model, maybe simplified)."""
     from siclip.models.presets import preset_config
+    from siclip.models.registry import SASP_KEY
     from siclip.models.simplify import towers
 
-    cfg = copy.deepcopy(preset_config(preset_name))
+    cfg = preset_config(preset_name)
     parts = towers(model)
     for kind, key in (("image", "vision_cfg"), ("text", "text_cfg")):
-        cfg[key].pop("siclip_sasp", None)
-        marker = getattr(parts.get(kind), "siclip_sasp", None)
+        cfg[key].pop(SASP_KEY, None)
+        marker = getattr(parts.get(kind), "siclip_sasp", None)  # what simplify() did to this tower
         if marker:
-            cfg[key]["siclip_sasp"] = dict(marker["cfg"])
+            cfg[key][SASP_KEY] = dict(marker["cfg"])
     return cfg
 
 
@@ -84,7 +84,7 @@ def export_open_clip(model: nn.Module, preset_name: str, out_dir: str | Path) ->
         },
         "siclip": {
             "preset": preset_name,
-            "note": "call siclip.models.hooks.register() before open_clip loads this",
+            "note": "call siclip.models.registry.register() before open_clip loads this",
         },
     }
     # open_clip loads strictly by name, so shared tensors are written once per name (copies, same values).
@@ -97,13 +97,13 @@ def export_open_clip(model: nn.Module, preset_name: str, out_dir: str | Path) ->
 
 
 def load_exported(out_dir: str | Path) -> tuple[nn.Module, Any]:
-    """``open_clip.create_model_and_transforms("local-dir:...")`` after registering the hooks.
+    """``open_clip.create_model_and_transforms("local-dir:...")`` after :func:`~siclip.models.registry.register`.
 
     Returns ``(model, eval_transform)``.
     """
     import open_clip
 
-    from siclip.models.hooks import register
+    from siclip.models.registry import register
 
     register()
     model, _train_tf, eval_tf = open_clip.create_model_and_transforms("local-dir:" + str(out_dir))

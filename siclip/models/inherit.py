@@ -1,21 +1,20 @@
-"""Weight inheritance (WI): load source weights, simplify, freeze what was inherited; build the teacher.
+"""Weight inheritance (WI): read source weights, copy them into a model, freeze what was inherited.
 
 - :func:`load_source_state_dict`: ``MODEL:TAG`` (open_clip pretrained), ``.pt/.pth/.bin`` (``weights_only``),
   ``.safetensors``, or ``local-dir:PATH`` (``open_clip_config.json`` + weights). Apple MobileCLIP checkpoints
   (``text_encoder.*`` / ``image_encoder.*``) are converted to this project's layout on the way in.
 - :func:`inherit_weights`: copy every matching tensor and report what was inherited, what is new (SAS-P
   blocks), what the source has that the model dropped (replaced blocks) and what does not fit.
-- :func:`build_student`: base preset -> exact load -> :func:`~siclip.models.simplify.simplify` (so Q/K and
-  MLP inherit from the loaded attention blocks) -> freeze every unchanged module (``requires_grad_(False)``
-  and kept in eval mode so BatchNorm statistics never move). SAS-P blocks and the logit scale/bias train.
+- :func:`freeze_inherited`: freeze every module outside the SAS-P blocks (``requires_grad_(False)`` and
+  kept in eval mode so BatchNorm statistics never move).
 - :func:`set_train_mode`: ``model.train(mode)`` that keeps frozen modules in eval mode.
-- :func:`build_teacher`: preset (or any open_clip model) + source weights, frozen, eval mode.
+
+``siclip.models.build`` puts these together into the student and the teacher.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from siclip.config import ModelCfg, TeacherCfg
 from siclip.models.sasp import is_sasp
 from siclip.storage import is_remote
 
 __all__ = [
     "InheritError",
     "InheritReport",
-    "build_student",
-    "build_teacher",
     "freeze_inherited",
     "inherit_weights",
     "load_source_state_dict",
@@ -142,6 +138,9 @@ def load_source_state_dict(source: str) -> dict[str, torch.Tensor]:
     if ":" in source:
         import open_clip
 
+        from siclip.models.registry import register
+
+        register()  # MODEL may be a siclip preset
         model_name, tag = source.split(":", 1)
         model = open_clip.create_model(model_name, pretrained=tag)  # downloads (needs network) or uses cache
         return dict(model.state_dict())
@@ -259,67 +258,3 @@ def set_train_mode(model: nn.Module, train: bool = True) -> nn.Module:
             if getattr(m, _FROZEN_ATTR, False):
                 m.eval()
     return model
-
-
-# ----------------------------------------------------------------------------------------- builders
-def build_student(cfg: ModelCfg) -> tuple[nn.Module, InheritReport | None]:
-    """The student: base preset, ``cfg.source`` weights (exact) when inheriting, SAS-P swap, freezing.
-
-    Without inheritance (or without a source) every parameter is trainable: the ablation baseline.
-    """
-    from siclip.models.presets import build_preset, preset_info
-    from siclip.models.simplify import simplify
-
-    base = preset_info(cfg.name).base
-    model = build_preset(base or cfg.name)
-    report: InheritReport | None = None
-    inheriting = bool(cfg.inherit and cfg.source)
-    if inheriting:
-        report = inherit_weights(model, load_source_state_dict(cfg.source), strict=True)
-    if base is not None:
-        simplify(model, cfg.sasp)
-        if report is not None:
-            from siclip.models.simplify import sasp_module_names
-
-            names = sasp_module_names(model)
-            report.new = [k for k in model.state_dict() if _under(k, names)]
-    if inheriting and cfg.freeze_inherited:
-        freeze_inherited(model, freeze_bn_stats=cfg.freeze_bn_stats)
-    logit_scale = getattr(model, "logit_scale", None)
-    if cfg.freeze_logit_scale and isinstance(logit_scale, nn.Parameter):
-        logit_scale.requires_grad_(False)
-    if inheriting and cfg.freeze_inherited:
-        logging.getLogger(__name__).info(
-            "student %s: %d trainable of %d parameters",
-            cfg.name,
-            sum(p.numel() for p in model.parameters() if p.requires_grad),
-            sum(p.numel() for p in model.parameters()),
-        )
-    return model, report
-
-
-def build_teacher(cfg: TeacherCfg) -> nn.Module:
-    """A frozen teacher in eval mode: a preset (or an open_clip model name) with ``cfg.source`` weights."""
-    from siclip.models.presets import build_preset, list_presets
-
-    if cfg.name in list_presets():
-        model = build_preset(cfg.name)
-        if cfg.source:
-            inherit_weights(model, load_source_state_dict(cfg.source), strict=True)
-    else:
-        import open_clip
-
-        if cfg.name not in open_clip.list_models():
-            raise ValueError(
-                f"teacher.name: got {cfg.name!r}; allowed: a preset ({', '.join(list_presets())}) "
-                "or an open_clip model name"
-            )
-        src = cfg.source
-        if src and Path(src).suffix not in (".pt", ".pth", ".bin", ".safetensors") and ":" not in src:
-            model = open_clip.create_model(cfg.name, pretrained=src)  # an open_clip pretrained tag
-        else:
-            model = open_clip.create_model(cfg.name)
-            if src:
-                inherit_weights(model, load_source_state_dict(src), strict=True)
-    model.requires_grad_(False)
-    return model.eval()

@@ -1,9 +1,9 @@
-"""Named model presets (timm style): real MobileCLIP/SiCLIP models and tiny CPU ones, plus their inputs.
+"""Named model presets: each is an open_clip model config, ``siclip/model_configs/<name>.json``, plus its inputs.
 
 | preset | what |
 | --- | --- |
 | ``mobileclip-s0`` | timm ``fastvit_mci0`` at 256 px + MCt text tower (42.4 M), mean 0 / std 1, bilinear |
-| ``siclip-s0`` | ``mobileclip-s0`` simplified with SAS-P blocks (the :class:`SaspCfg` passed in) |
+| ``siclip-s0`` | ``mobileclip-s0`` simplified with SAS-P blocks |
 | ``mobileclip2-s0`` | open_clip's ``MobileCLIP2-S0`` (MCi0 + 12-layer text transformer) |
 | ``siclip2-s0`` | ``mobileclip2-s0`` simplified |
 | ``tiny-teacher`` | ``siclip_fastvit_tiny`` (2 attention blocks in the last stage) at 64 px + a 2-layer, width-64 |
@@ -11,13 +11,21 @@
 | ``tiny-student`` | ``tiny-teacher`` simplified |
 | ``tiny-mct`` | ``siclip_fastvit_tiny`` + a small MCt tower (dim 64, 2 layers), to exercise MCt in fast tests |
 
-Every preset is an open_clip model config in ``siclip/model_configs`` built with ``open_clip.create_model``
-(random init, training form); simplified presets build their base and call
-:func:`~siclip.models.simplify.simplify`. Tokenizers are open_clip's ``SimpleTokenizer`` (no download).
+A preset is its config file: after :func:`~siclip.models.registry.register`, ``open_clip.create_model(name)``
+builds it (random init, training form), and :func:`build_preset` does exactly that. SAS-P is configuration:
+a simplified preset's config carries its :class:`~siclip.config.SaspCfg` in ``vision_cfg.siclip_sasp`` (and
+``text_cfg.siclip_sasp`` when the text tower is simplified); ``build_preset(name, sasp=...)`` writes another
+one there. A simplified preset's *base* is the preset whose config is the same without SAS-P (``siclip-s0``
+-> ``mobileclip-s0``). Configs with a multimodal decoder (the demo captioner's CoCa) are not presets.
+Tokenizers are open_clip's ``SimpleTokenizer`` (no download).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +35,7 @@ import torch
 from torch import nn
 
 from siclip.config import SaspCfg
+from siclip.models.registry import CONFIG_DIR, SASP_KEY, register
 
 __all__ = [
     "PresetInfo",
@@ -36,10 +45,12 @@ __all__ = [
     "list_presets",
     "preset_config",
     "preset_info",
+    "sasp_config",
 ]
 
 MOBILECLIP_MEAN = (0.0, 0.0, 0.0)
 MOBILECLIP_STD = (1.0, 1.0, 1.0)
+_TOWERS = {"image": "vision_cfg", "text": "text_cfg"}
 
 
 @dataclass(frozen=True)
@@ -55,46 +66,57 @@ class PresetInfo:
     embed_dim: int
 
 
-@dataclass(frozen=True)
-class _Preset:
-    config: str
-    """The open_clip model config of the base (unsimplified) architecture."""
-    base: str | None = None
-
-
-_PRESETS: dict[str, _Preset] = {
-    "mobileclip-s0": _Preset("siclip-mobileclip-s0"),
-    "siclip-s0": _Preset("siclip-mobileclip-s0", base="mobileclip-s0"),
-    "mobileclip2-s0": _Preset("MobileCLIP2-S0"),
-    "siclip2-s0": _Preset("MobileCLIP2-S0", base="mobileclip2-s0"),
-    "tiny-teacher": _Preset("siclip-tiny-teacher"),
-    "tiny-student": _Preset("siclip-tiny-teacher", base="tiny-teacher"),
-    "tiny-mct": _Preset("siclip-tiny-mct"),
-}
+@functools.cache
+def _configs() -> dict[str, dict[str, Any]]:
+    """Every preset's config, read once from ``siclip/model_configs``."""
+    found = {p.stem: json.loads(p.read_text()) for p in sorted(CONFIG_DIR.glob("*.json"))}
+    return {name: cfg for name, cfg in found.items() if "multimodal_cfg" not in cfg}
 
 
 def list_presets() -> list[str]:
     """Every preset name, sorted."""
-    return sorted(_PRESETS)
-
-
-def _spec(name: str) -> _Preset:
-    if name not in _PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(list_presets())}")
-    return _PRESETS[name]
+    return sorted(_configs())
 
 
 def preset_config(name: str) -> dict[str, Any]:
-    """A copy of the open_clip model config (dict) of the preset's base architecture."""
-    import open_clip
+    """A copy of the preset's open_clip model config (with its SAS-P settings, if any)."""
+    if name not in _configs():
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(list_presets())}")
+    return copy.deepcopy(_configs()[name])
 
-    from siclip.models.hooks import register
 
-    register()
-    cfg = open_clip.get_model_config(_spec(name).config)
-    if cfg is None:
-        raise RuntimeError(f"open_clip has no model config {_spec(name).config!r} (register() failed?)")
-    return cfg
+def _without_sasp(cfg: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(cfg)
+    for key in _TOWERS.values():
+        out[key].pop(SASP_KEY, None)
+    return out
+
+
+def sasp_config(cfg: dict[str, Any], sasp: SaspCfg) -> dict[str, Any]:
+    """A copy of the model config ``cfg`` with its towers simplified as ``sasp`` says (none: no SAS-P).
+
+    Each tower gets the settings :func:`~siclip.models.simplify.tower_sasp` gives it, as
+    :func:`~siclip.models.simplify.simplify` would use them.
+    """
+    from siclip.models.simplify import REPLACED_TOWERS, tower_sasp
+
+    out = _without_sasp(cfg)
+    for kind in REPLACED_TOWERS[sasp.replace]:
+        out[_TOWERS[kind]][SASP_KEY] = dataclasses.asdict(tower_sasp(sasp, kind))
+    return out
+
+
+def _simplified(cfg: dict[str, Any]) -> bool:
+    return any(SASP_KEY in cfg[key] for key in _TOWERS.values())
+
+
+def _base(name: str) -> str | None:
+    """The preset whose config is ``name``'s without SAS-P; None for a preset that is not simplified."""
+    cfg = _configs()[name]
+    if not _simplified(cfg):
+        return None
+    plain = _without_sasp(cfg)
+    return next((other for other, c in _configs().items() if other != name and c == plain), None)
 
 
 def _info(cfg: dict[str, Any], *, base: str | None, mobile: bool) -> PresetInfo:
@@ -117,6 +139,7 @@ def _open_clip_info(name: str) -> PresetInfo | None:
     """PresetInfo for a plain open_clip model name (a teacher that is not a preset), else None."""
     import open_clip
 
+    register()
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         return None
@@ -128,15 +151,12 @@ def preset_info(name: str) -> PresetInfo:
 
     Also answers for a plain open_clip model name (e.g. a ``ViT-B-32`` teacher) with open_clip's defaults.
     """
-    if name not in _PRESETS:
-        from siclip.models.hooks import register
-
-        register()
+    if name not in _configs():
         info = _open_clip_info(name)
         if info is not None:
             return info
     # Every preset here is a MobileCLIP-style model (one config reader for presets and open_clip names).
-    return _info(preset_config(name), base=_spec(name).base, mobile=True)
+    return _info(preset_config(name), base=_base(name), mobile=True)
 
 
 class _QuietNoWeights(logging.Filter):
@@ -152,25 +172,20 @@ _QUIET = _QuietNoWeights()
 def build_preset(name: str, *, sasp: SaspCfg | None = None) -> nn.Module:
     """Build a preset with random weights in training form (an open_clip ``CustomTextCLIP``).
 
-    Simplified presets build their base and apply ``sasp or SaspCfg()``; ``sasp`` is ignored for the
-    others.
+    A simplified preset takes ``sasp`` instead of its config's SAS-P settings when one is given; ``sasp`` is
+    ignored for the others.
     """
-    spec = _spec(name)
-    if spec.base is not None:
-        from siclip.models.simplify import simplify
-
-        model = build_preset(spec.base)
-        simplify(model, sasp or SaspCfg())
-        return model
     import open_clip
 
-    from siclip.models.hooks import register
-
+    cfg = preset_config(name)
+    if sasp is not None and _simplified(cfg):
+        cfg = sasp_config(cfg, sasp)
     register()
     root = logging.getLogger()
     root.addFilter(_QUIET)
     try:
-        return open_clip.create_model(spec.config)
+        # the preset's own towers (with the SAS-P settings they get here), whatever else open_clip registered
+        return open_clip.create_model(name, vision_cfg=cfg["vision_cfg"], text_cfg=cfg["text_cfg"])
     finally:
         root.removeFilter(_QUIET)
 
@@ -180,7 +195,7 @@ def build_tokenizer(name: str) -> Callable[[list[str]], torch.Tensor]:
 
     For a plain open_clip model name, that model's own tokenizer (``open_clip.get_tokenizer``).
     """
-    if name not in _PRESETS and _open_clip_info(name) is not None:
+    if name not in _configs() and _open_clip_info(name) is not None:
         import open_clip
 
         return open_clip.get_tokenizer(name)  # the open_clip model's own tokenizer (teachers)

@@ -31,6 +31,7 @@ from siclip.config import SaspCfg
 from siclip.models.sasp import SASPBlock, is_sasp
 
 __all__ = [
+    "REPLACED_TOWERS",
     "find_replaceable",
     "is_sasp",
     "replaced_prefixes",
@@ -42,12 +43,13 @@ __all__ = [
     "towers",
 ]
 
-_WANTED: dict[str, tuple[str, ...]] = {
+REPLACED_TOWERS: dict[str, tuple[str, ...]] = {
     "image": ("image",),
     "text": ("text",),
     "both": ("image", "text"),
     "none": (),
 }
+"""The towers each :class:`~siclip.config.SaspCfg` ``replace`` value simplifies."""
 
 
 def towers(model: Any) -> dict[str, nn.Module]:
@@ -259,7 +261,7 @@ def simplify(model: nn.Module, sasp: SaspCfg) -> dict[str, Any]:
     """
     before = sum(p.numel() for p in model.parameters())
     replaced: list[str] = []
-    wanted = _WANTED[sasp.replace]
+    wanted = REPLACED_TOWERS[sasp.replace]
     all_towers = towers(model)
     for kind in wanted:
         tower = all_towers.get(kind)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from siclip.config import LossCfg, ModelCfg, OptimCfg
 from siclip.losses.total import build_loss
-from siclip.models.inherit import build_student
+from siclip.models.build import build_student
 from siclip.task import SiclipTask
 from siclip.train.checkpoint import (
     MODEL_FILE,

@@ -1,4 +1,5 @@
-"""Inference form and open_clip export: fused == unfused, exported folder reloads through open_clip."""
+"""Inference form and open_clip export: fused == unfused, the exported folder (its files, config and
+preprocessing) reloads through open_clip with the same outputs."""
 
 from __future__ import annotations
 
@@ -9,11 +10,21 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from siclip.config import SaspCfg
-from siclip.models.export import export_open_clip, is_reparameterized, load_exported, reparameterize
-from siclip.models.presets import build_preset, build_tokenizer
+from siclip.models.export import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    export_model_cfg,
+    export_open_clip,
+    is_reparameterized,
+    load_exported,
+    reparameterize,
+)
+from siclip.models.mct import MCtTextEncoder
+from siclip.models.presets import build_preset, build_tokenizer, build_transform
 from siclip.models.sasp import InferenceShapedAttention, SASPBlock, ShapedAttention, to_inference
 
 torch.set_num_threads(1)
@@ -90,10 +101,53 @@ def test_export_reloads_through_open_clip(tmp_path: Path, name: str, sasp: SaspC
     assert list(transform.transforms[-1].mean) == [0.0, 0.0, 0.0]  # preprocessing travels with the export
 
 
-def test_export_refuses_fused_model(tmp_path: Path) -> None:
+def test_export_refuses_a_fused_model_before_writing(tmp_path: Path) -> None:
     fused = reparameterize(build_preset("tiny-teacher"))
     with pytest.raises(ValueError, match="unfused"):
-        export_open_clip(fused, "tiny-teacher", tmp_path)
+        export_open_clip(fused, "tiny-teacher", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_config_and_preprocessing_round_trip(tmp_path: Path) -> None:
+    model: Any = build_preset("tiny-mct")
+    out = export_open_clip(model, "tiny-mct", tmp_path / "export")
+    config = json.loads((out / CONFIG_FILE).read_text())
+    assert config["model_cfg"] == export_model_cfg(model, "tiny-mct")
+    assert config["preprocess_cfg"] == {
+        "size": 64,
+        "mean": [0.0, 0.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+        "interpolation": "bilinear",
+        "resize_mode": "shortest",
+    }
+    assert config["siclip"]["preset"] == "tiny-mct"
+    _, transform = load_exported(out)
+    image = Image.fromarray(torch.randint(0, 256, (50, 90, 3), dtype=torch.uint8).numpy())
+    assert torch.equal(transform(image), build_transform("tiny-mct", train=False)(image))
+
+
+def test_export_makes_nested_folders_and_overwrites_an_old_export(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    model: Any = build_preset("tiny-mct")
+    target = tmp_path / "runs" / "a" / "export"
+    assert export_open_clip(model, "tiny-mct", target) == target
+    with torch.no_grad():
+        model.logit_scale.fill_(3.0)
+    assert export_open_clip(model, "tiny-mct", target) == target  # same folder again: replaced
+    assert sorted(p.name for p in target.iterdir()) == sorted([CONFIG_FILE, MODEL_FILE])
+    saved = load_file(str(target / MODEL_FILE))
+    assert saved.keys() == model.state_dict().keys()
+    assert saved["logit_scale"].item() == 3.0
+
+
+def test_reparameterize_inplace_fuses_the_given_model() -> None:
+    model = MCtTextEncoder(embed_dim=8, dim=16, context_length=12, vocab_size=50, num_layers=1, num_heads=2)
+    copy = reparameterize(model)
+    assert copy is not model and is_reparameterized(copy) and not is_reparameterized(model)
+    assert model.training and not copy.training
+    same = reparameterize(model, inplace=True)
+    assert same is model and is_reparameterized(model) and not model.training
 
 
 def test_bench_infer_tiny(tmp_path: Path) -> None:

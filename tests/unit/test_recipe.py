@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from siclip.config import PROFILES, LossCfg, SaspCfg, from_dict, load_config
 from siclip.losses.total import build_loss
-from siclip.models.inherit import build_student
+from siclip.models.build import build_student
 from siclip.models.presets import build_preset, build_tokenizer
 from siclip.models.sasp import SASPBlock
 from siclip.task import SiclipTask

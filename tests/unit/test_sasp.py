@@ -1,4 +1,5 @@
-"""SAS-P shaped attention and block: math against a naive per-head loop, exact identity at init."""
+"""SAS-P shaped attention and block: math against a naive per-head loop, exact identity at init, what the
+constructor options shape, the errors a caller sees, and the switch to the inference form."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from siclip.models.sasp import SASPBlock, ShapedAttention, is_sasp
+from siclip.models.sasp import InferenceShapedAttention, SASPBlock, ShapedAttention, is_sasp, to_inference
 
 torch.set_num_threads(1)
 
@@ -184,5 +185,89 @@ def test_block_trains_and_is_marked() -> None:
         assert getattr(block.attn, name).grad is not None
     assert block.attn.qk.weight.grad is not None and block.attn_gain.grad is not None
     assert is_sasp(block) and is_sasp(block.attn) and not is_sasp(block.mlp)
-    with pytest.raises(ValueError, match="self-attention only"):
-        block(torch.randn(2, 4, 8), torch.randn(2, 4, 8))
+    x = torch.randn(2, 4, 8)
+    for cross in ({"k_x": x}, {"v_x": x}):  # open_clip's cross-attention arguments
+        with pytest.raises(ValueError, match="self-attention"):
+            block(x, **cross)
+
+
+def _seq_block(dim: int = 8, **kwargs: Any) -> Any:
+    mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+    return SASPBlock(dim, num_heads=2, norm=nn.LayerNorm(dim), mlp=mlp, layout="seq", **kwargs)
+
+
+def test_constructor_errors_name_the_bad_values() -> None:
+    with pytest.raises(ValueError) as err:
+        ShapedAttention(10, num_heads=4)
+    assert "10" in str(err.value) and "4" in str(err.value)
+    for qk, head_dim, got, want in (
+        (nn.Linear(8, 8), None, "(8, 8)", "(16, 8)"),
+        (nn.Linear(6, 16), None, "(16, 6)", "(16, 8)"),  # right rows, wrong input width
+        (nn.Linear(8, 16), 3, "(16, 8)", "(12, 8)"),
+    ):
+        with pytest.raises(ValueError) as err:
+            ShapedAttention(8, num_heads=2, head_dim=head_dim, qk=qk)
+        assert got in str(err.value) and want in str(err.value)
+    with pytest.raises(ValueError) as err:
+        SASPBlock(8, num_heads=2, norm=nn.LayerNorm(8), mlp=nn.Identity(), layout="tokens")  # type: ignore[arg-type]
+    assert "layout" in str(err.value) and "tokens" in str(err.value)
+
+
+def test_options_shape_the_projections() -> None:
+    x = torch.randn(2, 5, 8)
+    plain = ShapedAttention(8, num_heads=2)
+    assert plain.qk.bias is None and plain.value is None
+    with_bias = ShapedAttention(8, num_heads=2, qk_bias=True)
+    assert with_bias.qk.bias is not None and with_bias.qk.bias.shape == (16,)
+    narrow = ShapedAttention(8, num_heads=2, head_dim=3)  # head_dim sizes Q/K, the output keeps the width
+    assert narrow.qk.weight.shape == (12, 8) and narrow(x).shape == (2, 5, 8)
+
+
+def test_zero_query_zeroes_only_query_rows() -> None:
+    torch.manual_seed(0)
+    attn = ShapedAttention(8, num_heads=2, qk_bias=True, head_dim=3)
+    with torch.no_grad():
+        attn.qk.weight.normal_()
+        assert attn.qk.bias is not None
+        attn.qk.bias.normal_()
+    keys_w, keys_b = attn.qk.weight[6:].clone(), attn.qk.bias[6:].clone()
+    attn.zero_query()
+    assert torch.count_nonzero(attn.qk.weight[:6]) == 0 and torch.count_nonzero(attn.qk.bias[:6]) == 0
+    assert torch.equal(attn.qk.weight[6:], keys_w) and torch.equal(attn.qk.bias[6:], keys_b)
+
+
+@pytest.mark.parametrize("layout", ["conv", "seq"])
+def test_block_gains_or_per_channel_layer_scales(layout: str) -> None:
+    dim = 8
+    norm: nn.Module = nn.BatchNorm2d(dim) if layout == "conv" else nn.LayerNorm(dim)
+
+    def block(**kwargs: Any) -> Any:
+        return SASPBlock(dim, num_heads=2, norm=norm, mlp=nn.Identity(), layout=layout, **kwargs)  # type: ignore[arg-type]
+
+    given = block(attn_gain=0.25, mlp_gain=0.5)
+    assert given.attn_gain.shape == () and given.mlp_gain.shape == ()
+    assert (given.attn_gain.item(), given.mlp_gain.item()) == (0.25, 0.5)
+    scaled = block(layer_scale=1e-3, attn_gain=0.25, mlp_gain=0.5)  # layer scales replace the gains
+    shape = (dim, 1, 1) if layout == "conv" else (dim,)  # one per channel, broadcast over the layout
+    for gain in (scaled.attn_gain, scaled.mlp_gain):
+        assert isinstance(gain, nn.Parameter) and gain.shape == shape
+        assert torch.equal(gain.detach(), torch.full(shape, 1e-3))
+
+
+def test_block_uses_a_passed_token_mixer_and_reports_its_dtype() -> None:
+    shared = ShapedAttention(8, num_heads=2, qk_bias=True)
+    a, b = _seq_block(attn=shared), _seq_block(attn=shared, value=True, head_dim=3)
+    assert a.attn is shared and b.attn is shared and shared.value is None
+    plain = _seq_block(value=True)
+    assert plain.attn is not shared and plain.attn.value is not None and plain.attn.qk.bias is None
+    assert _seq_block(head_dim=3).attn.qk.weight.shape == (12, 8)  # head_dim sizes a fresh Q/K
+    assert plain.get_weight_dtype() == torch.float32
+    assert plain.double().get_weight_dtype() == torch.float64
+
+
+def test_to_inference_counts_each_shared_attention_once() -> None:
+    shared = ShapedAttention(8, num_heads=2)
+    model = nn.ModuleList([ShapedAttention(8, num_heads=2), shared, ShapedAttention(8, num_heads=2), shared])
+    assert to_inference(model) == 3
+    assert all(type(m) is InferenceShapedAttention for m in model)
+    assert to_inference(model) == 0  # already switched
