@@ -31,13 +31,13 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check siclip tests
-	$(BIN)/ruff format --check siclip tests
+	$(BIN)/ruff check siclip tests benchmarks
+	$(BIN)/ruff format --check siclip tests benchmarks
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix siclip tests
-	$(BIN)/ruff format siclip tests
+	$(BIN)/ruff check --fix siclip tests benchmarks
+	$(BIN)/ruff format siclip tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/siclip bench infer

@@ -44,6 +44,7 @@ __all__ = [
     "curves_dir",
     "format_table",
     "regime_checks",
+    "row_config",
     "run_ablation",
     "save_curve",
     "summarize",
@@ -109,7 +110,9 @@ def _slug(row: str) -> str:
     return row.lower().replace("+", "-").replace(",", "").replace(" ", "-")
 
 
-def _row_cfg(base: SiclipCfg, row: str, seed: int, steps: int, tag: str = "") -> SiclipCfg:
+def row_config(base: SiclipCfg, row: str, seed: int, steps: int, tag: str = "") -> SiclipCfg:
+    """The config one ablation run trains: ``base`` with the row's overrides (``ROWS[row]``), the seed, the
+    step count and its run name ``ablate-<row>[-<tag>]-s<seed>`` (its own folder, never another row's)."""
     slug = _slug(row) + (f"-{tag}" if tag else "")
     return from_dict(
         apply_overrides(
@@ -183,7 +186,7 @@ def run_ablation(
     curves = curves_dir(out)
     for seed in range(seeds):
         for row in rows:
-            cfg = _row_cfg(base, row, seed, steps, tag)
+            cfg = row_config(base, row, seed, steps, tag)
             check_paths(cfg, sections=TRAIN_SECTIONS)
             print(f"\n=== ablation: {row}, seed {seed} ===", flush=True)
             run = launch(cfg)

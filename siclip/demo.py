@@ -47,7 +47,9 @@ __all__ = [
     "HELD_OUT_WORLD",
     "DemoPrep",
     "demo_config",
+    "drop_stale_captions",
     "prepare_demo",
+    "rebase_demo_paths",
     "run_demo",
 ]
 
@@ -111,14 +113,15 @@ def teacher_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     return [o for o in overrides if not o.strip().startswith(STUDENT_ONLY)]
 
 
-def _rebase(value: Any, root: str) -> Any:
-    """Point the configs' ``runs/demo/...`` paths at another demo folder."""
+def rebase_demo_paths(value: Any, root: str) -> Any:
+    """A config's data (as read from its YAML) with every string that starts with ``runs/demo`` moved under
+    ``root`` instead: the demo configs pointed at another demo folder, nothing else changed."""
     if isinstance(value, str):
         return value.replace(DEFAULT_ROOT, root, 1) if value.startswith(DEFAULT_ROOT) else value
     if isinstance(value, list):
-        return [_rebase(v, root) for v in value]
+        return [rebase_demo_paths(v, root) for v in value]
     if isinstance(value, dict):
-        return {k: _rebase(v, root) for k, v in value.items()}
+        return {k: rebase_demo_paths(v, root) for k, v in value.items()}
     return value
 
 
@@ -131,7 +134,7 @@ def demo_config(
     if not path.is_file():
         raise ConfigError(f"--config: got {str(path)!r}; no such file")
     data = yaml.safe_load(path.read_text())
-    return from_dict(apply_overrides(_rebase(data, root), list(overrides)))
+    return from_dict(apply_overrides(rebase_demo_paths(data, root), list(overrides)))
 
 
 def _eval(cfg_file: Path, checkpoint: Path) -> dict[str, float]:
@@ -179,7 +182,7 @@ def student_shards(world: Any, syn_dir: str, n_shards: int) -> list[str]:
     return [str(Path(syn_dir) / Path(p).name) for p in world.web_shards[:n_shards]]
 
 
-def _drop_stale_captions(cfg: SiclipCfg) -> None:
+def drop_stale_captions(cfg: SiclipCfg) -> None:
     """Delete the demo's CC12M-SYN folder when it was captioned from other web shards (the world was made
     again at another size, e.g. ``--quick`` before): it is derived data, and the data build refuses to add
     to a folder built from other inputs."""
@@ -317,7 +320,7 @@ def prepare_demo(
             image_size=cap.image_size,
             seed=cap.seed,
         )
-    _drop_stale_captions(student_cfg)
+    drop_stale_captions(student_cfg)
     run_pipeline(student_cfg)
     syn_shards = sorted(str(p) for p in Path(cap.output_dir).glob("*.tar"))
     web_captioned = world.web_shards[: len(syn_shards)] if held_out else world.web_shards

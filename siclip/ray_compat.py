@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "AUTOSCALING_STATUS_KEY",
     "CHECKPOINT_SNAPSHOT_FILE",
+    "JOB_CONFIG_ENV",
     "NO_AUTOSCALER",
     "PG_CLEANER_LOGGER",
     "TESTED_RAY_VERSIONS",
@@ -52,7 +53,7 @@ WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 """Logger of Train V2's placement-group cleaner (muted when there is no dashboard for it to ask)."""
 
-_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by the job supervisor for a submitted job's driver: JSON with the job's ``runtime_env``."""
 
 
@@ -247,7 +248,7 @@ def is_worker_start_timeout(error: BaseException) -> bool:
 # ------------------------------------------------------------------------------------- jobs
 def job_working_dir() -> str | None:
     """The ``working_dir`` of the submitted job this driver runs in (its upload), or None outside a job."""
-    raw = os.environ.get(_JOB_CONFIG_ENV)
+    raw = os.environ.get(JOB_CONFIG_ENV)
     if not raw:  # outside a job: answered without importing Ray (the CLI calls this before anything else)
         return None
     check_ray_version()

@@ -15,14 +15,12 @@ from siclip.ray_compat import PG_CLEANER_LOGGER, loopback_node
 
 __all__ = ["init_ray", "make_token_private", "quiet_without_dashboard", "token_files"]
 
+
 # Ray Train's PlacementGroupCleaner asks the dashboard's State API every second whether the controller is
 # alive; with no dashboard each ask fails with a warning, for the whole run. It can never act then anyway.
-_PG_CLEANER_LOGGER = PG_CLEANER_LOGGER
-
-
 def quiet_without_dashboard() -> None:
     """Worker set-up hook for a local Ray started without a dashboard: mute the cleaner's warnings."""
-    logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -20,7 +20,8 @@ from torch import nn
 N_IMAGES = 12  # images per dataset (retrieval: 12 images x 2 captions)
 
 
-def _image(i: int, size: int = 24) -> Image.Image:
+def flat_image(i: int, size: int = 24) -> Image.Image:
+    """A ``size`` x ``size`` image of one colour, its own for each ``i`` (a class index, an image number)."""
     return Image.new("RGB", (size, size), ((37 * i) % 256, (91 * i + 40) % 256, (17 * i + 200) % 256))
 
 
@@ -46,7 +47,7 @@ def _class_folders(root: Path, wnids: list[str], ext: str) -> None:
         (root / w).mkdir(parents=True, exist_ok=True)
     for i in range(N_IMAGES):
         label = (i * 7) % 5  # five classes hold images
-        _image(label).save(root / wnids[label] / f"img_{i:03d}.{ext}", format="JPEG")
+        flat_image(label).save(root / wnids[label] / f"img_{i:03d}.{ext}", format="JPEG")
 
 
 def make_imagenet1k(root: Path) -> Path:
@@ -69,7 +70,7 @@ def make_imagenetv2(root: Path) -> Path:
     for i in range(N_IMAGES):
         label = (i * 7) % 5
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
-        _image(label).save(folder / str(label) / f"{i:03d}.jpeg", format="JPEG")
+        flat_image(label).save(folder / str(label) / f"{i:03d}.jpeg", format="JPEG")
     return root
 
 
@@ -83,7 +84,7 @@ def make_mscoco(root: Path) -> Path:
     images, annotations = [], []
     for i in range(N_IMAGES):
         name = f"COCO_val2014_{i:012d}.jpg"
-        _image(i).save(root / "val2014" / name, format="JPEG")
+        flat_image(i).save(root / "val2014" / name, format="JPEG")
         images.append({"id": i, "file_name": name})
         for caption in _captions(i):
             annotations.append({"id": len(annotations), "image_id": i, "caption": caption})
@@ -97,7 +98,7 @@ def make_flickr30k(root: Path) -> Path:
     lines = ["image,caption"]
     for i in range(N_IMAGES):
         name = f"{1000 + i}.jpg"
-        _image(i).save(root / name, format="JPEG")
+        flat_image(i).save(root / name, format="JPEG")
         lines += [f"{name},{c}" for c in _captions(i)]
     (root / "flickr30k_test_karpathy.txt").write_text("\n".join(lines) + "\n")
     return root
@@ -113,7 +114,7 @@ def make_wds_classification(root: Path, classnames: list[str], templates: list[s
         for i in range(N_IMAGES):
             label = i % len(classnames)
             buf = io.BytesIO()
-            _image(label).save(buf, format="WEBP")
+            flat_image(label).save(buf, format="WEBP")
             for ext, data in (("webp", buf.getvalue()), ("cls", str(label).encode())):
                 member = tarfile.TarInfo(f"s{i:04d}.{ext}")
                 member.size = len(data)

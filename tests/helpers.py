@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from siclip.config import apply_overrides
-from siclip.demo import CONFIGS, _rebase
+from siclip.demo import CONFIGS, rebase_demo_paths
 
 TINY_WORLD = {
     "n_web": 400,
@@ -32,7 +32,7 @@ def tiny_world(root: str) -> object:
 
 def write_config(root: Path, name: str, overrides: list[str], *, out: str = "cfg.yaml") -> Path:
     """``configs/<name>.yaml`` rebased under ``root`` (web shards instead of captioned ones) plus overrides."""
-    data = _rebase(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), str(root))
+    data = rebase_demo_paths(yaml.safe_load((CONFIGS / f"{name}.yaml").read_text()), str(root))
     data["data"]["train_shards"] = [str(root / "world" / "web" / "web-*.tar")]
     data = apply_overrides(data, overrides)
     path = root / out

@@ -45,7 +45,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -66,7 +66,7 @@ from siclip.data.commit import (
 from siclip.data.prepare import JPEG_QUALITY, prepare_row, read_task_memory
 from siclip.data.shards import Manifest, ShardIOError, list_sizes
 
-__all__ = ["CaptionerActor", "ShardBuildError", "TeacherActor", "run_pipeline"]
+__all__ = ["CaptionerActor", "ShardBuildError", "TeacherActor", "check_resources", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,11 @@ def _build_teacher_parts(cfg: SiclipCfg) -> tuple[Any, Any, Any]:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
+def check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
     """Fail before starting when the actor pools can never be scheduled (Ray Data would wait silently).
+
+    Needs a connected Ray session; ``prepare_cpus`` is what one read task reserves. :func:`run_pipeline`
+    calls it before any captioning.
 
     Every pool (captioner, and teacher when on) starts ``caption.min_actors`` actors, so those must fit
     together, with a CPU left for a read task; pools that cannot all grow to ``caption.num_actors`` only
@@ -267,7 +270,7 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
             "caption.num_cpus_per_actor or caption.min_actors."
         )
     full = c.num_actors * per_pair
-    most = _autoscaler().most  # unknown (None): the autoscaler may grow the pools, no warning
+    most = ray_compat.autoscaler().most  # unknown (None): the autoscaler may grow the pools, no warning
     if full > gpus + 1e-9 and most is not None and full > most.get("GPU", 0.0) + 1e-9:
         log.warning(
             "the %s would need %g GPUs at caption.num_actors=%d but the cluster has %g: %s smaller",
@@ -280,11 +283,6 @@ def _check_resources(cfg: SiclipCfg, prepare_cpus: float) -> None:
 
 
 _WAIT_POLL_S = 5.0
-
-
-def _autoscaler() -> ray_compat.Autoscaler:
-    """The cluster's autoscaler, read as ``train.use_gpu: auto`` reads it (siclip/ray_compat.py)."""
-    return ray_compat.autoscaler()
 
 
 def _wait_for_autoscaler(
@@ -300,7 +298,7 @@ def _wait_for_autoscaler(
 
     res = ray.cluster_resources()
     have = (float(res.get("GPU", 0.0)), float(res.get("CPU", 0.0)))
-    scaler = _autoscaler()
+    scaler = ray_compat.autoscaler()  # read as train.use_gpu: auto reads it
     most = scaler.most
     if not scaler.present:
         return have
@@ -357,7 +355,7 @@ def _check_cluster_storage(out_dir: str) -> None:
     from siclip.preflight import check_shared_folder
 
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    can_grow = _autoscaler().present
+    can_grow = ray_compat.autoscaler().present
     check_shared_folder("caption.output_dir", out_dir, nodes=nodes, can_add_nodes=can_grow)
 
 
@@ -432,7 +430,7 @@ def run_pipeline(
     init_ray(cfg.ray)
     prepare_cpus = 1.0
     _check_cluster_storage(out_dir)
-    _check_resources(cfg, prepare_cpus)
+    check_resources(cfg, prepare_cpus)
     cfg_dict = to_dict(cfg)
     chunk = chunk_size or c.batch_size
     # Tasks and actors get ray.env_vars (e.g. AWS_ENDPOINT_URL for an S3-compatible store).
@@ -549,10 +547,3 @@ def _summary(
         f"out {manifest.samples_out}, skipped {manifest.samples_skipped} {manifest.skipped}",
         flush=True,
     )
-
-
-def iter_output(out_dir: str) -> Iterator[dict[str, Any]]:
-    """Decoded samples of a finished CC12M-SYN folder in manifest order (tools and tests)."""
-    from siclip.data.shards import iter_samples, list_shards
-
-    yield from iter_samples(list_shards(out_dir))

@@ -260,7 +260,7 @@ def test_readme_submits_to_loopback_with_the_runtime_env() -> None:
     assert "RAY_AUTH_MODE=token" in text
 
 
-# ------------------------------------------------------------------------------------------ issue 11: hardening
+# ----------------------------------------------------------------------- network policy, ports, GPU pods, zones
 def _pod_labels(spec: dict[str, Any]) -> list[dict[str, str]]:
     groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     return [g["template"]["metadata"]["labels"] for g in groups]
@@ -343,7 +343,7 @@ def test_aws_workers_share_one_zone_and_have_an_s3_instance_profile() -> None:
     assert "s3fs" in {Requirement(p).name for p in _one("runtime_env.yaml")["pip"]["packages"]}
 
 
-# ------------------------------------------------------------------------------------------ issue 22: deployment facts
+# --------------------------------------------------------------------------------- worker images, driver, Docker build
 def test_aws_workers_name_an_ami_and_refuse_a_driver_torch_cannot_use(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -11,12 +11,12 @@ import pytest
 
 from siclip.ablate import (
     ROWS,
-    _row_cfg,
     ablation_table_path,
     compare_claims,
     curves_dir,
     format_table,
     regime_checks,
+    row_config,
     run_ablation,
     save_curve,
     summarize,
@@ -26,24 +26,24 @@ from siclip.config import ConfigError, SiclipCfg
 
 def test_rows_switch_the_paper_components() -> None:
     base = SiclipCfg()
-    baseline = _row_cfg(base, "baseline", 2, 80)
+    baseline = row_config(base, "baseline", 2, 80)
     assert not baseline.model.inherit and not baseline.teacher.enabled and baseline.loss.fd_weight == 0
     assert baseline.train.seed == 2 and baseline.train.max_steps == 80
     assert baseline.train.run_name == "ablate-baseline-s2"
-    wi = _row_cfg(base, "WI", 0, 80)
+    wi = row_config(base, "WI", 0, 80)
     assert wi.model.inherit and wi.loss.pm_weight == 0 and wi.loss.icl_weight == 0
-    wikd = _row_cfg(base, "WIKD", 0, 80)
+    wikd = row_config(base, "WIKD", 0, 80)
     assert wikd.loss.fd_weight == base.loss.fd_weight and wikd.loss.pm_weight == 0
-    full = _row_cfg(base, "WIKD+PM", 0, 80)
+    full = row_config(base, "WIKD+PM", 0, 80)
     assert full.loss == base.loss
-    real = _row_cfg(base, "WIKD+PM, web captions only", 0, 80)
+    real = row_config(base, "WIKD+PM, web captions only", 0, 80)
     assert real.data.synthetic == "off" and real.train.run_name == "ablate-wikd-pm-web-captions-only-s0"
     assert real.loss == base.loss and real.model == base.model
-    web = _row_cfg(base, "baseline, web captions only", 0, 80)
+    web = row_config(base, "baseline, web captions only", 0, 80)
     assert web.data.synthetic == "off" and base.data.synthetic == baseline.data.synthetic == "sum"
     assert web.model == baseline.model and web.loss == baseline.loss and web.teacher == baseline.teacher
-    assert len({_row_cfg(base, r, 0, 80).train.run_name for r in ROWS}) == len(ROWS)
-    assert _row_cfg(base, "WIKD+PM", 1, 80, tag="pm20").train.run_name == "ablate-wikd-pm-pm20-s1"
+    assert len({row_config(base, r, 0, 80).train.run_name for r in ROWS}) == len(ROWS)
+    assert row_config(base, "WIKD+PM", 1, 80, tag="pm20").train.run_name == "ablate-wikd-pm-pm20-s1"
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """The paper's suite on tiny copies of the six datasets in their real layouts: found, evaluated end to end,
 absent ones reported (never downloaded), and the numbers equal to CLIP_benchmark's own ``evaluate``.
 
-A bag-of-tokens stub model keeps the 1000-class ImageNet classifiers cheap; the equality with CLIP_benchmark
-uses the real tiny-teacher preset on datasets with few classes.
+A bag-of-tokens stub model keeps the 1000-class ImageNet classifiers cheap (one that knows every image's
+class checks ImageNet-V2's labels); the equality with CLIP_benchmark uses the real tiny-teacher preset on
+datasets with few classes.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def test_an_incomplete_class_layout_is_absent_not_mislabelled(tmp_path) -> None:
     # three wnid folders only: ImageFolder would label them 0, 1, 2, i.e. as the first three ImageNet classes
     for w in fx.imagenet_wnids()[500:503]:
         (tmp_path / "sketch" / w).mkdir(parents=True)
-        fx._image(1).save(tmp_path / "sketch" / w / "a.JPEG", format="JPEG")
+        fx.flat_image(1).save(tmp_path / "sketch" / w / "a.JPEG", format="JPEG")
     got = evaluate_benchmarks(
         BagModel(),
         names=["imagenet_sketch"],
@@ -194,6 +195,13 @@ def test_paper_suite_end_to_end_on_all_six_layouts(suite_roots, monkeypatch) -> 
     assert "| stub | this checkpoint |" in table and "absent" not in table.split("Sources")[0]
 
 
+def _accuracy_numpy2(output, target, topk=(1,)):
+    """CLIP_benchmark's ``accuracy``, minus its ``float(array)`` that numpy 2 refuses."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
+
+
 def test_equal_to_clip_benchmark_evaluate(tmp_path, monkeypatch) -> None:
     """Our suite and our own retrieval code against CLIP_benchmark's ``evaluate`` on the real tiny-teacher."""
     from clip_benchmark.datasets.builder import build_dataset, get_dataset_collate_fn
@@ -204,12 +212,7 @@ def test_equal_to_clip_benchmark_evaluate(tmp_path, monkeypatch) -> None:
     from siclip.eval.metrics import retrieval_recall
     from siclip.models.presets import build_preset
 
-    def accuracy_numpy2(output, target, topk=(1,)):  # CLIP_benchmark's, minus its float(array) under numpy 2
-        pred = output.topk(max(topk), 1, True, True)[1].t()
-        correct = pred.eq(target.view(1, -1).expand_as(pred))
-        return [float(correct[:k].reshape(-1).float().sum()) / len(target) for k in topk]
-
-    monkeypatch.setattr(zc, "accuracy", accuracy_numpy2)
+    monkeypatch.setattr(zc, "accuracy", _accuracy_numpy2)
     import webdataset.utils
 
     monkeypatch.setattr(
@@ -325,43 +328,96 @@ def test_siclip_eval_suite_paper_writes_the_table(tmp_path, capsys) -> None:
     assert "| absent |" in md and "- imagenetv2: " in md  # the cell, and the reason listed
 
 
-def test_own_readers_match_clip_benchmark(tmp_path, monkeypatch) -> None:
-    """Our ImageNet-V2 reader against CLIP_benchmark's (told the fixture's size, so it does not download),
-    and siclip's demo zero-shot (open_clip's classifier on an ImageFolder) against CLIP_benchmark's evaluate."""
+class _KnowsTheClass(BagModel):
+    """A model that is always right: an image (told apart by its flat colour) is embedded as its own class's
+    zero-shot column, so top-1 is 100 % exactly when the dataset's labels are the right classes."""
+
+    def __init__(self, colours: dict[int, torch.Tensor], templates: list[str]) -> None:
+        super().__init__(dim=64)
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        self.labels = list(colours)
+        self.colours = torch.stack([colours[c] for c in self.labels])
+        with torch.no_grad():
+            columns = [
+                F.normalize(
+                    F.normalize(
+                        self.encode_text(
+                            _tokenizer()([t.format(c=IMAGENET_CLASSNAMES[c]) for t in templates])
+                        ),
+                        dim=-1,
+                    ).mean(0),
+                    dim=0,
+                )
+                for c in self.labels
+            ]
+        self.columns = torch.stack(columns)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        nearest = torch.cdist(images.mean((2, 3)), self.colours).argmin(1)
+        return self.columns[nearest]
+
+
+def test_imagenetv2_classes_are_its_folder_names(tmp_path, monkeypatch) -> None:
+    """ImageNet-V2's label is the number its folder is named by (not the folder's position): a model that
+    knows every image's class scores 100 % through the suite, and CLIP_benchmark's own ImageNet-V2 reader
+    (told the copy's size, so it does not download) gives the same numbers."""
     import clip_benchmark.datasets.imagenetv2 as cb_v2
+    from clip_benchmark.metrics import zeroshot_classification as zc
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from torch.utils.data import DataLoader
+
+    import siclip.eval.benchmarks as benchmarks
+
+    one = prompt_templates("simple")[:1]  # one prompt per class keeps the 1000-class classifier cheap
+    monkeypatch.setattr(benchmarks, "prompt_templates", lambda kind: one)
+    classes = [0, 7, 42, 311, 999]
+    folder = tmp_path / "v2" / "ImageNetV2-matched-frequency"
+    for i in range(10):
+        label = classes[i % len(classes)]
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        fx.flat_image(label).save(folder / str(label) / f"{i:03d}.jpeg", format="JPEG")
+    tf = _transform()
+    templates = [t("{c}") for t in one]
+    model = _KnowsTheClass({c: tf(fx.flat_image(c)).mean((1, 2)) for c in classes}, templates)
+    ours = evaluate_benchmarks(
+        model,
+        names=["imagenetv2"],
+        tokenizer=_tokenizer(),
+        transform=tf,
+        eval_cfg=_eval_cfg({"imagenetv2": str(tmp_path / "v2")}),
+        log=lambda _: None,
+    )["imagenetv2"]
+    assert ours["status"] == "ok" and ours["images"] == 10
+    assert ours["top1"] == 1.0 and ours["mean_per_class_recall"] == 1.0
+
+    monkeypatch.setattr(cb_v2, "V2_DATASET_SIZE", 10)
+    theirs_ds = cb_v2.ImageNetV2Dataset(transform=tf, location=str(tmp_path / "v2"))
+    classifier = zc.zero_shot_classifier(
+        model, _tokenizer(), list(IMAGENET_CLASSNAMES), templates, "cpu", amp=False
+    )
+    logits, target = zc.run_classification(
+        model, classifier, DataLoader(theirs_ds, batch_size=8), "cpu", amp=False
+    )
+    assert ours["top1"] == pytest.approx(_accuracy_numpy2(logits, target)[0])
+
+
+def test_demo_zeroshot_matches_clip_benchmark(tmp_path, monkeypatch) -> None:
+    """siclip's demo zero-shot (open_clip's classifier on an ImageFolder) against CLIP_benchmark's evaluate."""
     from clip_benchmark.metrics import zeroshot_classification as zc
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from siclip.eval.benchmarks import _ImageNetV2
     from siclip.eval.zeroshot import evaluate_zeroshot
     from siclip.models.presets import build_preset
 
-    root = fx.make_imagenetv2(tmp_path / "v2")
-    monkeypatch.setattr(cb_v2, "V2_DATASET_SIZE", fx.N_IMAGES)
-    theirs = cb_v2.ImageNetV2Dataset(transform=None, location=str(root))
-    ours = _ImageNetV2(root / "ImageNetV2-matched-frequency", transform=lambda im: im)
-
-    def key(ds):
-        return sorted(
-            (str(ds.fnames[i] if hasattr(ds, "fnames") else ds.files[i]), ds[i][1]) for i in range(len(ds))
-        )
-
-    assert key(ours) == key(theirs)
-
-    monkeypatch.setattr(
-        zc,
-        "accuracy",
-        lambda out, tgt, topk=(1,): [
-            float((out.topk(k, 1)[1] == tgt[:, None]).any(1).float().mean()) for k in topk
-        ],
-    )
+    monkeypatch.setattr(zc, "accuracy", _accuracy_numpy2)
     torch.manual_seed(0)
     model = build_preset("tiny-teacher").eval()
     folder = tmp_path / "folder"
     for i in range(fx.N_IMAGES):
         (folder / f"class_{i % 6}").mkdir(parents=True, exist_ok=True)
-        fx._image(i % 6).save(folder / f"class_{i % 6}" / f"{i}.png")
+        fx.flat_image(i % 6).save(folder / f"class_{i % 6}" / f"{i}.png")
     names = [f"class {i}" for i in range(6)]
     mine = evaluate_zeroshot(
         model,

@@ -89,18 +89,19 @@ def test_the_build_captions_a_shard_the_same_at_any_batch_size() -> None:
     assert syn(16, 4) == ref
 
 
-def test_the_actor_decodes_the_next_chunk_while_captioning_this_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    """4 chunks, 0.2 s to decode and 0.2 s to caption each: one after the other 1.6 s, overlapped ~1.0 s."""
+def test_the_actor_prepares_the_next_chunk_while_captioning_this_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 chunks, 0.2 s to preprocess and 0.2 s to caption each: one after the other 1.6 s, overlapped ~1.0 s."""
     import time
 
-    import siclip.data.pipeline as pipeline
-
-    def slow_decode(jpgs: list[bytes]) -> list[Any]:
-        time.sleep(0.2)
-        return [Image.new("RGB", (4, 4))] * len(jpgs)
+    import siclip.data.captioner as captioner
+    from siclip.data.pipeline import CaptionerActor
 
     class SlowCaptioner:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
         def preprocess_images(self, images: list[Any]) -> torch.Tensor:
+            time.sleep(0.2)
             return torch.zeros(len(images), 3, 4, 4)
 
         def caption(
@@ -109,12 +110,11 @@ def test_the_actor_decodes_the_next_chunk_while_captioning_this_one(monkeypatch:
             time.sleep(0.2)
             return [[f"seed {s}"] for s in sample_seeds]
 
-    monkeypatch.setattr(pipeline, "_decode_images", slow_decode)
-    actor = pipeline.CaptionerActor.__new__(pipeline.CaptionerActor)
-    actor.cfg, actor.out_dir, actor.chunk, actor.captioner = from_dict({}), "", 2, SlowCaptioner()
-    row = {"shard": "00000.tar", "keys": [f"k{i}" for i in range(8)], "jpg": [b"x"] * 8}
+    monkeypatch.setattr(captioner, "Captioner", SlowCaptioner)
+    actor = CaptionerActor(to_dict(from_dict({})), chunk=2)
+    row = _row(8)
     start = time.perf_counter()
     syn = actor(row)["syn"]
     took = time.perf_counter() - start
     assert len(syn) == 8 and len(set(syn)) == 8  # every sample captioned once, with its own seed
-    assert took < 1.4, f"{took:.2f} s: decoding did not overlap captioning"
+    assert took < 1.4, f"{took:.2f} s: preparing the next chunk did not overlap captioning"

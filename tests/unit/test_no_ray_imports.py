@@ -1,5 +1,5 @@
-"""Models, losses, task, the loop and the data build's Ray-free parts must import (and run) without Ray: a fresh
-interpreter proves it."""
+"""Models, losses, task, the loop, the training loader and the data build's Ray-free parts must import (and run)
+without Ray: a fresh interpreter proves it."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ PURE_MODULES = [
     "siclip.report",
     "siclip.sweep",
     "siclip.eval.benchmarks",
+    "siclip.data.loader",
     "siclip.data.prepare",
     "siclip.data.commit",
 ]

@@ -3,13 +3,15 @@ on an autoscaling cluster whose GPU workers are at zero, a request and a bounded
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 import ray.autoscaler.sdk as autoscaler_sdk
 
-import siclip.data.pipeline as pipeline
+from siclip import ray_compat
 from siclip.config import ConfigError, from_dict
-from siclip.data.pipeline import _check_resources
+from siclip.data.pipeline import check_resources
 from siclip.ray_compat import NO_AUTOSCALER, Autoscaler
 
 
@@ -21,29 +23,29 @@ def _cfg(**caption: object) -> object:
 def cluster(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     resources = {"CPU": 16.0, "GPU": 1.0}
     monkeypatch.setattr(ray, "cluster_resources", lambda: resources)
-    monkeypatch.setattr(pipeline, "_autoscaler", lambda: NO_AUTOSCALER)  # what is there is all there is
+    monkeypatch.setattr(ray_compat, "autoscaler", lambda: NO_AUTOSCALER)  # what is there is all there is
     return resources
 
 
 def test_one_pool_fits_one_gpu(cluster: dict[str, float]) -> None:
-    _check_resources(_cfg(), 1.0)  # type: ignore[arg-type]
+    check_resources(_cfg(), 1.0)  # type: ignore[arg-type]
 
 
 def test_captioner_and_teacher_pools_need_their_gpus_together(cluster: dict[str, float]) -> None:
     with pytest.raises(RuntimeError, match=r"captioner and teacher pools need at least .* = 2 GPUs"):
-        _check_resources(_cfg(teacher_embeddings=True), 1.0)  # type: ignore[arg-type]
+        check_resources(_cfg(teacher_embeddings=True), 1.0)  # type: ignore[arg-type]
     cluster["GPU"] = 2.0
-    _check_resources(_cfg(teacher_embeddings=True), 1.0)  # type: ignore[arg-type]
+    check_resources(_cfg(teacher_embeddings=True), 1.0)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match=r"= 4 GPUs but the Ray cluster has 2"):
-        _check_resources(_cfg(teacher_embeddings=True, min_actors=2, num_actors=4), 1.0)  # type: ignore[arg-type]
+        check_resources(_cfg(teacher_embeddings=True, min_actors=2, num_actors=4), 1.0)  # type: ignore[arg-type]
 
 
 def test_a_fractional_teacher_shares_the_captioners_gpu(cluster: dict[str, float]) -> None:
     """caption.teacher_gpus_per_actor: the light teacher forward packs beside a captioner on one GPU."""
     cluster["GPU"] = 1.5
-    _check_resources(_cfg(teacher_embeddings=True, teacher_gpus_per_actor=0.5), 1.0)  # type: ignore[arg-type]
+    check_resources(_cfg(teacher_embeddings=True, teacher_gpus_per_actor=0.5), 1.0)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="teacher_gpus_per_actor") as info:
-        _check_resources(_cfg(teacher_embeddings=True, teacher_gpus_per_actor=0.75), 1.0)  # type: ignore[arg-type]
+        check_resources(_cfg(teacher_embeddings=True, teacher_gpus_per_actor=0.75), 1.0)  # type: ignore[arg-type]
     assert "1.75 GPUs" in str(info.value) and "has 1.5" in str(info.value)
 
 
@@ -55,7 +57,7 @@ def test_a_teacher_share_between_minus_one_and_zero_is_refused() -> None:
 def test_pools_leave_a_cpu_for_reading(cluster: dict[str, float]) -> None:
     cluster.update(CPU=4.0, GPU=8.0)
     with pytest.raises(RuntimeError, match="leaves no CPU for reading shards"):
-        _check_resources(_cfg(teacher_embeddings=True, num_cpus_per_actor=2.0), 1.0)  # type: ignore[arg-type]
+        check_resources(_cfg(teacher_embeddings=True, num_cpus_per_actor=2.0), 1.0)  # type: ignore[arg-type]
 
 
 def test_min_actors_above_num_actors_is_a_config_error() -> None:
@@ -70,9 +72,9 @@ def test_min_actors_above_num_actors_is_a_config_error() -> None:
 def test_a_cpu_only_cluster_captions_on_cpus(cluster: dict[str, float]) -> None:
     """Ray lists no "GPU" key on a cluster without GPUs: that is 0 GPUs, not an error."""
     del cluster["GPU"]
-    _check_resources(_cfg(num_gpus_per_actor=0.0), 1.0)  # type: ignore[arg-type]
+    check_resources(_cfg(num_gpus_per_actor=0.0), 1.0)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError) as info:
-        _check_resources(_cfg(), 1.0)  # type: ignore[arg-type]
+        check_resources(_cfg(), 1.0)  # type: ignore[arg-type]
     message = str(info.value)  # names the key, what the pool needs, what the cluster has, and the way out
     assert message.startswith("caption.num_gpus_per_actor=1") and "\n" not in message
     assert "= 1 GPUs but the Ray cluster has 0" in message and "0: caption on CPUs" in message
@@ -81,7 +83,7 @@ def test_a_cpu_only_cluster_captions_on_cpus(cluster: dict[str, float]) -> None:
 def test_a_cluster_listing_no_cpus_has_none_to_give(cluster: dict[str, float]) -> None:
     del cluster["CPU"]
     with pytest.raises(RuntimeError) as info:
-        _check_resources(_cfg(), 0.5)  # type: ignore[arg-type]
+        check_resources(_cfg(), 0.5)  # type: ignore[arg-type]
     assert str(info.value) == (
         "caption.num_cpus_per_actor=1 leaves no CPU for reading shards: the cluster has 0 CPUs, the captioner "
         "pool needs 1 x 1 x 1 = 1 and a read task 0.5. Lower caption.num_cpus_per_actor or caption.min_actors."
@@ -96,10 +98,10 @@ class _Autoscaler:
     ) -> None:
         self.now, self.looks, self.requests = 0.0, 0, []
         self.boot_polls, self.sleeps = boot_polls, []
-        monkeypatch.setattr(pipeline, "_autoscaler", lambda: Autoscaler(present=True, most=most))
+        monkeypatch.setattr(ray_compat, "autoscaler", lambda: Autoscaler(present=True, most=most))
         monkeypatch.setattr(ray, "cluster_resources", self.resources)
-        monkeypatch.setattr(pipeline.time, "monotonic", lambda: self.now)
-        monkeypatch.setattr(pipeline.time, "sleep", self.sleep)
+        monkeypatch.setattr(time, "monotonic", lambda: self.now)
+        monkeypatch.setattr(time, "sleep", self.sleep)
         monkeypatch.setattr(autoscaler_sdk, "request_resources", lambda **kw: self.requests.append(kw))
 
     def resources(self) -> dict[str, float]:
@@ -114,7 +116,7 @@ class _Autoscaler:
 
 def test_gpu_workers_at_zero_are_requested_and_waited_for(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     scaler = _Autoscaler(monkeypatch, most={"CPU": 100.0, "GPU": 8.0}, boot_polls=4)
-    _check_resources(_cfg(min_actors=2, num_actors=8, worker_start_timeout_s=600), 1.0)  # type: ignore[arg-type]
+    check_resources(_cfg(min_actors=2, num_actors=8, worker_start_timeout_s=600), 1.0)  # type: ignore[arg-type]
     assert "caption.worker_start_timeout_s" in capsys.readouterr().out  # it says it waits, and for how long
     asked, cleared = scaler.requests
     assert sum(b.get("GPU", 0) for b in asked["bundles"]) == 2  # min_actors x num_gpus_per_actor
@@ -125,7 +127,7 @@ def test_gpu_workers_at_zero_are_requested_and_waited_for(monkeypatch: pytest.Mo
 def test_the_autoscaler_is_asked_for_each_pools_own_gpu_share(monkeypatch: pytest.MonkeyPatch) -> None:
     scaler = _Autoscaler(monkeypatch, most={"CPU": 100.0, "GPU": 8.0}, boot_polls=2)
     cfg = _cfg(min_actors=1, num_actors=2, teacher_embeddings=True, teacher_gpus_per_actor=0.25)
-    _check_resources(cfg, 1.0)  # type: ignore[arg-type]
+    check_resources(cfg, 1.0)  # type: ignore[arg-type]
     asked = scaler.requests[0]["bundles"]
     assert sorted(b.get("GPU", 0) for b in asked if "GPU" in b) == [0.25, 1.0]
 
@@ -134,7 +136,7 @@ def test_an_autoscaler_whose_limits_ray_does_not_publish_is_asked_and_waited_for
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     scaler = _Autoscaler(monkeypatch, most=None, boot_polls=3)  # Ray 2.60: node types named, sizes not
-    _check_resources(_cfg(min_actors=2, num_actors=8, worker_start_timeout_s=600), 1.0)  # type: ignore[arg-type]
+    check_resources(_cfg(min_actors=2, num_actors=8, worker_start_timeout_s=600), 1.0)  # type: ignore[arg-type]
     assert sum(b.get("GPU", 0) for b in scaler.requests[0]["bundles"]) == 2
     assert scaler.requests[-1] == {"bundles": []} and 0 < scaler.now < 600
 
@@ -142,7 +144,7 @@ def test_an_autoscaler_whose_limits_ray_does_not_publish_is_asked_and_waited_for
 def test_gpu_workers_that_never_come_fail_naming_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     scaler = _Autoscaler(monkeypatch, most={"CPU": 100.0, "GPU": 8.0}, boot_polls=None)
     with pytest.raises(ConfigError, match=r"^caption\.worker_start_timeout_s: 120 s passed") as info:
-        _check_resources(_cfg(worker_start_timeout_s=120), 1.0)  # type: ignore[arg-type]
+        check_resources(_cfg(worker_start_timeout_s=120), 1.0)  # type: ignore[arg-type]
     assert "\n" not in str(info.value)
     assert 120 <= scaler.now < 130 and scaler.requests[-1] == {"bundles": []}
 
@@ -150,5 +152,5 @@ def test_gpu_workers_that_never_come_fail_naming_the_timeout(monkeypatch: pytest
 def test_an_autoscaler_too_small_for_the_pools_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     scaler = _Autoscaler(monkeypatch, most={"CPU": 100.0, "GPU": 1.0}, boot_polls=None)
     with pytest.raises(RuntimeError, match=r"= 2 GPUs but the Ray cluster has 0"):
-        _check_resources(_cfg(min_actors=2, num_actors=2), 1.0)  # type: ignore[arg-type]
+        check_resources(_cfg(min_actors=2, num_actors=2), 1.0)  # type: ignore[arg-type]
     assert scaler.requests == [] and scaler.sleeps == []

@@ -205,14 +205,14 @@ def test_a_resume_rebuilds_a_shard_whose_size_is_not_the_recorded_one(
 def test_the_demo_drops_captions_made_from_another_demo_world(tmp_path: Path) -> None:
     """``siclip demo`` after ``siclip demo --quick`` in the same folder: the world has other web shards, so
     its derived CC12M-SYN folder is captioned again instead of being refused by the rerun guard."""
-    from siclip.demo import _drop_stale_captions
+    from siclip.demo import drop_stale_captions
 
     cfg, out = _setup(tmp_path)
     src = tmp_path / "src"
     _built_with(out, cfg, center_crop=False, inputs=[str(src / "00000.tar")])
-    _drop_stale_captions(cfg)  # the same inputs: kept
+    drop_stale_captions(cfg)  # the same inputs: kept
     assert (out / "manifest.json").is_file()
     write_tar(src / "00001.tar", good_sample("b", 1))
     bigger = from_dict({"caption": {**to_dict(cfg.caption), "input_shards": [str(src / "*.tar")]}})
-    _drop_stale_captions(bigger)
+    drop_stale_captions(bigger)
     assert not out.exists()

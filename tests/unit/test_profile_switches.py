@@ -89,11 +89,11 @@ def test_the_report_says_where_each_switch_came_from_and_flags_overrides() -> No
 
 
 def test_ablation_rows_keep_the_switches_they_report() -> None:
-    from siclip.ablate import ROWS, _row_cfg
+    from siclip.ablate import ROWS, row_config
 
     base = from_dict({"profile": "paper"})
     for row in ROWS:
-        cfg = _row_cfg(base, row, seed=1, steps=5)
+        cfg = row_config(base, row, seed=1, steps=5)
         assert {k: _get(cfg, k) for k in PROFILES["paper"]} == PROFILES["paper"], row
 
 

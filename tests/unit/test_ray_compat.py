@@ -37,7 +37,7 @@ def test_an_unknown_ray_fails_loudly_before_any_internal_is_read(monkeypatch: py
         ray_compat.check_ray_version("2.61.0")
     monkeypatch.setattr(ray, "__version__", "2.99.1")
     monkeypatch.setenv(
-        ray_compat._JOB_CONFIG_ENV, '{"runtime_env": {}}'
+        ray_compat.JOB_CONFIG_ENV, '{"runtime_env": {}}'
     )  # inside a job: it reads Ray's format
     for call in (
         lambda: ray_compat.registered_checkpoint_names("{}"),
@@ -60,7 +60,7 @@ def test_every_private_name_is_still_where_ray_keeps_it() -> None:
     cleaner = importlib.import_module("ray.train.v2._internal.execution.controller.placement_group_cleaner")
     assert cleaner.logger.name == ray_compat.PG_CLEANER_LOGGER
     runtime_env_constants = importlib.import_module("ray._private.runtime_env.constants")
-    assert runtime_env_constants.RAY_JOB_CONFIG_JSON_ENV_VAR == ray_compat._JOB_CONFIG_ENV
+    assert runtime_env_constants.RAY_JOB_CONFIG_JSON_ENV_VAR == ray_compat.JOB_CONFIG_ENV
     state = importlib.import_module("ray._private.state")
     assert callable(state.state.get_max_resources_from_cluster_config)
     assert callable(state.state._connect_and_get_accessor)
@@ -115,12 +115,12 @@ def test_a_worker_start_timeout_is_recognised_through_ray_s_wrapper() -> None:
 
 
 def test_job_working_dir_reads_the_supervisor_s_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ray_compat._JOB_CONFIG_ENV, raising=False)
+    monkeypatch.delenv(ray_compat.JOB_CONFIG_ENV, raising=False)
     assert ray_compat.job_working_dir() is None
     config = {"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {}}
-    monkeypatch.setenv(ray_compat._JOB_CONFIG_ENV, json.dumps(config))
+    monkeypatch.setenv(ray_compat.JOB_CONFIG_ENV, json.dumps(config))
     assert ray_compat.job_working_dir() == "gcs://_ray_pkg_abc.zip"
-    monkeypatch.setenv(ray_compat._JOB_CONFIG_ENV, json.dumps({"runtime_env": {}}))
+    monkeypatch.setenv(ray_compat.JOB_CONFIG_ENV, json.dumps({"runtime_env": {}}))
     assert ray_compat.job_working_dir() is None
 
 

@@ -11,6 +11,7 @@ import ray
 
 from siclip import ray_session
 from siclip.config import RayCfg
+from siclip.ray_compat import PG_CLEANER_LOGGER
 
 
 @pytest.fixture
@@ -29,8 +30,8 @@ def test_local_ray_without_dashboard_mutes_the_placement_group_cleaner(calls: li
     hook = kw["runtime_env"]["worker_process_setup_hook"]
     module, name = hook.rsplit(".", 1)
     cleaner = importlib.import_module("ray.train.v2._internal.execution.controller.placement_group_cleaner")
-    assert cleaner.logger.name == ray_session._PG_CLEANER_LOGGER  # still where Ray logs from
-    logger = logging.getLogger(ray_session._PG_CLEANER_LOGGER)
+    assert cleaner.logger.name == PG_CLEANER_LOGGER  # still where Ray logs from
+    logger = logging.getLogger(PG_CLEANER_LOGGER)
     logger.setLevel(logging.NOTSET)
     getattr(importlib.import_module(module), name)()  # what each Ray worker runs at start
     assert not logger.isEnabledFor(logging.WARNING) and logger.isEnabledFor(logging.ERROR)
