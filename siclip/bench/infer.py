@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["bench_infer", "bootstrap_median_interval", "format_table", "paired_ratios", "write_table"]
+__all__ = ["bench_infer", "bootstrap_median_interval", "format_table", "paired_ratios", "time_pairs", "write_table"]
 
 DEFAULT_TABLE = Path("benchmarks/inference.md")
 
 
-def _time_pairs(
+def time_pairs(
     encoders: tuple[torch.nn.Module, torch.nn.Module],
     *,
     batch: int,
@@ -125,7 +125,7 @@ def bench_infer(
         ratio: dict[int, dict[str, float]] = {}
         times: dict[int, list[list[float]]] = {}
         for batch in batch_sizes:
-            pair_times = _time_pairs(
+            pair_times = time_pairs(
                 encoders, batch=batch, image_size=image_size, pairs=pairs, channels_last=channels_last
             )
             times[batch] = [list(t) for t in pair_times]

@@ -175,7 +175,7 @@ def test_bench_infer_tiny(tmp_path: Path) -> None:
 
 
 def test_pairs_alternate_which_model_runs_first() -> None:
-    from siclip.bench.infer import _time_pairs
+    from siclip.bench.infer import time_pairs
 
     calls: list[str] = []
 
@@ -188,7 +188,7 @@ def test_pairs_alternate_which_model_runs_first() -> None:
             calls.append(self.name)
             return x
 
-    times = _time_pairs((Named("a"), Named("b")), batch=1, image_size=4, pairs=4, channels_last=False)
+    times = time_pairs((Named("a"), Named("b")), batch=1, image_size=4, pairs=4, channels_last=False)
     assert len(times) == 4 and all(t0 > 0 and t1 > 0 for t0, t1 in times)
     assert "".join(calls) == "ab" + "ab" + "ba" + "ab" + "ba"  # warm-up, then the order alternates
 
