@@ -77,3 +77,22 @@ def registered_checkpoints(run: Path) -> int:
     from siclip.train.launch import registered_checkpoints as names
 
     return len(names(run) or ())
+
+
+def save_state_dict(sd: dict, path: Path) -> Path:
+    """Write a state dict as the file its suffix names (``.safetensors``, else ``torch.save``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, path)
+    return path
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """The same keys, and every tensor equal."""
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

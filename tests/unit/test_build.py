@@ -11,7 +11,6 @@ from typing import Any
 import open_clip
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from siclip.config import ModelCfg, TeacherCfg
@@ -20,6 +19,7 @@ from siclip.models.inherit import InheritError, set_train_mode
 from siclip.models.presets import build_tokenizer, list_presets, preset_config
 from siclip.models.registry import register
 from siclip.models.sasp import is_sasp
+from tests.helpers import same_state, save_state_dict
 
 torch.set_num_threads(1)
 
@@ -34,18 +34,6 @@ def plain_open_clip_teacher(tmp_path_factory: pytest.TempPathFactory) -> None:
     (folder / f"{PLAIN}.json").write_text(json.dumps(preset_config("tiny-teacher")))
     register()
     open_clip.add_model_config(folder)
-
-
-def _save(sd: dict[str, torch.Tensor], path: Path) -> Path:
-    if path.suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    else:
-        torch.save(sd, path)
-    return path
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------------------- student
@@ -144,7 +132,9 @@ def test_student_sources_must_fit_exactly(
     teacher_file: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
 ) -> None:
     _, sd = teacher_file
-    partial = _save({k: v for k, v in sd.items() if k != "text.ln_final.bias"}, tmp_path / "partial.pt")
+    partial = save_state_dict(
+        {k: v for k, v in sd.items() if k != "text.ln_final.bias"}, tmp_path / "partial.pt"
+    )
     with pytest.raises(InheritError, match=r"text\.ln_final\.bias"):
         build_student(ModelCfg(name="tiny-student", source=str(partial)))
 
@@ -157,7 +147,7 @@ def test_an_unsimplified_student_inherits_everything_and_has_nothing_new(
     assert (
         report is not None and report.new == [] and report.dropped == [] and len(report.inherited) == len(sd)
     )
-    assert _same(student.state_dict(), sd)
+    assert same_state(student.state_dict(), sd)
     assert [n for n, p in student.named_parameters() if p.requires_grad] == ["logit_scale"]
 
 
@@ -167,7 +157,7 @@ def test_teacher_is_frozen_in_eval(teacher_file: tuple[Path, dict[str, torch.Ten
     teacher = build_teacher(TeacherCfg(name="tiny-teacher", source=str(path)))
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
-    assert _same(teacher.state_dict(), sd)
+    assert same_state(teacher.state_dict(), sd)
     with pytest.raises(ValueError) as err:
         build_teacher(TeacherCfg(name="not-a-model"))
     assert "teacher.name" in str(err.value) and "not-a-model" in str(err.value)
@@ -178,7 +168,9 @@ def test_teacher_sources_must_fit_exactly(
     teacher_file: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
 ) -> None:
     _, sd = teacher_file
-    partial = _save({k: v for k, v in sd.items() if k != "text.ln_final.bias"}, tmp_path / "partial.pt")
+    partial = save_state_dict(
+        {k: v for k, v in sd.items() if k != "text.ln_final.bias"}, tmp_path / "partial.pt"
+    )
     for name in ("tiny-teacher", PLAIN):  # a preset, a plain open_clip config name
         with pytest.raises(InheritError, match=r"text\.ln_final\.bias"):
             build_teacher(TeacherCfg(name=name, source=str(partial)))
@@ -190,11 +182,11 @@ def test_open_clip_teacher_reads_task_checkpoints_of_each_suffix(
 ) -> None:
     # siclip's loader reads these (open_clip's own could not: student.* keys)
     _, sd = teacher_file
-    task = _save(
+    task = save_state_dict(
         {**{"student." + k: v for k, v in sd.items()}, "loss.tau": torch.ones(())}, tmp_path / f"t{suffix}"
     )
     teacher = build_teacher(TeacherCfg(name=PLAIN, source=str(task)))
-    assert _same(teacher.state_dict(), sd)
+    assert same_state(teacher.state_dict(), sd)
 
 
 def test_open_clip_teacher_from_local_dir_and_from_a_pretrained_file(
@@ -204,12 +196,12 @@ def test_open_clip_teacher_from_local_dir_and_from_a_pretrained_file(
     folder = tmp_path / "export"
     folder.mkdir()
     (folder / "open_clip_config.json").write_text("{}")
-    _save(sd, folder / "open_clip_model.safetensors")
+    save_state_dict(sd, folder / "open_clip_model.safetensors")
     from_dir = build_teacher(TeacherCfg(name=PLAIN, source=f"local-dir:{folder}"))
-    assert _same(from_dir.state_dict(), sd)
+    assert same_state(from_dir.state_dict(), sd)
     # neither a weights suffix nor a colon: an open_clip pretrained value (a tag, or a file open_clip reads)
     ckpt = tmp_path / "teacher.ckpt"
     torch.save(sd, ckpt)
     by_tag = build_teacher(TeacherCfg(name=PLAIN, source=str(ckpt)))
-    assert _same(by_tag.state_dict(), sd)
+    assert same_state(by_tag.state_dict(), sd)
     assert not by_tag.training and not any(p.requires_grad for p in by_tag.parameters())

@@ -28,6 +28,7 @@ from siclip.models.inherit import (
 from siclip.models.mct import convert_apple_state_dict
 from siclip.models.presets import build_preset
 from siclip.models.sasp import SASPBlock
+from tests.helpers import same_state, save_state_dict
 
 torch.set_num_threads(1)
 
@@ -47,18 +48,6 @@ TINY_STUDENT_FROZEN = [
 ]
 
 
-def _save(sd: dict[str, torch.Tensor], path: Path) -> Path:
-    if path.suffix == ".safetensors":
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    else:
-        torch.save(sd, path)
-    return path
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def _text_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A few text-tower tensors only (no ``visual.*`` key)."""
     return {k: v for k, v in sd.items() if k.startswith("text.")}
@@ -72,7 +61,7 @@ def test_source_formats(tmp_path: Path, teacher_file: tuple[Path, dict[str, torc
     torch.save({"state_dict": small, "epoch": 3}, tmp_path / "nested.pth")
     torch.save({"model": {"module." + k: v for k, v in small.items()}}, tmp_path / "ddp.bin")
     for name in ("raw.pt", "nested.pth", "ddp.bin"):
-        assert _same(load_source_state_dict(str(tmp_path / name)), small)
+        assert same_state(load_source_state_dict(str(tmp_path / name)), small)
     assert load_source_state_dict(str(path)).keys() == sd.keys()
     folder = tmp_path / "export"
     folder.mkdir()
@@ -91,15 +80,15 @@ def test_each_weights_suffix_is_read_as_a_file_a_uri_and_a_lone_file_in_local_di
     tmp_path: Path, suffix: str, teacher_file: tuple[Path, dict[str, torch.Tensor]]
 ) -> None:
     sd = _text_part(teacher_file[1])
-    path = _save(sd, tmp_path / f"w{suffix}")
-    assert _same(load_source_state_dict(str(path)), sd)
-    assert _same(load_source_state_dict(path.resolve().as_uri()), sd)  # file:// goes through storage
+    path = save_state_dict(sd, tmp_path / f"w{suffix}")
+    assert same_state(load_source_state_dict(str(path)), sd)
+    assert same_state(load_source_state_dict(path.resolve().as_uri()), sd)  # file:// goes through storage
     folder = tmp_path / "export"
     folder.mkdir()
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}}))
     (folder / "README.md").write_text("not weights")
     path.rename(folder / f"custom-name{suffix}")
-    assert _same(load_source_state_dict(f"local-dir:{folder}"), sd)
+    assert same_state(load_source_state_dict(f"local-dir:{folder}"), sd)
 
 
 def test_local_dir_errors_name_the_folder_and_what_was_found(tmp_path: Path) -> None:
@@ -129,7 +118,7 @@ def test_model_tag_splits_at_the_first_colon_only(
     _, sd = teacher_file
     weights = tmp_path / "tag:with-colon.ckpt"
     torch.save(sd, weights)
-    assert _same(load_source_state_dict(f"tiny-teacher:{weights}"), sd)
+    assert same_state(load_source_state_dict(f"tiny-teacher:{weights}"), sd)
 
 
 def test_non_state_dict_files_and_pickled_objects_are_refused(tmp_path: Path) -> None:
@@ -149,16 +138,18 @@ def test_prefixes_are_stripped_only_when_they_are_the_layout(
     sd = _text_part(teacher_file[1])
     # every key under module. -> stripped; only some -> the keys are kept as they are
     mixed = {**{"module." + k: v for k, v in sd.items()}, "other": torch.ones(1)}
-    assert _same(load_source_state_dict(str(_save(mixed, tmp_path / "mixed.pt"))), mixed)
+    assert same_state(load_source_state_dict(str(save_state_dict(mixed, tmp_path / "mixed.pt"))), mixed)
     # a text-only model state dict (no visual.*, no student.*) is not mistaken for a task checkpoint
-    assert _same(load_source_state_dict(str(_save(sd, tmp_path / "text.pt"))), sd)
+    assert same_state(load_source_state_dict(str(save_state_dict(sd, tmp_path / "text.pt"))), sd)
     # student.* next to visual.* keys: a model state dict, not a task checkpoint
     plain = {**sd, "visual.proj": torch.ones(2), "student.note": torch.zeros(1)}
-    assert _same(load_source_state_dict(str(_save(plain, tmp_path / "plain.bin"))), plain)
+    assert same_state(load_source_state_dict(str(save_state_dict(plain, tmp_path / "plain.bin"))), plain)
     task = {**{"student." + k: v for k, v in sd.items()}, "loss.tau": torch.ones(())}
-    assert _same(load_source_state_dict(str(_save(task, tmp_path / "task.pth"))), sd)
+    assert same_state(load_source_state_dict(str(save_state_dict(task, tmp_path / "task.pth"))), sd)
     # non-tensor entries of a state dict are dropped
-    assert _same(load_source_state_dict(str(_save({**sd, "step": 3}, tmp_path / "extra.pt"))), sd)  # type: ignore[dict-item]
+    assert same_state(
+        load_source_state_dict(str(save_state_dict({**sd, "step": 3}, tmp_path / "extra.pt"))), sd
+    )  # type: ignore[dict-item]
 
 
 @pytest.mark.parametrize("prefix", ["text_encoder.", "image_encoder."])
@@ -168,9 +159,9 @@ def test_apple_checkpoints_are_converted_on_the_way_in(tmp_path: Path, prefix: s
         if prefix == "text_encoder."
         else {"image_encoder.model.head.proj": torch.randn(8, 4), "logit_scale": torch.tensor(4.2)}
     )
-    got = load_source_state_dict(str(_save(apple, tmp_path / "mobileclip_s0.pt")))
+    got = load_source_state_dict(str(save_state_dict(apple, tmp_path / "mobileclip_s0.pt")))
     want = convert_apple_state_dict(apple)
-    assert _same(got, want) and not any(k.startswith(prefix) for k in got)
+    assert same_state(got, want) and not any(k.startswith(prefix) for k in got)
 
 
 # ----------------------------------------------------------------------------------------- inheriting
