@@ -170,7 +170,7 @@ def collect_results(
                 iterations=iterations,
                 step=int(m.get("step", 0)),
                 run_name=run_name,
-                error=_one_line(res.error) if status == "ERROR" else "",
+                error=_one_line(res.error),  # "" unless the trial errored
             )
         )
     rows.sort(key=lambda r: _rank_key(r, mode))
