@@ -10,6 +10,7 @@ trials. Ray is imported inside the functions that need it.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -98,7 +99,8 @@ def fit_resources(cfg: SiclipCfg) -> SiclipCfg:
     excess = need.get("CPU", 0.0) - total
     if excess > 1e-9:
         if excess <= min(cfg.tune.cpus_per_trial, 0.1) and workers - excess > 0:  # a sliver, not a CPU
-            per = round(cfg.train.cpus_per_worker - excess / cfg.train.num_workers, 4)
+            # rounded down: a share rounded up would leave the trial a hair over the cluster again
+            per = math.floor((cfg.train.cpus_per_worker - excess / cfg.train.num_workers) * 1e4 + 1e-9) / 1e4
             print(
                 f"siclip tune: train.cpus_per_worker {cfg.train.cpus_per_worker:g} -> {per:g} to leave room "
                 f"for the trial driver (tune.cpus_per_trial {cfg.tune.cpus_per_trial:g})"

@@ -331,8 +331,31 @@ def test_driver_sliver_is_taken_from_the_workers_or_refused(monkeypatch: pytest.
     fits = from_dict({"train": {"cpus_per_worker": 0.99}, "tune": {"cpus_per_trial": 0.01}})
     assert fit_resources(fits) == fits
     greedy = from_dict({"train": {"cpus_per_worker": 2.0}, "tune": {"cpus_per_trial": 1.0}})
-    with pytest.raises(ConfigError, match=r"^tune\.cpus_per_trial: got 1; .*cluster has 2"):
+    with pytest.raises(ConfigError, match=r"^tune\.cpus_per_trial: got 1; .*cluster has 2") as err:
         fit_resources(greedy)
+    assert "none fits" in str(err.value)  # the workers alone take every CPU
+    # the workers leave half a CPU: the error says how much the driver may have
+    half = from_dict({"train": {"cpus_per_worker": 1.5}, "tune": {"cpus_per_trial": 1.0}})
+    with pytest.raises(ConfigError, match=r"^tune\.cpus_per_trial: got 1; ") as err:
+        fit_resources(half)
+    assert "allowed: <= 0.5" in str(err.value) and "none fits" not in str(err.value)
+
+
+def test_the_driver_sliver_taken_from_several_workers_leaves_a_trial_that_fits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 0.01 / 3 workers does not round evenly: each worker gives up a little more, never less
+    cfg = _sweep_on(
+        monkeypatch,
+        {"CPU": 3.0},
+        {},
+        train={"num_workers": 3, "cpus_per_worker": 1.0},
+        data={"batch_size": 3},
+        tune={"cpus_per_trial": 0.01, "max_concurrent_trials": 1},
+    )
+    assert 0.99 < cfg.train.cpus_per_worker < 1.0
+    assert 3 * cfg.train.cpus_per_worker + cfg.tune.cpus_per_trial <= 3.0
+    assert cfg.tune.max_concurrent_trials == 1
 
 
 def _sweep_on(monkeypatch: pytest.MonkeyPatch, now: dict, most: dict, **sections: dict) -> SiclipCfg:
