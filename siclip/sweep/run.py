@@ -21,7 +21,15 @@ from siclip.config import ConfigError, SiclipCfg, TuneCfg, is_uri, replace, to_d
 from siclip.sweep.results import SweepResult, collect_results, expected_reports, write_tables
 from siclip.sweep.space import parse_space, prepare_sweep, trial_config
 
-__all__ = ["PARAMS_FILE", "SWEEP_FILE", "fit_resources", "fix_device", "run_sweep"]
+__all__ = [
+    "PARAMS_FILE",
+    "SWEEP_FILE",
+    "fit_resources",
+    "fix_device",
+    "resumed_base",
+    "run_sweep",
+    "tune_scheduler",
+]
 
 PARAMS_FILE = "sweep_params.json"
 """In each trial's run folder: the values sampled for it (dotted key -> value)."""
@@ -179,7 +187,8 @@ def _build_callbacks() -> list[Any]:
     return [ReleaseStoppedTrials()]
 
 
-def _build_scheduler(tune_cfg: TuneCfg, *, max_t: int) -> Any:
+def tune_scheduler(tune_cfg: TuneCfg, *, max_t: int) -> Any:
+    """The Ray Tune scheduler ``tune.scheduler`` names; ``max_t``: the reports a full run makes."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     if tune_cfg.scheduler == "asha":
@@ -211,7 +220,7 @@ def _sweep_record(cfg: SiclipCfg, base: dict[str, Any]) -> dict[str, Any]:
     return {"space": cfg.tune.space, "num_samples": cfg.tune.num_samples, "base": base}
 
 
-def _resume_base(cfg: SiclipCfg, experiment_path: str, base: dict[str, Any]) -> dict[str, Any]:
+def resumed_base(cfg: SiclipCfg, experiment_path: str, base: dict[str, Any]) -> dict[str, Any]:
     """The base config of the sweep being resumed, from its ``sweep.json``; refuse a changed space.
 
     Tune restores the trials it already sampled and ignores today's space and ``num_samples``, so a change
@@ -290,7 +299,7 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
                 f"tune.experiment_name: got {experiment!r}; no sweep to resume at {experiment_path}; "
                 "allowed: an existing sweep's name (or run without --resume)"
             )
-        base = _resume_base(cfg, experiment_path, base)
+        base = resumed_base(cfg, experiment_path, base)
         print(
             f"siclip tune: resuming sweep {experiment!r} from {experiment_path}. Warning: this unpickles Ray "
             "Tune's saved state (code runs from it): resume only a folder that no one else can write",
@@ -313,7 +322,7 @@ def run_sweep(cfg: SiclipCfg, *, resume: bool = False) -> SweepResult:
             tune_config=tune.TuneConfig(
                 metric=cfg.tune.metric,
                 mode=cfg.tune.mode,
-                scheduler=_build_scheduler(cfg.tune, max_t=max_t),
+                scheduler=tune_scheduler(cfg.tune, max_t=max_t),
                 search_alg=BasicVariantGenerator(
                     random_state=cfg.tune.seed, max_concurrent=cfg.tune.max_concurrent_trials
                 ),
