@@ -136,6 +136,15 @@ def test_key_is_checked_against_the_base_config() -> None:
             },
             ["data.batch_size=6", "train.num_workers=4"],
         ),
+        (
+            # a key with one value is still needed: the base config's worker count would make it valid
+            {
+                "train.num_workers": {"choice": [3]},
+                "data.batch_size": {"choice": [8, 9]},
+                "optim.lr": {"loguniform": [1e-4, 1e-2]},
+            },
+            ["train.num_workers=3", "data.batch_size=8"],
+        ),
     ],
 )
 def test_an_invalid_combination_fails_before_any_trial(space: dict, keys: list[str]) -> None:

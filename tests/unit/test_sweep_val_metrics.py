@@ -84,3 +84,12 @@ def test_the_accepted_metrics_are_exactly_what_training_time_evaluation_reports(
     )
     reported = {f"val/{k}" for k in evaluate_cfg(_BagModel(), cfg)}
     assert reported == set(sweep.val_metrics(cfg))
+
+
+@pytest.mark.parametrize("metric", ["val/zeroshot_top1", "val/zeroshot_top5", "val/zeroshot_top1_unseen"])
+def test_a_zero_shot_metric_is_a_valid_sweep_metric_with_a_zero_shot_folder(
+    tmp_path: Path, metric: str
+) -> None:
+    cfg = _cfg(f"eval.zeroshot_dir={tmp_path}", f"tune.metric={metric}")
+    with pytest.raises(ConfigError, match=r"^data\.train_shards"):  # accepted: on to the next check
+        sweep.run_sweep(cfg)
