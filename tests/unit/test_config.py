@@ -116,10 +116,14 @@ def test_round_trip_through_yaml_and_dict(tmp_path: Path) -> None:
 
 def test_absolutize_makes_local_paths_absolute(tmp_path: Path) -> None:
     cfg = absolutize(
-        load_config(None, ["data.train_shards=[x.tar, s3://b/y.tar]"], check_files=False), tmp_path
+        load_config(
+            None, ["data.train_shards=[x.tar, s3://b/y.tar]", "eval.zeroshot_dir=zs"], check_files=False
+        ),
+        tmp_path,
     )
     assert cfg.data.train_shards == (str(tmp_path / "x.tar"), "s3://b/y.tar")
     assert cfg.train.runs_dir == str(tmp_path / "runs")
+    assert cfg.eval.zeroshot_dir == str(tmp_path / "zs")  # a folder the run reads
 
 
 def test_yaml_off_is_the_literal_off(tmp_path: Path) -> None:
