@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["bench_infer", "bootstrap_median_interval", "format_table", "paired_ratios", "time_pairs", "write_table"]
+__all__ = [
+    "bench_infer",
+    "bootstrap_median_interval",
+    "format_table",
+    "paired_ratios",
+    "time_pairs",
+    "write_table",
+]
 
 DEFAULT_TABLE = Path("benchmarks/inference.md")
 
