@@ -136,7 +136,7 @@ def run_ablation(
     rows: tuple[str, ...] = tuple(ROWS),
     overrides: list[str] | tuple[str, ...] = (),
     config: str | None = None,
-    out: str | None = "benchmarks/ablation.md",
+    out: str | None = "benchmarks/ablation-demo.md",
     tag: str = "",
     held_out: bool = False,
 ) -> tuple[dict[str, Any], str]:
@@ -220,9 +220,10 @@ def run_ablation(
 
 
 def ablation_table_path(config: str | None, tag: str = "", held_out: bool = False) -> str:
-    """``benchmarks/ablation[-<config stem>|-heldout][-<tag>].md``: a config's or the held-out world's table
-    never overwrites the demo's."""
-    parts = ["ablation", Path(config).stem if config else ("heldout" if held_out else ""), tag]
+    """``benchmarks/ablation[-<config stem>|-demo][-<tag>].md``: the held-out world's table (the paper's
+    ablation, docs/ablation-design.md) is ``ablation.md``; a config's or the plain demo world's never
+    overwrites it."""
+    parts = ["ablation", Path(config).stem if config else ("" if held_out else "demo"), tag]
     return f"benchmarks/{'-'.join(p for p in parts if p)}.md"
 
 

@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tag",
         default="",
-        help="name a variant: run folders ablate-<row>-<tag>-s<seed>, table benchmarks/ablation-<tag>.md",
+        help="name a variant: run folders ablate-<row>-<tag>-s<seed>, table benchmarks/ablation[-demo]-<tag>.md",
     )
     p.add_argument(
         "--out",

@@ -95,9 +95,9 @@ def test_summary_means_spreads_and_shares() -> None:
     assert "| WIKD+PM | 70.0 ± 0.0 | 30.0 ± 0.0 | 50.0 ± 0.0 | fd 80, pm 20 |" in lines
 
 
-def test_table_and_curve_paths_never_overwrite_the_demo_table() -> None:
-    assert ablation_table_path(None) == "benchmarks/ablation.md"
-    assert ablation_table_path(None, "pm20") == "benchmarks/ablation-pm20.md"
+def test_table_and_curve_paths_never_overwrite_the_papers_table() -> None:
+    assert ablation_table_path(None) == "benchmarks/ablation-demo.md"
+    assert ablation_table_path(None, "pm20") == "benchmarks/ablation-demo-pm20.md"
     assert ablation_table_path("my/cc12m_subset.yaml") == "benchmarks/ablation-cc12m_subset.md"
     assert ablation_table_path("my/cc12m_subset.yaml", "t") == "benchmarks/ablation-cc12m_subset-t.md"
     assert curves_dir("benchmarks/ablation.md") == Path("benchmarks/ablation-curves")
@@ -198,8 +198,8 @@ def test_table_has_teacher_seen_unseen_gap_shares_intervals_and_regime_checks() 
 
 
 def test_held_out_table_path_and_config_conflict(tmp_path: Path) -> None:
-    assert ablation_table_path(None, held_out=True) == "benchmarks/ablation-heldout.md"
-    assert ablation_table_path(None, "siclip", held_out=True) == "benchmarks/ablation-heldout-siclip.md"
+    assert ablation_table_path(None, held_out=True) == "benchmarks/ablation.md"
+    assert ablation_table_path(None, "siclip", held_out=True) == "benchmarks/ablation-siclip.md"
     with pytest.raises(ConfigError, match="--held-out"):
         run_ablation(out_dir=str(tmp_path / "never"), config="configs/demo.yaml", held_out=True)
     assert not (tmp_path / "never").exists()
