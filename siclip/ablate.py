@@ -136,7 +136,7 @@ def run_ablation(
     rows: tuple[str, ...] = tuple(ROWS),
     overrides: list[str] | tuple[str, ...] = (),
     config: str | None = None,
-    out: str | None = "benchmarks/ablation-demo.md",
+    out: str | None = "",
     tag: str = "",
     held_out: bool = False,
 ) -> tuple[dict[str, Any], str]:
@@ -148,7 +148,8 @@ def run_ablation(
     must exist. ``tag`` names a variant (``overrides`` on top of the rows): its runs get their own folders,
     so they neither resume nor collide with the plain ablation's. Each run's curves go to
     ``curves_dir(out)``. ``held_out``: the demo world of docs/ablation-design.md (``out_dir`` should be its
-    own folder, e.g. ``siclip.demo.HELD_OUT_ROOT``).
+    own folder, e.g. ``siclip.demo.HELD_OUT_ROOT``). ``out``: the table's path; ``""`` for the one of this
+    world, config and tag (``ablation_table_path``); None writes no table.
     """
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -166,6 +167,8 @@ def run_ablation(
     from siclip.train.launch import launch
     from siclip.train.metrics_table import last_grad_shares, read_metrics
 
+    if out == "":
+        out = ablation_table_path(config, tag, held_out)
     switches = resolve_switches(config if config is not None else CONFIGS / "demo.yaml", overrides)
     print("siclip ablate: " + "\n".join(switches.lines()), flush=True)
     captions: dict[str, Any] | None = None

@@ -169,7 +169,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from siclip.ablate import ROWS, ablation_table_path, run_ablation
+    from siclip.ablate import ROWS, run_ablation
 
     result, table = run_ablation(
         out_dir=_demo_out(args),
@@ -181,7 +181,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         config=args.config,
         rows=tuple(args.row or ROWS),
         tag=args.tag,
-        out=ablation_table_path(args.config, args.tag, held_out=args.held_out),
     )
     if args.json:
         _print_json(result)
